@@ -1,0 +1,4 @@
+//! The pure core: no I/O, no unsafe, tested fast.
+
+pub mod ipvs;
+pub mod model;

@@ -1,0 +1,283 @@
+//! Newtypes for the things vipd talks about, and their validation.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+/// A firewall mark that steers a VIP's packets to one IPVS virtual service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct FwMark(u32);
+
+impl FwMark {
+    /// A mark; 0 is "no mark" to the kernel and is refused.
+    pub fn new(raw: u32) -> Option<Self> {
+        (raw != 0).then_some(FwMark(raw))
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for FwMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// An IPVS scheduler, by its kernel name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scheduler {
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConn,
+    WeightedLeastConn,
+    LocalityLeastConn,
+    LocalityLeastConnReplicated,
+    DestinationHash,
+    SourceHash,
+    ShortestExpectedDelay,
+    NeverQueue,
+    WeightedFailover,
+    WeightedOverflow,
+    Maglev,
+    /// A scheduler vipd does not know, as reported by the kernel for a foreign service.
+    Other(String),
+}
+
+impl Scheduler {
+    /// Every scheduler vipd accepts in its input: the ones Debian's kernel ships.
+    pub const KNOWN: [&'static str; 13] = [
+        "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh",
+    ];
+
+    pub fn name(&self) -> &str {
+        match self {
+            Scheduler::RoundRobin => "rr",
+            Scheduler::WeightedRoundRobin => "wrr",
+            Scheduler::LeastConn => "lc",
+            Scheduler::WeightedLeastConn => "wlc",
+            Scheduler::LocalityLeastConn => "lblc",
+            Scheduler::LocalityLeastConnReplicated => "lblcr",
+            Scheduler::DestinationHash => "dh",
+            Scheduler::SourceHash => "sh",
+            Scheduler::ShortestExpectedDelay => "sed",
+            Scheduler::NeverQueue => "nq",
+            Scheduler::WeightedFailover => "fo",
+            Scheduler::WeightedOverflow => "ovf",
+            Scheduler::Maglev => "mh",
+            Scheduler::Other(s) => s,
+        }
+    }
+
+    /// The scheduler the kernel names `name`; unknown names become `Other`.
+    pub fn from_kernel(name: &str) -> Self {
+        name.parse().unwrap_or_else(|_| Scheduler::Other(name.to_owned()))
+    }
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler::RoundRobin
+    }
+}
+
+/// The scheduler name is not one vipd knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduler {0:?} (known: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, mh)")]
+pub struct UnknownScheduler(pub String);
+
+impl FromStr for Scheduler {
+    type Err = UnknownScheduler;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "rr" => Scheduler::RoundRobin,
+            "wrr" => Scheduler::WeightedRoundRobin,
+            "lc" => Scheduler::LeastConn,
+            "wlc" => Scheduler::WeightedLeastConn,
+            "lblc" => Scheduler::LocalityLeastConn,
+            "lblcr" => Scheduler::LocalityLeastConnReplicated,
+            "dh" => Scheduler::DestinationHash,
+            "sh" => Scheduler::SourceHash,
+            "sed" => Scheduler::ShortestExpectedDelay,
+            "nq" => Scheduler::NeverQueue,
+            "fo" => Scheduler::WeightedFailover,
+            "ovf" => Scheduler::WeightedOverflow,
+            "mh" => Scheduler::Maglev,
+            other => return Err(UnknownScheduler(other.to_owned())),
+        })
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Scheduler {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// The name of a service: what DNS answers and what vipd's rule comments carry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ServiceName(String);
+
+/// Why a service name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid service name {0:?}: use 1-63 characters from a-z, A-Z, 0-9, '-', '_' and '.', starting with a letter or digit")]
+pub struct InvalidServiceName(pub String);
+
+impl ServiceName {
+    pub fn new(name: &str) -> Result<Self, InvalidServiceName> {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(ServiceName(name.to_owned()))
+        } else {
+            Err(InvalidServiceName(name.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A service's virtual IP: the address clients connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Vip(IpAddr);
+
+impl Vip {
+    pub fn new(addr: IpAddr) -> Self {
+        Vip(addr)
+    }
+
+    pub fn addr(self) -> IpAddr {
+        self.0
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The address of one task (an IPVS destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct BackendAddr(IpAddr);
+
+impl BackendAddr {
+    pub fn new(addr: IpAddr) -> Self {
+        BackendAddr(addr)
+    }
+
+    pub fn addr(self) -> IpAddr {
+        self.0
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An IPv4 network: an address and a prefix length, e.g. a sandbox's `10.0.0.2/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Ipv4Net {
+    pub addr: std::net::Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    pub fn new(addr: std::net::Ipv4Addr, prefix: u8) -> Option<Self> {
+        (prefix <= 32).then_some(Ipv4Net { addr, prefix })
+    }
+
+    fn mask(self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        }
+    }
+
+    /// The network itself (host bits cleared).
+    pub fn network(self) -> Ipv4Net {
+        Ipv4Net {
+            addr: (u32::from(self.addr) & self.mask()).into(),
+            prefix: self.prefix,
+        }
+    }
+
+    pub fn contains(self, ip: std::net::Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedulers_round_trip_their_kernel_names() {
+        for name in Scheduler::KNOWN {
+            let s: Scheduler = name.parse().unwrap();
+            assert_eq!(s.name(), name);
+        }
+        assert!("roundrobin".parse::<Scheduler>().is_err());
+        assert_eq!(Scheduler::from_kernel("twos"), Scheduler::Other("twos".into()));
+    }
+
+    #[test]
+    fn fwmark_zero_is_refused() {
+        assert!(FwMark::new(0).is_none());
+        assert_eq!(FwMark::new(256).unwrap().to_string(), "0x100");
+    }
+
+    #[test]
+    fn service_names_are_checked() {
+        assert!(ServiceName::new("web").is_ok());
+        assert!(ServiceName::new("my_app.web-1").is_ok());
+        for bad in ["", "-web", "a b", "web\"", &"x".repeat(64)] {
+            assert!(ServiceName::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ipv4_networks_contain_their_hosts() {
+        let n = Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap();
+        assert!(n.contains("10.0.0.200".parse().unwrap()));
+        assert!(!n.contains("10.0.1.2".parse().unwrap()));
+        assert_eq!(n.network().to_string(), "10.0.0.0/24");
+        let all = Ipv4Net::new("1.2.3.4".parse().unwrap(), 0).unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+    }
+}
