@@ -362,8 +362,18 @@ impl fmt::Display for IpvsOp {
                     addr,
                     port,
                 } => {
-                    let flag = if *protocol == Protocol::UDP { "-u" } else { "-t" };
-                    format!("{flag} {}", DestKey { addr: *addr, port: *port })
+                    let flag = if *protocol == Protocol::UDP {
+                        "-u"
+                    } else {
+                        "-t"
+                    };
+                    format!(
+                        "{flag} {}",
+                        DestKey {
+                            addr: *addr,
+                            port: *port
+                        }
+                    )
                 }
             }
         }
@@ -384,13 +394,25 @@ impl fmt::Display for IpvsOp {
             format!("{m} -w {}", c.weight)
         }
         match self {
-            IpvsOp::AddService { key, config } => write!(f, "ipvsadm -A {} {}", svc(key), sconf(config)),
-            IpvsOp::EditService { key, config } => write!(f, "ipvsadm -E {} {}", svc(key), sconf(config)),
+            IpvsOp::AddService { key, config } => {
+                write!(f, "ipvsadm -A {} {}", svc(key), sconf(config))
+            }
+            IpvsOp::EditService { key, config } => {
+                write!(f, "ipvsadm -E {} {}", svc(key), sconf(config))
+            }
             IpvsOp::DelService { key } => write!(f, "ipvsadm -D {}", svc(key)),
-            IpvsOp::AddDest { service, dest, config } => {
+            IpvsOp::AddDest {
+                service,
+                dest,
+                config,
+            } => {
                 write!(f, "ipvsadm -a {} -r {dest} {}", svc(service), dconf(config))
             }
-            IpvsOp::EditDest { service, dest, config } => {
+            IpvsOp::EditDest {
+                service,
+                dest,
+                config,
+            } => {
                 write!(f, "ipvsadm -e {} -r {dest} {}", svc(service), dconf(config))
             }
             IpvsOp::DelDest { service, dest } => write!(f, "ipvsadm -d {} -r {dest}", svc(service)),

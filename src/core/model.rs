@@ -75,7 +75,8 @@ impl Scheduler {
 
     /// The scheduler the kernel names `name`; unknown names become `Other`.
     pub fn from_kernel(name: &str) -> Self {
-        name.parse().unwrap_or_else(|_| Scheduler::Other(name.to_owned()))
+        name.parse()
+            .unwrap_or_else(|_| Scheduler::Other(name.to_owned()))
     }
 }
 
@@ -87,7 +88,9 @@ impl Default for Scheduler {
 
 /// The scheduler name is not one vipd knows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scheduler {0:?} (known: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, mh)")]
+#[error(
+    "unknown scheduler {0:?} (known: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, mh)"
+)]
 pub struct UnknownScheduler(pub String);
 
 impl FromStr for Scheduler {
@@ -139,7 +142,10 @@ impl ServiceName {
     pub fn new(name: &str) -> Result<Self, InvalidServiceName> {
         let ok = !name.is_empty()
             && name.len() <= 63
-            && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
@@ -253,7 +259,10 @@ mod tests {
             assert_eq!(s.name(), name);
         }
         assert!("roundrobin".parse::<Scheduler>().is_err());
-        assert_eq!(Scheduler::from_kernel("twos"), Scheduler::Other("twos".into()));
+        assert_eq!(
+            Scheduler::from_kernel("twos"),
+            Scheduler::Other("twos".into())
+        );
     }
 
     #[test]

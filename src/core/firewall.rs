@@ -1,0 +1,509 @@
+//! vipd's iptables rules in a sandbox: rendering, reading back, and the difference.
+//!
+//! vipd owns three chains and one jump into each from a built-in chain. Rules are rendered
+//! in exactly the form `iptables-save` prints them, so what is read back compares equal to
+//! what was written and a second run changes nothing. Rules in any other chain are never
+//! touched; in a built-in chain vipd touches only its own jump.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::model::{FwMark, Ipv4Net, ServiceName, Vip};
+
+/// The prefix of every comment vipd puts on its rules.
+pub const COMMENT_PREFIX: &str = "vipd:";
+
+/// An iptables table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Table {
+    Mangle,
+    Nat,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Mangle => "mangle",
+            Table::Nat => "nat",
+        }
+    }
+}
+
+/// A chain vipd owns, and the built-in chain that jumps to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct OwnedChain {
+    pub table: Table,
+    pub name: &'static str,
+    pub hook: &'static str,
+}
+
+/// mangle: marks packets to a VIP with the service's fwmark.
+pub const MANGLE_OUTPUT: OwnedChain = OwnedChain {
+    table: Table::Mangle,
+    name: "VIPD-OUTPUT",
+    hook: "OUTPUT",
+};
+/// nat: answers `ping VIP` locally.
+pub const NAT_OUTPUT: OwnedChain = OwnedChain {
+    table: Table::Nat,
+    name: "VIPD-OUTPUT",
+    hook: "OUTPUT",
+};
+/// nat: source-NATs IPVS-forwarded packets to the sandbox's own address on the backends' network.
+pub const NAT_POSTROUTING: OwnedChain = OwnedChain {
+    table: Table::Nat,
+    name: "VIPD-POSTROUTING",
+    hook: "POSTROUTING",
+};
+
+/// Every chain vipd owns in a sandbox, in the order their rules are written.
+pub const OWNED_CHAINS: [OwnedChain; 3] = [NAT_OUTPUT, NAT_POSTROUTING, MANGLE_OUTPUT];
+
+/// One rule in an owned chain: the text after `-A CHAIN `, exactly as `iptables-save` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Rule {
+    pub chain: OwnedChain,
+    pub spec: String,
+}
+
+/// The rule that marks packets to `vip` with `mark`.
+pub fn mark_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
+    Rule {
+        chain: MANGLE_OUTPUT,
+        spec: format!(
+            "-d {}/32 -m comment --comment {COMMENT_PREFIX}{name} -j MARK --set-xmark {:#x}/0xffffffff",
+            vip,
+            mark.get()
+        ),
+    }
+}
+
+/// The rule that answers ICMP echo to `vip` from the sandbox itself.
+pub fn ping_rule(name: &ServiceName, vip: Vip) -> Rule {
+    Rule {
+        chain: NAT_OUTPUT,
+        spec: format!(
+            "-d {vip}/32 -p icmp -m icmp --icmp-type 8 -m comment --comment {COMMENT_PREFIX}{name} -j DNAT --to-destination 127.0.0.1"
+        ),
+    }
+}
+
+/// The rule that makes IPVS-forwarded packets to `net` leave with `source`.
+pub fn snat_rule(net: Ipv4Net, source: std::net::Ipv4Addr) -> Rule {
+    Rule {
+        chain: NAT_POSTROUTING,
+        spec: format!(
+            "-d {} -m ipvs --ipvs -m comment --comment {COMMENT_PREFIX}snat -j SNAT --to-source {source}",
+            net.network()
+        ),
+    }
+}
+
+/// A vipd service as its mark rule describes it: what the kernel says vipd owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MarkedService {
+    pub name: ServiceName,
+    pub vip: Vip,
+    pub fwmark: FwMark,
+}
+
+/// Read a mark rule back; `None` for anything that is not one of vipd's mark rules.
+pub fn parse_mark_rule(spec: &str) -> Option<MarkedService> {
+    let words: Vec<&str> = spec.split_whitespace().collect();
+    let after = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1).copied())
+    };
+    let vip: IpAddr = after("-d")?.strip_suffix("/32")?.parse().ok()?;
+    let name = after("--comment")?.strip_prefix(COMMENT_PREFIX)?;
+    let (mark, mask) = after("--set-xmark")?.split_once('/')?;
+    if mask != "0xffffffff" {
+        return None;
+    }
+    let mark = u32::from_str_radix(mark.strip_prefix("0x")?, 16).ok()?;
+    Some(MarkedService {
+        name: ServiceName::new(name).ok()?,
+        vip: Vip::new(vip),
+        fwmark: FwMark::new(mark)?,
+    })
+}
+
+/// What `iptables-save` shows of vipd's chains.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedFirewall {
+    /// Owned chains that exist, with their rules in order.
+    pub chains: BTreeMap<OwnedChain, Vec<String>>,
+    /// How many jumps to each owned chain its hook has.
+    pub jumps: BTreeMap<OwnedChain, usize>,
+}
+
+impl ObservedFirewall {
+    /// The services vipd's mark rules describe.
+    pub fn marked_services(&self) -> Vec<MarkedService> {
+        self.chains
+            .get(&MANGLE_OUTPUT)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| parse_mark_rule(r))
+            .collect()
+    }
+
+    /// True when vipd has nothing at all in this namespace's firewall.
+    pub fn is_clean(&self) -> bool {
+        self.chains.is_empty() && self.jumps.values().all(|n| *n == 0)
+    }
+}
+
+/// Parse `iptables-save` output, keeping only what concerns vipd's chains.
+pub fn parse_save(text: &str) -> ObservedFirewall {
+    let mut seen = ObservedFirewall::default();
+    let mut table: Option<Table> = None;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if let Some(t) = line.strip_prefix('*') {
+            table = match t {
+                "mangle" => Some(Table::Mangle),
+                "nat" => Some(Table::Nat),
+                _ => None,
+            };
+            continue;
+        }
+        let Some(table) = table else { continue };
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            for c in OWNED_CHAINS
+                .iter()
+                .filter(|c| c.table == table && c.name == name)
+            {
+                seen.chains.entry(*c).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+            for c in OWNED_CHAINS.iter().filter(|c| c.table == table) {
+                if chain == c.name {
+                    seen.chains.entry(*c).or_default().push(spec.to_owned());
+                } else if chain == c.hook && spec == format!("-j {}", c.name) {
+                    *seen.jumps.entry(*c).or_default() += 1;
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// One change to the firewall.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FwOp {
+    NewChain(OwnedChain),
+    AddJump(OwnedChain),
+    AddRule(Rule),
+    DelRule(Rule),
+    DelJump(OwnedChain),
+    DelChain(OwnedChain),
+}
+
+impl fmt::Display for FwOp {
+    /// The change as the equivalent `iptables` command, for logs and `--dry-run`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = |c: &OwnedChain| c.table.name();
+        match self {
+            FwOp::NewChain(c) => write!(f, "iptables -t {} -N {}", t(c), c.name),
+            FwOp::AddJump(c) => write!(f, "iptables -t {} -I {} 1 -j {}", t(c), c.hook, c.name),
+            FwOp::AddRule(r) => write!(
+                f,
+                "iptables -t {} -A {} {}",
+                t(&r.chain),
+                r.chain.name,
+                r.spec
+            ),
+            FwOp::DelRule(r) => write!(
+                f,
+                "iptables -t {} -D {} {}",
+                t(&r.chain),
+                r.chain.name,
+                r.spec
+            ),
+            FwOp::DelJump(c) => write!(f, "iptables -t {} -D {} -j {}", t(c), c.hook, c.name),
+            FwOp::DelChain(c) => write!(f, "iptables -t {} -X {}", t(c), c.name),
+        }
+    }
+}
+
+/// The operations that turn `seen` into `want` (rules in owned chains only).
+///
+/// A chain exists exactly when it has rules; its hook then has exactly one jump to it.
+pub fn plan(want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
+    let mut ops = Vec::new();
+    for chain in OWNED_CHAINS {
+        let mut wanted: Vec<&str> = want
+            .iter()
+            .filter(|r| r.chain == chain)
+            .map(|r| r.spec.as_str())
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let have = seen.chains.get(&chain);
+        let jumps = seen.jumps.get(&chain).copied().unwrap_or(0);
+        if wanted.is_empty() {
+            for _ in 0..jumps {
+                ops.push(FwOp::DelJump(chain));
+            }
+            if have.is_some() {
+                ops.push(FwOp::DelChain(chain));
+            }
+            continue;
+        }
+        if have.is_none() {
+            ops.push(FwOp::NewChain(chain));
+        }
+        // Multiset difference: a duplicate of a wanted rule is removed too.
+        let mut pending: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in have.into_iter().flatten() {
+            *pending.entry(r.as_str()).or_default() += 1;
+        }
+        for spec in &wanted {
+            match pending.get_mut(spec) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => ops.push(FwOp::AddRule(Rule {
+                    chain,
+                    spec: (*spec).to_owned(),
+                })),
+            }
+        }
+        for (spec, n) in pending {
+            for _ in 0..n {
+                ops.push(FwOp::DelRule(Rule {
+                    chain,
+                    spec: spec.to_owned(),
+                }));
+            }
+        }
+        match jumps {
+            0 => ops.push(FwOp::AddJump(chain)),
+            1 => {}
+            n => ops.extend((1..n).map(|_| FwOp::DelJump(chain))),
+        }
+    }
+    ops
+}
+
+/// The `iptables-restore --noflush` input that carries out `ops`, one `COMMIT` per table.
+/// Empty when there is nothing to do.
+pub fn render_restore(ops: &[FwOp]) -> String {
+    let mut out = String::new();
+    for table in [Table::Nat, Table::Mangle] {
+        let mut decls = Vec::new();
+        let mut body = Vec::new();
+        let mut tail = Vec::new();
+        for op in ops {
+            match op {
+                FwOp::NewChain(c) if c.table == table => decls.push(format!(":{} - [0:0]", c.name)),
+                FwOp::AddJump(c) if c.table == table => {
+                    body.push(format!("-I {} 1 -j {}", c.hook, c.name))
+                }
+                FwOp::AddRule(r) if r.chain.table == table => {
+                    body.push(format!("-A {} {}", r.chain.name, r.spec))
+                }
+                FwOp::DelRule(r) if r.chain.table == table => {
+                    body.push(format!("-D {} {}", r.chain.name, r.spec))
+                }
+                FwOp::DelJump(c) if c.table == table => {
+                    body.push(format!("-D {} -j {}", c.hook, c.name))
+                }
+                // A chain must be empty and unreferenced to go: flush it by declaring it,
+                // and delete it after the jumps are gone.
+                FwOp::DelChain(c) if c.table == table => {
+                    decls.push(format!(":{} - [0:0]", c.name));
+                    tail.push(format!("-X {}", c.name));
+                }
+                _ => {}
+            }
+        }
+        if decls.is_empty() && body.is_empty() && tail.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("*{}\n", table.name()));
+        for line in decls.iter().chain(&body).chain(&tail) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    fn vip(s: &str) -> Vip {
+        Vip::new(s.parse().unwrap())
+    }
+
+    const SAVED: &str = "\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+-A INPUT -j VIPD-OUTPUT
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:VIPD-OUTPUT - [0:0]
+:FOREIGN - [0:0]
+-A OUTPUT -j VIPD-OUTPUT
+-A OUTPUT -d 10.9.9.9/32 -j MARK --set-xmark 0x5/0xffffffff
+-A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web -j MARK --set-xmark 0x100/0xffffffff
+-A FOREIGN -j RETURN
+COMMIT
+*nat
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+COMMIT
+";
+
+    #[test]
+    fn save_output_is_read_for_owned_chains_only() {
+        let seen = parse_save(SAVED);
+        assert_eq!(seen.chains.len(), 1);
+        assert_eq!(seen.chains[&MANGLE_OUTPUT].len(), 1);
+        assert_eq!(seen.jumps.get(&MANGLE_OUTPUT), Some(&1));
+        assert_eq!(seen.jumps.get(&NAT_OUTPUT), None);
+        assert_eq!(
+            seen.marked_services(),
+            [MarkedService {
+                name: name("web"),
+                vip: vip("10.0.0.100"),
+                fwmark: FwMark::new(256).unwrap()
+            }]
+        );
+    }
+
+    #[test]
+    fn rendered_mark_rules_read_back() {
+        let r = mark_rule(
+            &name("api.v2"),
+            vip("10.1.2.3"),
+            FwMark::new(0x1234).unwrap(),
+        );
+        let m = parse_mark_rule(&r.spec).unwrap();
+        assert_eq!(
+            (m.name.as_str(), m.vip, m.fwmark.get()),
+            ("api.v2", vip("10.1.2.3"), 0x1234)
+        );
+        assert_eq!(
+            parse_mark_rule("-d 10.9.9.9/32 -j MARK --set-xmark 0x5/0xffffffff"),
+            None
+        );
+    }
+
+    #[test]
+    fn rules_render_in_iptables_save_form() {
+        let n = name("web");
+        assert_eq!(
+            mark_rule(&n, vip("10.0.0.100"), FwMark::new(256).unwrap()).spec,
+            "-d 10.0.0.100/32 -m comment --comment vipd:web -j MARK --set-xmark 0x100/0xffffffff"
+        );
+        assert_eq!(
+            ping_rule(&n, vip("10.0.0.100")).spec,
+            "-d 10.0.0.100/32 -p icmp -m icmp --icmp-type 8 -m comment --comment vipd:web -j DNAT --to-destination 127.0.0.1"
+        );
+        let net = Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap();
+        assert_eq!(
+            snat_rule(net, "10.0.0.2".parse().unwrap()).spec,
+            "-d 10.0.0.0/24 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.0.0.2"
+        );
+    }
+
+    #[test]
+    fn a_fresh_namespace_gets_chains_jumps_and_rules_in_one_script() {
+        let n = name("web");
+        let want = vec![
+            mark_rule(&n, vip("10.0.0.100"), FwMark::new(256).unwrap()),
+            ping_rule(&n, vip("10.0.0.100")),
+        ];
+        let ops = plan(&want, &ObservedFirewall::default());
+        assert_eq!(ops.len(), 6, "{ops:#?}");
+        let script = render_restore(&ops);
+        assert_eq!(
+            script,
+            "*nat\n:VIPD-OUTPUT - [0:0]\n-A VIPD-OUTPUT -d 10.0.0.100/32 -p icmp -m icmp --icmp-type 8 -m comment --comment vipd:web -j DNAT --to-destination 127.0.0.1\n-I OUTPUT 1 -j VIPD-OUTPUT\nCOMMIT\n\
+             *mangle\n:VIPD-OUTPUT - [0:0]\n-A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web -j MARK --set-xmark 0x100/0xffffffff\n-I OUTPUT 1 -j VIPD-OUTPUT\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn what_is_there_already_is_not_written_again() {
+        let seen = parse_save(SAVED);
+        let want = vec![mark_rule(
+            &name("web"),
+            vip("10.0.0.100"),
+            FwMark::new(256).unwrap(),
+        )];
+        assert_eq!(plan(&want, &seen), []);
+        assert_eq!(render_restore(&[]), "");
+    }
+
+    #[test]
+    fn removed_services_and_duplicates_go_and_empty_chains_are_deleted() {
+        let mut seen = parse_save(SAVED);
+        let dup = seen.chains[&MANGLE_OUTPUT][0].clone();
+        seen.chains
+            .get_mut(&MANGLE_OUTPUT)
+            .unwrap()
+            .push(dup.clone());
+        *seen.jumps.get_mut(&MANGLE_OUTPUT).unwrap() = 2;
+        let want = vec![mark_rule(
+            &name("web"),
+            vip("10.0.0.100"),
+            FwMark::new(256).unwrap(),
+        )];
+        assert_eq!(
+            plan(&want, &seen),
+            [
+                FwOp::DelRule(Rule {
+                    chain: MANGLE_OUTPUT,
+                    spec: dup
+                }),
+                FwOp::DelJump(MANGLE_OUTPUT)
+            ]
+        );
+        let ops = plan(&[], &seen);
+        assert_eq!(
+            ops,
+            [
+                FwOp::DelJump(MANGLE_OUTPUT),
+                FwOp::DelJump(MANGLE_OUTPUT),
+                FwOp::DelChain(MANGLE_OUTPUT)
+            ]
+        );
+        assert_eq!(
+            render_restore(&ops),
+            "*mangle\n:VIPD-OUTPUT - [0:0]\n-D OUTPUT -j VIPD-OUTPUT\n-D OUTPUT -j VIPD-OUTPUT\n-X VIPD-OUTPUT\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn ops_print_as_iptables_commands() {
+        let r = mark_rule(&name("web"), vip("10.0.0.100"), FwMark::new(256).unwrap());
+        assert_eq!(
+            FwOp::AddRule(r).to_string(),
+            "iptables -t mangle -A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web -j MARK --set-xmark 0x100/0xffffffff"
+        );
+        assert_eq!(
+            FwOp::AddJump(NAT_POSTROUTING).to_string(),
+            "iptables -t nat -I POSTROUTING 1 -j VIPD-POSTROUTING"
+        );
+    }
+}

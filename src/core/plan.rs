@@ -1,0 +1,624 @@
+//! Planning for one sandbox: what it has, what it should have, and the operations between.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::firewall::{self, FwOp, ObservedFirewall, Rule};
+use super::ipvs::{
+    DestConfig, DestKey, Destination, IpvsOp, ServiceConfig, ServiceFlags, ServiceKey, Timeouts,
+    VirtualService,
+};
+use super::model::{FwMark, Ipv4Net};
+use super::spec::{SandboxSpec, ServiceSpec};
+
+/// The `net.ipv4.vs.*` settings vipd keeps in a sandbox that has its services, by name
+/// under `/proc/sys/net/ipv4/vs/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SysctlSettings(pub BTreeMap<String, i64>);
+
+impl SysctlSettings {
+    /// What vipd sets, and why:
+    /// - `conntrack=1`: IPVS keeps conntrack entries, which the `-m ipvs` SNAT rule needs;
+    /// - `conn_reuse_mode=0`: no 1 s stall when a client port is reused under load;
+    /// - `expire_nodest_conn=1`: connections to a removed backend fail fast instead of hanging;
+    /// - `expire_quiescent_template=1`: persistence templates of a weight-0 backend expire.
+    pub const DEFAULTS: [(&'static str, i64); 4] = [
+        ("conntrack", 1),
+        ("conn_reuse_mode", 0),
+        ("expire_nodest_conn", 1),
+        ("expire_quiescent_template", 1),
+    ];
+
+    /// The kernel's own values, restored when vipd's last service leaves a namespace.
+    pub const KERNEL_DEFAULTS: [(&'static str, i64); 4] = [
+        ("conntrack", 0),
+        ("conn_reuse_mode", 1),
+        ("expire_nodest_conn", 0),
+        ("expire_quiescent_template", 0),
+    ];
+
+    /// Is `name` a plausible sysctl name under net.ipv4.vs?
+    pub fn valid_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }
+
+    /// Change or add one setting.
+    pub fn set(&mut self, name: &str, value: i64) {
+        self.0.insert(name.to_owned(), value);
+    }
+
+    fn kernel_default(name: &str) -> Option<i64> {
+        Self::KERNEL_DEFAULTS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+impl Default for SysctlSettings {
+    fn default() -> Self {
+        SysctlSettings(
+            Self::DEFAULTS
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), *v))
+                .collect(),
+        )
+    }
+}
+
+/// Set `/proc/sys/net/ipv4/vs/<name>` to `value`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SysctlOp {
+    pub name: String,
+    pub value: i64,
+}
+
+impl fmt::Display for SysctlOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sysctl -w net.ipv4.vs.{}={}", self.name, self.value)
+    }
+}
+
+/// What a sandbox has now, as far as vipd is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedSandbox {
+    /// Every IPVS service in the namespace.
+    pub services: Vec<VirtualService>,
+    /// Destinations of the services vipd owns or wants (see [`services_to_read`]).
+    pub dests: BTreeMap<ServiceKey, Vec<Destination>>,
+    pub firewall: ObservedFirewall,
+    /// Current values of the sysctls vipd manages (missing ones are left out).
+    pub sysctls: BTreeMap<String, i64>,
+    pub timeouts: Timeouts,
+    /// The namespace's own IPv4 addresses with their prefix, loopback excluded.
+    pub addrs: Vec<Ipv4Net>,
+}
+
+/// The services whose destinations the planner needs: vipd's own (by its mark rules) and
+/// the wanted ones that exist.
+pub fn services_to_read(
+    spec: &SandboxSpec,
+    services: &[VirtualService],
+    fw: &ObservedFirewall,
+) -> Vec<ServiceKey> {
+    let present: BTreeSet<ServiceKey> = services.iter().map(|s| s.key).collect();
+    let mut keys: BTreeSet<ServiceKey> = fw
+        .marked_services()
+        .iter()
+        .map(|m| ServiceKey::fwmark(m.fwmark))
+        .collect();
+    keys.extend(spec.services.iter().map(|s| ServiceKey::fwmark(s.fwmark)));
+    keys.into_iter().filter(|k| present.contains(k)).collect()
+}
+
+/// A plan cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// The wanted fwmark belongs to an IPVS service that vipd did not create.
+    #[error("service {service}: fwmark {mark} ({hex}) is already used by an IPVS service vipd does not own in this namespace; choose another fwmark", mark = .mark.get(), hex = .mark)]
+    ForeignFwMark { service: String, mark: FwMark },
+}
+
+/// The operations that take a sandbox from what it has to what it should have, in the
+/// order they are applied.
+///
+/// The order keeps the kernel in a state vipd recognises as its own even if it stops
+/// half-way: IPVS services are removed before the mark rules that claim them, and created
+/// after.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Plan {
+    pub sysctls_before: Vec<SysctlOp>,
+    pub ipvs_remove: Vec<IpvsOp>,
+    pub firewall: Vec<FwOp>,
+    pub ipvs_add: Vec<IpvsOp>,
+    pub sysctls_after: Vec<SysctlOp>,
+}
+
+impl Plan {
+    pub fn len(&self) -> usize {
+        self.sysctls_before.len()
+            + self.ipvs_remove.len()
+            + self.firewall.len()
+            + self.ipvs_add.len()
+            + self.sysctls_after.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every operation as the equivalent command line, in order.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .sysctls_before
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        out.extend(self.ipvs_remove.iter().map(ToString::to_string));
+        out.extend(self.firewall.iter().map(ToString::to_string));
+        out.extend(self.ipvs_add.iter().map(ToString::to_string));
+        out.extend(self.sysctls_after.iter().map(ToString::to_string));
+        out
+    }
+}
+
+/// The firewall rules a sandbox should have for `spec`, given its own addresses.
+pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    let mut snat = BTreeSet::new();
+    for svc in &spec.services {
+        rules.push(firewall::mark_rule(&svc.name, svc.vip, svc.fwmark));
+        rules.push(firewall::ping_rule(&svc.name, svc.vip));
+        for b in &svc.backends {
+            if let IpAddr::V4(ip) = b.addr.addr() {
+                if let Some(own) = addrs.iter().find(|a| a.contains(ip)) {
+                    snat.insert((own.network(), own.addr));
+                }
+            }
+        }
+    }
+    rules.extend(
+        snat.into_iter()
+            .map(|(net, src)| firewall::snat_rule(net, src)),
+    );
+    rules
+}
+
+fn service_config(svc: &ServiceSpec) -> ServiceConfig {
+    let mut config = ServiceConfig::new(svc.scheduler.clone());
+    if let Some(timeout) = svc.persistence {
+        config.flags = ServiceFlags(ServiceFlags::PERSISTENT);
+        config.timeout = timeout;
+    }
+    config
+}
+
+/// Compute the plan for one sandbox. Pure: reads nothing but its arguments.
+pub fn plan(
+    spec: &SandboxSpec,
+    seen: &ObservedSandbox,
+    sysctls: &SysctlSettings,
+) -> Result<Plan, PlanError> {
+    let owned: BTreeSet<FwMark> = seen
+        .firewall
+        .marked_services()
+        .iter()
+        .map(|m| m.fwmark)
+        .collect();
+    let present: BTreeMap<ServiceKey, &VirtualService> =
+        seen.services.iter().map(|s| (s.key, s)).collect();
+
+    for svc in &spec.services {
+        if present.contains_key(&ServiceKey::fwmark(svc.fwmark)) && !owned.contains(&svc.fwmark) {
+            return Err(PlanError::ForeignFwMark {
+                service: svc.name.to_string(),
+                mark: svc.fwmark,
+            });
+        }
+    }
+
+    let mut plan = Plan::default();
+    let wanted: BTreeSet<FwMark> = spec.services.iter().map(|s| s.fwmark).collect();
+
+    if !spec.services.is_empty() {
+        for (name, value) in &sysctls.0 {
+            if seen.sysctls.get(name) != Some(value) {
+                plan.sysctls_before.push(SysctlOp {
+                    name: name.clone(),
+                    value: *value,
+                });
+            }
+        }
+    } else if !seen.firewall.is_clean() {
+        for (name, value) in &sysctls.0 {
+            let default = SysctlSettings::kernel_default(name);
+            if let (Some(default), Some(now)) = (default, seen.sysctls.get(name)) {
+                if now == value && *now != default {
+                    plan.sysctls_after.push(SysctlOp {
+                        name: name.clone(),
+                        value: default,
+                    });
+                }
+            }
+        }
+    }
+
+    // Services vipd owns but no longer wants: remove (destinations go with them).
+    for mark in owned.difference(&wanted) {
+        let key = ServiceKey::fwmark(*mark);
+        if present.contains_key(&key) {
+            plan.ipvs_remove.push(IpvsOp::DelService { key });
+        }
+    }
+
+    for svc in &spec.services {
+        let key = ServiceKey::fwmark(svc.fwmark);
+        let config = service_config(svc);
+        let want: BTreeMap<DestKey, DestConfig> = svc
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    DestKey {
+                        addr: b.addr.addr(),
+                        port: 0,
+                    },
+                    DestConfig::masq(b.weight),
+                )
+            })
+            .collect();
+        let have: BTreeMap<DestKey, DestConfig> = match present.get(&key) {
+            None => {
+                plan.ipvs_add.push(IpvsOp::AddService { key, config });
+                BTreeMap::new()
+            }
+            Some(existing) => {
+                if !existing.config.satisfies(&config) {
+                    plan.ipvs_add.push(IpvsOp::EditService { key, config });
+                }
+                seen.dests
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .map(|d| (d.key, d.config))
+                    .collect()
+            }
+        };
+        for dest in have.keys().filter(|d| !want.contains_key(d)) {
+            plan.ipvs_remove.push(IpvsOp::DelDest {
+                service: key,
+                dest: *dest,
+            });
+        }
+        for (dest, config) in &want {
+            match have.get(dest) {
+                None => plan.ipvs_add.push(IpvsOp::AddDest {
+                    service: key,
+                    dest: *dest,
+                    config: *config,
+                }),
+                Some(now) if now != config => plan.ipvs_add.push(IpvsOp::EditDest {
+                    service: key,
+                    dest: *dest,
+                    config: *config,
+                }),
+                Some(_) => {}
+            }
+        }
+    }
+
+    if let Some(t) = spec.timeouts {
+        if t != seen.timeouts {
+            plan.ipvs_add.push(IpvsOp::SetTimeouts(t));
+        }
+    }
+
+    plan.firewall = firewall::plan(&desired_rules(spec, &seen.addrs), &seen.firewall);
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ipvs::Stats;
+    use crate::core::spec;
+
+    fn spec(json: &str) -> SandboxSpec {
+        spec::parse(json).unwrap()
+    }
+
+    fn web(backends: &[&str]) -> SandboxSpec {
+        let b: Vec<String> = backends
+            .iter()
+            .map(|ip| format!(r#"{{"ip":"{ip}"}}"#))
+            .collect();
+        spec(&format!(
+            r#"{{"services":[{{"name":"web","vip":"10.0.0.100","fwmark":256,"backends":[{}]}}]}}"#,
+            b.join(",")
+        ))
+    }
+
+    fn addrs() -> Vec<Ipv4Net> {
+        vec![Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap()]
+    }
+
+    /// What the kernel would hold after `plan` was applied to `seen` (a tiny model, enough
+    /// to check the planner converges; the stateful fake of the reconciler tests is the
+    /// stricter check).
+    fn applied(seen: &ObservedSandbox, plan: &Plan) -> ObservedSandbox {
+        let mut next = seen.clone();
+        for op in plan.ipvs_remove.iter().chain(&plan.ipvs_add) {
+            match op {
+                IpvsOp::AddService { key, config } | IpvsOp::EditService { key, config } => {
+                    next.services.retain(|s| s.key != *key);
+                    next.services.push(VirtualService {
+                        key: *key,
+                        config: config.clone(),
+                        stats: Stats::default(),
+                    });
+                    next.dests.entry(*key).or_default();
+                }
+                IpvsOp::DelService { key } => {
+                    next.services.retain(|s| s.key != *key);
+                    next.dests.remove(key);
+                }
+                IpvsOp::AddDest {
+                    service,
+                    dest,
+                    config,
+                }
+                | IpvsOp::EditDest {
+                    service,
+                    dest,
+                    config,
+                } => {
+                    let d = next.dests.entry(*service).or_default();
+                    d.retain(|x| x.key != *dest);
+                    d.push(Destination {
+                        key: *dest,
+                        config: *config,
+                        active_conns: 0,
+                        inactive_conns: 0,
+                        persist_conns: 0,
+                        stats: Stats::default(),
+                    });
+                }
+                IpvsOp::DelDest { service, dest } => next
+                    .dests
+                    .entry(*service)
+                    .or_default()
+                    .retain(|x| x.key != *dest),
+                IpvsOp::SetTimeouts(t) => next.timeouts = *t,
+            }
+        }
+        for op in &plan.firewall {
+            match op {
+                FwOp::NewChain(c) => {
+                    next.firewall.chains.entry(*c).or_default();
+                }
+                FwOp::AddJump(c) => *next.firewall.jumps.entry(*c).or_default() += 1,
+                FwOp::DelJump(c) => *next.firewall.jumps.entry(*c).or_default() -= 1,
+                FwOp::AddRule(r) => next
+                    .firewall
+                    .chains
+                    .entry(r.chain)
+                    .or_default()
+                    .push(r.spec.clone()),
+                FwOp::DelRule(r) => {
+                    let rules = next.firewall.chains.entry(r.chain).or_default();
+                    let i = rules.iter().position(|x| *x == r.spec).unwrap();
+                    rules.remove(i);
+                }
+                FwOp::DelChain(c) => {
+                    next.firewall.chains.remove(c);
+                }
+            }
+        }
+        next.firewall.jumps.retain(|_, n| *n > 0);
+        for op in plan.sysctls_before.iter().chain(&plan.sysctls_after) {
+            next.sysctls.insert(op.name.clone(), op.value);
+        }
+        next
+    }
+
+    fn kernel_defaults() -> BTreeMap<String, i64> {
+        SysctlSettings::KERNEL_DEFAULTS
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), *v))
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_sandbox_gets_everything_then_nothing() {
+        let seen = ObservedSandbox {
+            addrs: addrs(),
+            sysctls: kernel_defaults(),
+            ..Default::default()
+        };
+        let want = web(&["10.0.0.3", "10.0.0.4", "10.0.0.5"]);
+        let p = plan(&want, &seen, &SysctlSettings::default()).unwrap();
+        assert_eq!(p.sysctls_before.len(), 4);
+        assert_eq!(p.ipvs_remove, []);
+        assert_eq!(p.ipvs_add.len(), 4, "{:#?}", p.ipvs_add);
+        // 3 chains, 3 jumps, mark + ping + snat rules.
+        assert_eq!(p.firewall.len(), 9, "{:#?}", p.firewall);
+        let lines = p.lines();
+        assert!(
+            lines.contains(&"ipvsadm -A -f 256 -s rr".to_owned()),
+            "{lines:#?}"
+        );
+        assert!(lines.contains(&"ipvsadm -a -f 256 -r 10.0.0.3:0 -m -w 1".to_owned()));
+
+        let after = applied(&seen, &p);
+        let again = plan(&want, &after, &SysctlSettings::default()).unwrap();
+        assert!(again.is_empty(), "{:#?}", again);
+    }
+
+    #[test]
+    fn one_backend_change_is_one_operation() {
+        let seen = ObservedSandbox {
+            addrs: addrs(),
+            ..Default::default()
+        };
+        let s = SysctlSettings::default();
+        let mut now = applied(
+            &seen,
+            &plan(&web(&["10.0.0.3", "10.0.0.4"]), &seen, &s).unwrap(),
+        );
+
+        let p = plan(&web(&["10.0.0.3", "10.0.0.4", "10.0.0.5"]), &now, &s).unwrap();
+        assert_eq!(p.lines(), ["ipvsadm -a -f 256 -r 10.0.0.5:0 -m -w 1"]);
+        now = applied(&now, &p);
+
+        let p = plan(&web(&["10.0.0.3", "10.0.0.5"]), &now, &s).unwrap();
+        assert_eq!(p.lines(), ["ipvsadm -d -f 256 -r 10.0.0.4:0"]);
+        now = applied(&now, &p);
+
+        let w = spec(
+            r#"{"services":[{"name":"web","vip":"10.0.0.100","fwmark":256,"backends":[{"ip":"10.0.0.3","weight":0},{"ip":"10.0.0.5"}]}]}"#,
+        );
+        let p = plan(&w, &now, &s).unwrap();
+        assert_eq!(p.lines(), ["ipvsadm -e -f 256 -r 10.0.0.3:0 -m -w 0"]);
+    }
+
+    #[test]
+    fn scheduler_and_persistence_changes_edit_the_service() {
+        let seen = ObservedSandbox {
+            addrs: addrs(),
+            ..Default::default()
+        };
+        let s = SysctlSettings::default();
+        let now = applied(&seen, &plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
+        let w = spec(
+            r#"{"services":[{"name":"web","vip":"10.0.0.100","fwmark":256,"scheduler":"wlc","persistence":300,"backends":[{"ip":"10.0.0.3"}]}]}"#,
+        );
+        let p = plan(&w, &now, &s).unwrap();
+        assert_eq!(p.lines(), ["ipvsadm -E -f 256 -s wlc -p 300"]);
+    }
+
+    #[test]
+    fn an_empty_spec_removes_everything_vipd_owns_and_restores_sysctls() {
+        let seen = ObservedSandbox {
+            addrs: addrs(),
+            sysctls: kernel_defaults(),
+            ..Default::default()
+        };
+        let s = SysctlSettings::default();
+        let now = applied(&seen, &plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
+        let p = plan(&SandboxSpec::default(), &now, &s).unwrap();
+        assert_eq!(
+            p.ipvs_remove,
+            [IpvsOp::DelService {
+                key: ServiceKey::fwmark(FwMark::new(256).unwrap())
+            }]
+        );
+        let gone = applied(&now, &p);
+        assert!(gone.firewall.is_clean(), "{:#?}", gone.firewall);
+        assert!(gone.services.is_empty());
+        assert_eq!(gone.sysctls, kernel_defaults());
+        assert!(plan(&SandboxSpec::default(), &gone, &s).unwrap().is_empty());
+    }
+
+    #[test]
+    fn foreign_services_are_left_alone_and_their_marks_refused() {
+        let foreign = VirtualService {
+            key: ServiceKey::fwmark(FwMark::new(256).unwrap()),
+            config: ServiceConfig::new(crate::core::model::Scheduler::WeightedLeastConn),
+            stats: Stats::default(),
+        };
+        let seen = ObservedSandbox {
+            services: vec![foreign.clone()],
+            addrs: addrs(),
+            ..Default::default()
+        };
+        let err = plan(&web(&["10.0.0.3"]), &seen, &SysctlSettings::default()).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "fwmark 256 (0x100) is already used by an IPVS service vipd does not own"
+            ),
+            "{err}"
+        );
+
+        let other = spec(r#"{"services":[{"name":"web","vip":"10.0.0.100","fwmark":257}]}"#);
+        let p = plan(&other, &seen, &SysctlSettings::default()).unwrap();
+        assert!(p.ipvs_remove.is_empty());
+        assert!(p
+            .ipvs_add
+            .iter()
+            .all(|op| !matches!(op, IpvsOp::AddService { key, .. } if *key == foreign.key)));
+        let p = plan(&SandboxSpec::default(), &seen, &SysctlSettings::default()).unwrap();
+        assert!(p.is_empty(), "{p:#?}");
+    }
+
+    #[test]
+    fn snat_follows_the_networks_the_backends_are_on() {
+        let own = vec![
+            Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap(),
+            Ipv4Net::new("172.20.0.7".parse().unwrap(), 16).unwrap(),
+        ];
+        let want = web(&["10.0.0.3", "172.20.5.5", "192.168.1.1"]);
+        let rules = desired_rules(&want, &own);
+        let snat: Vec<&str> = rules
+            .iter()
+            .filter(|r| r.chain == firewall::NAT_POSTROUTING)
+            .map(|r| r.spec.as_str())
+            .collect();
+        assert_eq!(
+            snat,
+            [
+                "-d 10.0.0.0/24 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.0.0.2",
+                "-d 172.20.0.0/16 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 172.20.0.7",
+            ]
+        );
+    }
+
+    #[test]
+    fn renaming_or_remarking_a_service_replaces_it() {
+        let seen = ObservedSandbox {
+            addrs: addrs(),
+            ..Default::default()
+        };
+        let s = SysctlSettings::default();
+        let now = applied(&seen, &plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
+        let moved = spec(
+            r#"{"services":[{"name":"web","vip":"10.0.0.100","fwmark":300,"backends":[{"ip":"10.0.0.3"}]}]}"#,
+        );
+        let p = plan(&moved, &now, &s).unwrap();
+        assert_eq!(
+            p.ipvs_remove,
+            [IpvsOp::DelService {
+                key: ServiceKey::fwmark(FwMark::new(256).unwrap())
+            }]
+        );
+        assert_eq!(p.ipvs_add.len(), 2);
+        let after = applied(&now, &p);
+        assert!(plan(&moved, &after, &s).unwrap().is_empty());
+    }
+
+    #[test]
+    fn timeouts_are_set_only_when_asked_and_different() {
+        let seen = ObservedSandbox {
+            timeouts: Timeouts {
+                tcp: 900,
+                tcp_fin: 120,
+                udp: 300,
+            },
+            ..Default::default()
+        };
+        let s = SysctlSettings::default();
+        let same = spec(r#"{"timeouts":{"tcp":900,"tcpfin":120,"udp":300}}"#);
+        assert!(plan(&same, &seen, &s).unwrap().is_empty());
+        let longer = spec(r#"{"timeouts":{"tcp":7200,"tcpfin":120,"udp":300}}"#);
+        assert_eq!(
+            plan(&longer, &seen, &s).unwrap().lines(),
+            ["ipvsadm --set 7200 120 300"]
+        );
+    }
+}
