@@ -20,20 +20,28 @@ pub enum IpvsError {
     Unavailable,
     /// The kernel refused an operation.
     #[error("kernel refused `{op}`: {message} (errno {errno})")]
-    Kernel {
-        op: String,
-        errno: i32,
-        message: String,
-    },
+    Kernel { op: String, errno: i32, message: String },
     /// A message from the kernel could not be understood.
     #[error("cannot decode IPVS message: {0}")]
     Decode(String),
+    /// A request could not be built.
+    #[error("cannot encode IPVS message: {0}")]
+    Encode(String),
     /// The socket failed.
     #[error("IPVS netlink socket: {0}")]
     Socket(String),
 }
 
 impl IpvsError {
+    /// A kernel refusal of `op` with the (positive) `errno`, described as `strerror` would.
+    pub fn kernel(op: impl Into<String>, errno: i32) -> Self {
+        IpvsError::Kernel {
+            op: op.into(),
+            errno,
+            message: nix::errno::Errno::from_raw(errno).desc().to_owned(),
+        }
+    }
+
     /// The errno the kernel answered with, if this is a kernel refusal.
     pub fn errno(&self) -> Option<i32> {
         match self {

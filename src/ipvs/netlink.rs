@@ -1,1 +1,510 @@
-//! (being written)
+//! The real IPVS table of one network namespace, over generic netlink.
+//!
+//! [`NetlinkIpvs::open`] opens a netlink socket in the calling thread's network namespace
+//! (the socket keeps that namespace for its whole life, whatever thread uses it later) and
+//! resolves the "IPVS" family.
+//!
+//! # Pipelining
+//!
+//! [`IpvsTable::apply_all`] does not wait for one answer per operation. It writes a window
+//! of requests into one `sendmsg`; only the last carries `NLM_F_ACK`, so the kernel answers
+//! the others only when they fail. The kernel handles every request of the buffer before
+//! `sendmsg` returns, so one `recvmsg` then collects the window's answers: two system calls
+//! for up to [`DEFAULT_WINDOW`] operations.
+//!
+//! The kernel does not stop at a failed request; it goes on with the rest of the buffer.
+//! To keep the meaning of `apply_all` ("stop at the first error"), a window only ever holds
+//! operations after its first that can be undone exactly — adding a service or a
+//! destination — and when a request fails, the later requests of its window that succeeded
+//! are undone (in reverse order) before the error is returned. Edits and deletions
+//! therefore always start a new window.
+
+use std::io::Cursor;
+use std::time::Instant;
+
+use neli::consts::genl::{CtrlAttr, CtrlCmd};
+use neli::consts::nl::{GenlId, NlmF};
+use neli::consts::socket::NlFamily;
+use neli::genl::{AttrTypeBuilder, Genlmsghdr, GenlmsghdrBuilder, NlattrBuilder};
+use neli::nl::{NlPayload, NlmsghdrBuilder};
+use neli::socket::NlSocket;
+use neli::types::GenlBuffer;
+use neli::utils::Groups;
+use neli::{FromBytesWithInput, ToBytes};
+
+use super::codec::{self, IpvsMsg, NLMSG_HDRLEN};
+use super::{IpvsError, IpvsTable};
+use crate::core::ipvs::{Destination, IpvsOp, ServiceKey, Timeouts, VirtualService};
+
+/// How many operations [`IpvsTable::apply_all`] sends before reading answers, by default.
+///
+/// Bounded so that a window in which every request fails (each failure is answered with
+/// an error that quotes the request, about 1 KiB of receive buffer each) still fits in the
+/// socket's receive buffer.
+pub const DEFAULT_WINDOW: usize = 128;
+
+/// Receive buffer for one `recvmsg`: the kernel fills dump messages up to 32 KiB.
+const RECV_BUF: usize = 64 * 1024;
+
+/// Receive buffer asked of the kernel (it caps this at `net.core.rmem_max`, then doubles).
+const SO_RCVBUF: usize = 1024 * 1024;
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLMSG_OVERRUN: u16 = 4;
+
+/// The IPVS table of the network namespace this was opened in.
+pub struct NetlinkIpvs {
+    sock: NlSocket,
+    family: u16,
+    pid: u32,
+    seq: u32,
+    window: usize,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for NetlinkIpvs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetlinkIpvs")
+            .field("family", &self.family)
+            .field("pid", &self.pid)
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
+/// One netlink message of a received buffer.
+struct Reply<'a> {
+    ty: u16,
+    seq: u32,
+    payload: &'a [u8],
+}
+
+/// Split a received buffer into its netlink messages.
+fn split(buf: &[u8]) -> Result<Vec<Reply<'_>>, IpvsError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + NLMSG_HDRLEN <= buf.len() {
+        let h = &buf[pos..pos + NLMSG_HDRLEN];
+        let len = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        if len < NLMSG_HDRLEN || pos + len > buf.len() {
+            return Err(IpvsError::Decode(format!(
+                "netlink message length {len} at offset {pos} of a {}-byte buffer",
+                buf.len()
+            )));
+        }
+        out.push(Reply {
+            ty: u16::from_ne_bytes([h[4], h[5]]),
+            seq: u32::from_ne_bytes([h[8], h[9], h[10], h[11]]),
+            payload: &buf[pos + NLMSG_HDRLEN..pos + len],
+        });
+        pos += (len + 3) & !3;
+    }
+    Ok(out)
+}
+
+/// The error code of an `NLMSG_ERROR` payload: 0 for an ACK, a positive errno otherwise.
+fn error_code(payload: &[u8]) -> Result<i32, IpvsError> {
+    match payload {
+        [a, b, c, d, ..] => Ok(-i32::from_ne_bytes([*a, *b, *c, *d])),
+        _ => Err(IpvsError::Decode("truncated netlink error message".into())),
+    }
+}
+
+fn socket_error(what: &str, e: impl std::fmt::Display) -> IpvsError {
+    IpvsError::Socket(format!("{what}: {e}"))
+}
+
+/// The operation that exactly undoes `op` after it succeeded, if there is one.
+fn inverse(op: &IpvsOp) -> Option<IpvsOp> {
+    match op {
+        IpvsOp::AddService { key, .. } => Some(IpvsOp::DelService { key: *key }),
+        IpvsOp::AddDest { service, dest, .. } => Some(IpvsOp::DelDest {
+            service: *service,
+            dest: *dest,
+        }),
+        _ => None,
+    }
+}
+
+impl NetlinkIpvs {
+    /// Open the IPVS table of the calling thread's network namespace.
+    ///
+    /// Fails with [`IpvsError::Unavailable`] when the kernel has no IPVS.
+    pub fn open() -> Result<Self, IpvsError> {
+        let sock = NlSocket::connect(NlFamily::Generic, None, Groups::empty())
+            .map_err(|e| socket_error("cannot open a generic netlink socket", e))?;
+        // Best effort: a larger receive buffer only adds headroom for failed windows.
+        if let Err(e) = sock.set_recv_buffer_size(SO_RCVBUF) {
+            tracing::debug!(error = %e, "cannot enlarge the netlink receive buffer");
+        }
+        let pid = sock
+            .pid()
+            .map_err(|e| socket_error("cannot read the netlink port id", e))?;
+        let mut this = NetlinkIpvs {
+            sock,
+            family: 0,
+            pid,
+            seq: 0,
+            window: DEFAULT_WINDOW,
+            buf: vec![0; RECV_BUF],
+        };
+        this.family = this.resolve_family()?;
+        tracing::debug!(
+            family = this.family,
+            pid,
+            "opened the IPVS generic netlink family"
+        );
+        Ok(this)
+    }
+
+    /// How many operations `apply_all` sends before reading the answers (at least 1; 1
+    /// means one round trip per operation).
+    pub fn set_pipeline_window(&mut self, ops: usize) {
+        self.window = ops.clamp(1, DEFAULT_WINDOW * 4);
+    }
+
+    /// The numeric id the kernel gave the "IPVS" family.
+    pub fn family_id(&self) -> u16 {
+        self.family
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    fn send(&self, bytes: &[u8]) -> Result<(), IpvsError> {
+        let sent = self
+            .sock
+            .send(bytes, neli::consts::socket::Msg::empty())
+            .map_err(|e| socket_error("send", e))?;
+        if sent != bytes.len() {
+            return Err(IpvsError::Socket(format!(
+                "short send: {sent} of {} bytes",
+                bytes.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Receive one buffer; returns its length.
+    fn recv(&mut self) -> Result<usize, IpvsError> {
+        loop {
+            match self
+                .sock
+                .recv(&mut self.buf[..], neli::consts::socket::Msg::empty())
+            {
+                Ok((n, _)) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(socket_error("receive", e)),
+            }
+        }
+    }
+
+    fn resolve_family(&mut self) -> Result<u16, IpvsError> {
+        let seq = self.next_seq();
+        let attrs = std::iter::once(
+            NlattrBuilder::default()
+                .nla_type(
+                    AttrTypeBuilder::default()
+                        .nla_type(CtrlAttr::FamilyName)
+                        .build()
+                        .map_err(|e| IpvsError::Encode(e.to_string()))?,
+                )
+                .nla_payload(codec::IPVS_GENL_NAME)
+                .build()
+                .map_err(|e| IpvsError::Encode(e.to_string()))?,
+        )
+        .collect::<GenlBuffer<_, _>>();
+        let genl = GenlmsghdrBuilder::default()
+            .cmd(CtrlCmd::Getfamily)
+            .version(2)
+            .attrs(attrs)
+            .build()
+            .map_err(|e| IpvsError::Encode(e.to_string()))?;
+        let nl = NlmsghdrBuilder::default()
+            .nl_type(GenlId::Ctrl)
+            .nl_flags(NlmF::REQUEST | NlmF::ACK)
+            .nl_seq(seq)
+            .nl_pid(self.pid)
+            .nl_payload(NlPayload::Payload(genl))
+            .build()
+            .map_err(|e| IpvsError::Encode(e.to_string()))?;
+        let mut out = Cursor::new(Vec::new());
+        nl.to_bytes(&mut out)
+            .map_err(|e| IpvsError::Encode(e.to_string()))?;
+        self.send(out.get_ref())?;
+
+        let mut family = None;
+        loop {
+            let n = self.recv()?;
+            for r in split(&self.buf[..n])? {
+                if r.seq != seq {
+                    continue;
+                }
+                match r.ty {
+                    NLMSG_ERROR => {
+                        return match error_code(r.payload)? {
+                            0 => family.ok_or(IpvsError::Unavailable),
+                            errno if errno == nix::errno::Errno::ENOENT as i32 => Err(IpvsError::Unavailable),
+                            errno => Err(IpvsError::kernel("resolve generic netlink family IPVS", errno)),
+                        };
+                    }
+                    NLMSG_DONE => return family.ok_or(IpvsError::Unavailable),
+                    _ => {
+                        let msg = Genlmsghdr::<CtrlCmd, CtrlAttr>::from_bytes_with_input(
+                            &mut Cursor::new(r.payload),
+                            r.payload.len(),
+                        )
+                        .map_err(|e| IpvsError::Decode(format!("family reply: {e}")))?;
+                        let handle = msg.attrs().get_attr_handle();
+                        if let Ok(id) = handle.get_attr_payload_as::<u16>(CtrlAttr::FamilyId) {
+                            family = Some(id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send one request and decode every message of the answer with `decode`.
+    ///
+    /// With `NLM_F_DUMP` the answer ends with `NLMSG_DONE`; with `NLM_F_ACK` (a plain
+    /// GET) it ends with the ACK.
+    fn request<T>(
+        &mut self,
+        what: &str,
+        flags: NlmF,
+        msg: IpvsMsg,
+        mut decode: impl FnMut(&IpvsMsg) -> Result<T, IpvsError>,
+    ) -> Result<Vec<T>, IpvsError> {
+        let seq = self.next_seq();
+        let mut out = Cursor::new(Vec::new());
+        codec::append_nlmsg(&mut out, self.family, flags, seq, self.pid, msg)?;
+        self.send(out.get_ref())?;
+        let mut items = Vec::new();
+        loop {
+            let n = self.recv()?;
+            for r in split(&self.buf[..n])? {
+                if r.seq != seq {
+                    tracing::debug!(seq = r.seq, want = seq, "skipping a stale netlink message");
+                    continue;
+                }
+                match r.ty {
+                    NLMSG_DONE => return Ok(items),
+                    NLMSG_ERROR => match error_code(r.payload)? {
+                        0 => return Ok(items),
+                        errno => return Err(IpvsError::kernel(what, errno)),
+                    },
+                    NLMSG_OVERRUN => return Err(IpvsError::Socket(format!("{what}: netlink overrun"))),
+                    ty if ty == self.family => {
+                        items.push(decode(&codec::parse_genl(r.payload)?)?);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Send `ops` in one buffer, the last with `NLM_F_ACK` (every one with it if
+    /// `ack_all`), and return the errno of each (0 = done). Requests without an ACK flag
+    /// are answered only when they fail.
+    fn send_window(&mut self, ops: &[IpvsOp], ack_all: bool) -> Result<Vec<i32>, IpvsError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = self.seq.wrapping_add(1);
+        let mut out = Cursor::new(Vec::with_capacity(ops.len() * 160));
+        for (i, op) in ops.iter().enumerate() {
+            let seq = self.next_seq();
+            let flags = if ack_all || i + 1 == ops.len() {
+                NlmF::ACK
+            } else {
+                NlmF::empty()
+            };
+            codec::append_nlmsg(&mut out, self.family, flags, seq, self.pid, codec::encode_op(op)?)?;
+        }
+        let started = Instant::now();
+        self.send(out.get_ref())?;
+
+        // The kernel handles the requests in order, so the answer to the last one (it
+        // always asks for an ACK) comes after every error answer of the others.
+        let mut result = vec![0i32; ops.len()];
+        let last = ops.len() - 1;
+        'recv: loop {
+            let n = self.recv()?;
+            for r in split(&self.buf[..n])? {
+                let idx = r.seq.wrapping_sub(first) as usize;
+                if r.ty != NLMSG_ERROR || idx >= ops.len() {
+                    tracing::debug!(seq = r.seq, ty = r.ty, "skipping an unexpected netlink message");
+                    continue;
+                }
+                result[idx] = error_code(r.payload)?;
+                if idx == last {
+                    break 'recv;
+                }
+            }
+        }
+        tracing::trace!(
+            ops = ops.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "IPVS window answered"
+        );
+        Ok(result)
+    }
+
+    /// Undo `done` (operations that succeeded after a failure in the same window), last
+    /// first. Failures are logged: the table is then left as the kernel has it.
+    fn undo(&mut self, done: &[&IpvsOp]) {
+        let inverses: Vec<IpvsOp> = done.iter().rev().filter_map(|op| inverse(op)).collect();
+        if inverses.is_empty() {
+            return;
+        }
+        match self.send_window(&inverses, true) {
+            Ok(codes) => {
+                for (op, errno) in inverses.iter().zip(codes) {
+                    if errno != 0 {
+                        tracing::error!(
+                            op = %op,
+                            error = %IpvsError::kernel(op.to_string(), errno),
+                            "cannot undo an IPVS operation sent after a failed one"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e,
+                "cannot undo IPVS operations sent after a failed one"),
+        }
+    }
+}
+
+impl IpvsTable for NetlinkIpvs {
+    fn services(&mut self) -> Result<Vec<VirtualService>, IpvsError> {
+        self.request(
+            "list services",
+            NlmF::DUMP,
+            codec::services_dump_request()?,
+            codec::decode_service,
+        )
+    }
+
+    fn destinations(&mut self, service: &ServiceKey) -> Result<Vec<Destination>, IpvsError> {
+        let af = service.af();
+        self.request(
+            &format!("list destinations of {service}"),
+            NlmF::DUMP,
+            codec::destinations_dump_request(service)?,
+            |m| codec::decode_destination(m, af),
+        )
+    }
+
+    fn timeouts(&mut self) -> Result<Timeouts, IpvsError> {
+        let mut t = self.request(
+            "get timeouts",
+            NlmF::ACK,
+            codec::get_config_request()?,
+            codec::decode_timeouts,
+        )?;
+        t.pop()
+            .ok_or_else(|| IpvsError::Decode("GET_CONFIG got no answer".into()))
+    }
+
+    fn apply(&mut self, op: &IpvsOp) -> Result<(), IpvsError> {
+        tracing::debug!(op = %op, "IPVS");
+        match self.send_window(std::slice::from_ref(op), true)?[..] {
+            [0] => Ok(()),
+            [errno] => Err(IpvsError::kernel(op.to_string(), errno)),
+            _ => Err(IpvsError::Decode("wrong number of answers".into())),
+        }
+    }
+
+    fn apply_all(&mut self, ops: &[IpvsOp]) -> Result<usize, (usize, IpvsError)> {
+        let mut start = 0;
+        while start < ops.len() {
+            // A window: the first op, then ops that can be undone exactly.
+            let mut end = start + 1;
+            while end < ops.len() && end - start < self.window && inverse(&ops[end]).is_some() {
+                end += 1;
+            }
+            let window = &ops[start..end];
+            for op in window {
+                tracing::debug!(op = %op, "IPVS");
+            }
+            let codes = self.send_window(window, false).map_err(|e| (start, e))?;
+            if let Some(failed) = codes.iter().position(|&c| c != 0) {
+                let later_done: Vec<&IpvsOp> = window
+                    .iter()
+                    .zip(&codes)
+                    .skip(failed + 1)
+                    .filter(|(_, c)| **c == 0)
+                    .map(|(op, _)| op)
+                    .collect();
+                self.undo(&later_done);
+                let op = &window[failed];
+                return Err((start + failed, IpvsError::kernel(op.to_string(), codes[failed])));
+            }
+            start = end;
+        }
+        Ok(ops.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_split_at_aligned_boundaries() {
+        let mut buf = Vec::new();
+        // An ACK (error 0) for seq 5, then an error -3 (ESRCH) for seq 6.
+        for (seq, err) in [(5u32, 0i32), (6, -3)] {
+            buf.extend_from_slice(&36u32.to_ne_bytes());
+            buf.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+            buf.extend_from_slice(&0u16.to_ne_bytes());
+            buf.extend_from_slice(&seq.to_ne_bytes());
+            buf.extend_from_slice(&1u32.to_ne_bytes());
+            buf.extend_from_slice(&err.to_ne_bytes());
+            buf.extend_from_slice(&[0u8; 16]);
+        }
+        let r = split(&buf).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[1].seq, error_code(r[1].payload).unwrap()), (6, 3));
+        assert_eq!(error_code(r[0].payload).unwrap(), 0);
+        assert_eq!(split(&buf[..46]).unwrap().len(), 1); // a partial trailing header is ignored
+        let mut bad = buf.clone();
+        bad[0] = 200;
+        assert!(split(&bad).is_err());
+    }
+
+    #[test]
+    fn only_additions_are_pipelined_after_the_first_op() {
+        use crate::core::ipvs::{DestConfig, DestKey, ServiceConfig};
+        use crate::core::model::{FwMark, Scheduler};
+        let key = ServiceKey::fwmark(FwMark::new(1).unwrap());
+        let dest = DestKey {
+            addr: "10.0.0.2".parse().unwrap(),
+            port: 0,
+        };
+        assert_eq!(
+            inverse(&IpvsOp::AddService {
+                key,
+                config: ServiceConfig::new(Scheduler::RoundRobin)
+            }),
+            Some(IpvsOp::DelService { key })
+        );
+        assert_eq!(
+            inverse(&IpvsOp::AddDest {
+                service: key,
+                dest,
+                config: DestConfig::masq(1)
+            }),
+            Some(IpvsOp::DelDest { service: key, dest })
+        );
+        assert_eq!(inverse(&IpvsOp::DelService { key }), None);
+        assert_eq!(
+            IpvsError::kernel("x", 3).to_string(),
+            "kernel refused `x`: No such process (errno 3)"
+        );
+    }
+}
