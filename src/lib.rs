@@ -8,6 +8,11 @@
 //! - [`netns`]: entering a network namespace on a dedicated thread.
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
 
+pub mod addrs;
 pub mod core;
+pub mod firewall;
 pub mod ipvs;
 pub mod netns;
+pub mod reconcile;
+pub mod show;
+pub mod sysctl;

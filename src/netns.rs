@@ -47,10 +47,7 @@ impl fmt::Display for NetnsPath {
 pub enum NetnsError {
     /// The namespace file does not exist or cannot be opened.
     #[error("network namespace {path} cannot be opened: {source}")]
-    Open {
-        path: NetnsPath,
-        source: std::io::Error,
-    },
+    Open { path: NetnsPath, source: std::io::Error },
     /// `setns` refused the file (not a network namespace, or not permitted).
     #[error("cannot enter network namespace {path}: {source}")]
     Enter { path: NetnsPath, source: nix::Error },
@@ -61,10 +58,12 @@ pub enum NetnsError {
 
 /// Check that `ns` names something that can be opened, without entering it.
 pub fn check(ns: &NetnsPath) -> Result<(), NetnsError> {
-    File::open(ns.path()).map(drop).map_err(|source| NetnsError::Open {
-        path: ns.clone(),
-        source,
-    })
+    File::open(ns.path())
+        .map(drop)
+        .map_err(|source| NetnsError::Open {
+            path: ns.clone(),
+            source,
+        })
 }
 
 /// Run `work` on a new OS thread that has entered the network namespace `ns`, and return

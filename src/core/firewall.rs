@@ -75,21 +75,29 @@ pub fn mark_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
     Rule {
         chain: MANGLE_OUTPUT,
         spec: format!(
-            "-d {}/32 -m comment --comment {COMMENT_PREFIX}{name} -j MARK --set-xmark {:#x}/0xffffffff",
+            "-d {}/32 -m comment --comment {} -j MARK --set-xmark {:#x}/0xffffffff",
             vip,
+            service_comment(name, mark),
             mark.get()
         ),
     }
 }
 
 /// The rule that answers ICMP echo to `vip` from the sandbox itself.
-pub fn ping_rule(name: &ServiceName, vip: Vip) -> Rule {
+pub fn ping_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
     Rule {
         chain: NAT_OUTPUT,
         spec: format!(
-            "-d {vip}/32 -p icmp -m icmp --icmp-type 8 -m comment --comment {COMMENT_PREFIX}{name} -j DNAT --to-destination 127.0.0.1"
+            "-d {vip}/32 -p icmp -m icmp --icmp-type 8 -m comment --comment {} -j DNAT --to-destination 127.0.0.1",
+            service_comment(name, mark)
         ),
     }
+}
+
+/// The comment on a service's rules: `vipd:NAME:MARK`. Both per-service rules carry the
+/// mark, so either one alone still records that vipd owns the IPVS service of that mark.
+fn service_comment(name: &ServiceName, mark: FwMark) -> String {
+    format!("{COMMENT_PREFIX}{name}:{}", mark.get())
 }
 
 /// The rule that makes IPVS-forwarded packets to `net` leave with `source`.
@@ -111,8 +119,9 @@ pub struct MarkedService {
     pub fwmark: FwMark,
 }
 
-/// Read a mark rule back; `None` for anything that is not one of vipd's mark rules.
-pub fn parse_mark_rule(spec: &str) -> Option<MarkedService> {
+/// Read one of a service's rules (mark or ping) back from its destination and comment;
+/// `None` for anything else.
+pub fn parse_service_rule(spec: &str) -> Option<MarkedService> {
     let words: Vec<&str> = spec.split_whitespace().collect();
     let after = |flag: &str| {
         words
@@ -121,16 +130,13 @@ pub fn parse_mark_rule(spec: &str) -> Option<MarkedService> {
             .and_then(|i| words.get(i + 1).copied())
     };
     let vip: IpAddr = after("-d")?.strip_suffix("/32")?.parse().ok()?;
-    let name = after("--comment")?.strip_prefix(COMMENT_PREFIX)?;
-    let (mark, mask) = after("--set-xmark")?.split_once('/')?;
-    if mask != "0xffffffff" {
-        return None;
-    }
-    let mark = u32::from_str_radix(mark.strip_prefix("0x")?, 16).ok()?;
+    let (name, mark) = after("--comment")?
+        .strip_prefix(COMMENT_PREFIX)?
+        .rsplit_once(':')?;
     Some(MarkedService {
         name: ServiceName::new(name).ok()?,
         vip: Vip::new(vip),
-        fwmark: FwMark::new(mark)?,
+        fwmark: FwMark::new(mark.parse().ok()?)?,
     })
 }
 
@@ -144,14 +150,23 @@ pub struct ObservedFirewall {
 }
 
 impl ObservedFirewall {
-    /// The services vipd's mark rules describe.
+    /// The services vipd's rules describe (by fwmark, in mark order): the record of which
+    /// IPVS services are vipd's. A service whose mark rule was deleted by hand is still
+    /// found by its ping rule, and the other way round.
     pub fn marked_services(&self) -> Vec<MarkedService> {
-        self.chains
-            .get(&MANGLE_OUTPUT)
-            .into_iter()
-            .flatten()
-            .filter_map(|r| parse_mark_rule(r))
-            .collect()
+        let mut by_mark = BTreeMap::new();
+        for chain in [NAT_OUTPUT, MANGLE_OUTPUT] {
+            for m in self
+                .chains
+                .get(&chain)
+                .into_iter()
+                .flatten()
+                .filter_map(|r| parse_service_rule(r))
+            {
+                by_mark.insert(m.fwmark, m);
+            }
+        }
+        by_mark.into_values().collect()
     }
 
     /// True when vipd has nothing at all in this namespace's firewall.
@@ -177,17 +192,14 @@ pub fn parse_save(text: &str) -> ObservedFirewall {
         let Some(table) = table else { continue };
         if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split_whitespace().next().unwrap_or("");
-            for c in OWNED_CHAINS
-                .iter()
-                .filter(|c| c.table == table && c.name == name)
-            {
+            for c in OWNED_CHAINS.iter().filter(|c| c.table == table && c.name == name) {
                 seen.chains.entry(*c).or_default();
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
             for c in OWNED_CHAINS.iter().filter(|c| c.table == table) {
                 if chain == c.name {
-                    seen.chains.entry(*c).or_default().push(spec.to_owned());
+                    seen.chains.entry(*c).or_default().push(unquote_comment(spec));
                 } else if chain == c.hook && spec == format!("-j {}", c.name) {
                     *seen.jumps.entry(*c).or_default() += 1;
                 }
@@ -195,6 +207,25 @@ pub fn parse_save(text: &str) -> ObservedFirewall {
         }
     }
     seen
+}
+
+/// `iptables-save` quotes a comment that has characters such as `:` in it
+/// (`--comment "vipd:web"`); vipd's comments have no spaces or quotes, so they are
+/// compared, and given back to `iptables-restore`, without the quotes.
+fn unquote_comment(spec: &str) -> String {
+    let Some(start) = spec.find("--comment \"") else {
+        return spec.to_owned();
+    };
+    let value_at = start + "--comment \"".len();
+    match spec[value_at..].find('"') {
+        Some(len) if !spec[value_at..value_at + len].contains([' ', '\\', '\'']) => format!(
+            "{}--comment {}{}",
+            &spec[..start],
+            &spec[value_at..value_at + len],
+            &spec[value_at + len + 1..]
+        ),
+        _ => spec.to_owned(),
+    }
 }
 
 /// One change to the firewall.
@@ -216,20 +247,8 @@ impl fmt::Display for FwOp {
         match self {
             FwOp::NewChain(c) => write!(f, "iptables -t {} -N {}", t(c), c.name),
             FwOp::AddJump(c) => write!(f, "iptables -t {} -I {} 1 -j {}", t(c), c.hook, c.name),
-            FwOp::AddRule(r) => write!(
-                f,
-                "iptables -t {} -A {} {}",
-                t(&r.chain),
-                r.chain.name,
-                r.spec
-            ),
-            FwOp::DelRule(r) => write!(
-                f,
-                "iptables -t {} -D {} {}",
-                t(&r.chain),
-                r.chain.name,
-                r.spec
-            ),
+            FwOp::AddRule(r) => write!(f, "iptables -t {} -A {} {}", t(&r.chain), r.chain.name, r.spec),
+            FwOp::DelRule(r) => write!(f, "iptables -t {} -D {} {}", t(&r.chain), r.chain.name, r.spec),
             FwOp::DelJump(c) => write!(f, "iptables -t {} -D {} -j {}", t(c), c.hook, c.name),
             FwOp::DelChain(c) => write!(f, "iptables -t {} -X {}", t(c), c.name),
         }
@@ -305,18 +324,14 @@ pub fn render_restore(ops: &[FwOp]) -> String {
         for op in ops {
             match op {
                 FwOp::NewChain(c) if c.table == table => decls.push(format!(":{} - [0:0]", c.name)),
-                FwOp::AddJump(c) if c.table == table => {
-                    body.push(format!("-I {} 1 -j {}", c.hook, c.name))
-                }
+                FwOp::AddJump(c) if c.table == table => body.push(format!("-I {} 1 -j {}", c.hook, c.name)),
                 FwOp::AddRule(r) if r.chain.table == table => {
                     body.push(format!("-A {} {}", r.chain.name, r.spec))
                 }
                 FwOp::DelRule(r) if r.chain.table == table => {
                     body.push(format!("-D {} {}", r.chain.name, r.spec))
                 }
-                FwOp::DelJump(c) if c.table == table => {
-                    body.push(format!("-D {} -j {}", c.hook, c.name))
-                }
+                FwOp::DelJump(c) if c.table == table => body.push(format!("-D {} -j {}", c.hook, c.name)),
                 // A chain must be empty and unreferenced to go: flush it by declaring it,
                 // and delete it after the jumps are gone.
                 FwOp::DelChain(c) if c.table == table => {
@@ -364,7 +379,7 @@ COMMIT
 :FOREIGN - [0:0]
 -A OUTPUT -j VIPD-OUTPUT
 -A OUTPUT -d 10.9.9.9/32 -j MARK --set-xmark 0x5/0xffffffff
--A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web -j MARK --set-xmark 0x100/0xffffffff
+-A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment \"vipd:web:256\" -j MARK --set-xmark 0x100/0xffffffff
 -A FOREIGN -j RETURN
 COMMIT
 *nat
@@ -391,19 +406,35 @@ COMMIT
     }
 
     #[test]
-    fn rendered_mark_rules_read_back() {
-        let r = mark_rule(
-            &name("api.v2"),
-            vip("10.1.2.3"),
-            FwMark::new(0x1234).unwrap(),
+    fn quoted_comments_read_back_unquoted() {
+        assert_eq!(
+            unquote_comment(
+                "-d 1.2.3.4/32 -m comment --comment \"vipd:web\" -j MARK --set-xmark 0x1/0xffffffff"
+            ),
+            "-d 1.2.3.4/32 -m comment --comment vipd:web -j MARK --set-xmark 0x1/0xffffffff"
         );
-        let m = parse_mark_rule(&r.spec).unwrap();
+        let spaced = "-m comment --comment \"two words\" -j RETURN";
+        assert_eq!(unquote_comment(spaced), spaced);
+        assert_eq!(unquote_comment("-j RETURN"), "-j RETURN");
+    }
+
+    #[test]
+    fn rendered_service_rules_read_back() {
+        let r = mark_rule(&name("api.v2"), vip("10.1.2.3"), FwMark::new(0x1234).unwrap());
+        let m = parse_service_rule(&r.spec).unwrap();
         assert_eq!(
             (m.name.as_str(), m.vip, m.fwmark.get()),
             ("api.v2", vip("10.1.2.3"), 0x1234)
         );
+        let p =
+            parse_service_rule(&ping_rule(&name("api.v2"), vip("10.1.2.3"), FwMark::new(7).unwrap()).spec);
+        assert_eq!(p.map(|m| m.fwmark.get()), Some(7));
         assert_eq!(
-            parse_mark_rule("-d 10.9.9.9/32 -j MARK --set-xmark 0x5/0xffffffff"),
+            parse_service_rule("-d 10.9.9.9/32 -j MARK --set-xmark 0x5/0xffffffff"),
+            None
+        );
+        assert_eq!(
+            parse_service_rule("-d 10.9.9.9/32 -m comment --comment vipd:x -j RETURN"),
             None
         );
     }
@@ -413,11 +444,11 @@ COMMIT
         let n = name("web");
         assert_eq!(
             mark_rule(&n, vip("10.0.0.100"), FwMark::new(256).unwrap()).spec,
-            "-d 10.0.0.100/32 -m comment --comment vipd:web -j MARK --set-xmark 0x100/0xffffffff"
+            "-d 10.0.0.100/32 -m comment --comment vipd:web:256 -j MARK --set-xmark 0x100/0xffffffff"
         );
         assert_eq!(
-            ping_rule(&n, vip("10.0.0.100")).spec,
-            "-d 10.0.0.100/32 -p icmp -m icmp --icmp-type 8 -m comment --comment vipd:web -j DNAT --to-destination 127.0.0.1"
+            ping_rule(&n, vip("10.0.0.100"), FwMark::new(256).unwrap()).spec,
+            "-d 10.0.0.100/32 -p icmp -m icmp --icmp-type 8 -m comment --comment vipd:web:256 -j DNAT --to-destination 127.0.0.1"
         );
         let net = Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap();
         assert_eq!(
@@ -431,15 +462,15 @@ COMMIT
         let n = name("web");
         let want = vec![
             mark_rule(&n, vip("10.0.0.100"), FwMark::new(256).unwrap()),
-            ping_rule(&n, vip("10.0.0.100")),
+            ping_rule(&n, vip("10.0.0.100"), FwMark::new(256).unwrap()),
         ];
         let ops = plan(&want, &ObservedFirewall::default());
         assert_eq!(ops.len(), 6, "{ops:#?}");
         let script = render_restore(&ops);
         assert_eq!(
             script,
-            "*nat\n:VIPD-OUTPUT - [0:0]\n-A VIPD-OUTPUT -d 10.0.0.100/32 -p icmp -m icmp --icmp-type 8 -m comment --comment vipd:web -j DNAT --to-destination 127.0.0.1\n-I OUTPUT 1 -j VIPD-OUTPUT\nCOMMIT\n\
-             *mangle\n:VIPD-OUTPUT - [0:0]\n-A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web -j MARK --set-xmark 0x100/0xffffffff\n-I OUTPUT 1 -j VIPD-OUTPUT\nCOMMIT\n"
+            "*nat\n:VIPD-OUTPUT - [0:0]\n-A VIPD-OUTPUT -d 10.0.0.100/32 -p icmp -m icmp --icmp-type 8 -m comment --comment vipd:web:256 -j DNAT --to-destination 127.0.0.1\n-I OUTPUT 1 -j VIPD-OUTPUT\nCOMMIT\n\
+             *mangle\n:VIPD-OUTPUT - [0:0]\n-A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web:256 -j MARK --set-xmark 0x100/0xffffffff\n-I OUTPUT 1 -j VIPD-OUTPUT\nCOMMIT\n"
         );
     }
 
@@ -459,10 +490,7 @@ COMMIT
     fn removed_services_and_duplicates_go_and_empty_chains_are_deleted() {
         let mut seen = parse_save(SAVED);
         let dup = seen.chains[&MANGLE_OUTPUT][0].clone();
-        seen.chains
-            .get_mut(&MANGLE_OUTPUT)
-            .unwrap()
-            .push(dup.clone());
+        seen.chains.get_mut(&MANGLE_OUTPUT).unwrap().push(dup.clone());
         *seen.jumps.get_mut(&MANGLE_OUTPUT).unwrap() = 2;
         let want = vec![mark_rule(
             &name("web"),
@@ -499,7 +527,7 @@ COMMIT
         let r = mark_rule(&name("web"), vip("10.0.0.100"), FwMark::new(256).unwrap());
         assert_eq!(
             FwOp::AddRule(r).to_string(),
-            "iptables -t mangle -A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web -j MARK --set-xmark 0x100/0xffffffff"
+            "iptables -t mangle -A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web:256 -j MARK --set-xmark 0x100/0xffffffff"
         );
         assert_eq!(
             FwOp::AddJump(NAT_POSTROUTING).to_string(),

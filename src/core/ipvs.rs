@@ -127,11 +127,7 @@ impl fmt::Display for ServiceKey {
                 addr: IpAddr::V6(a),
                 port,
             } => write!(f, "{protocol}  [{a}]:{port}"),
-            ServiceKey::Addr {
-                protocol,
-                addr,
-                port,
-            } => write!(f, "{protocol}  {addr}:{port}"),
+            ServiceKey::Addr { protocol, addr, port } => write!(f, "{protocol}  {addr}:{port}"),
         }
     }
 }
@@ -357,16 +353,8 @@ impl fmt::Display for IpvsOp {
                     af: AddrFamily::Inet6,
                     mark,
                 } => format!("-f {} -6", mark.get()),
-                ServiceKey::Addr {
-                    protocol,
-                    addr,
-                    port,
-                } => {
-                    let flag = if *protocol == Protocol::UDP {
-                        "-u"
-                    } else {
-                        "-t"
-                    };
+                ServiceKey::Addr { protocol, addr, port } => {
+                    let flag = if *protocol == Protocol::UDP { "-u" } else { "-t" };
                     format!(
                         "{flag} {}",
                         DestKey {

@@ -29,8 +29,9 @@ impl fmt::Display for FwMark {
 }
 
 /// An IPVS scheduler, by its kernel name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Scheduler {
+    #[default]
     RoundRobin,
     WeightedRoundRobin,
     LeastConn,
@@ -75,22 +76,13 @@ impl Scheduler {
 
     /// The scheduler the kernel names `name`; unknown names become `Other`.
     pub fn from_kernel(name: &str) -> Self {
-        name.parse()
-            .unwrap_or_else(|_| Scheduler::Other(name.to_owned()))
-    }
-}
-
-impl Default for Scheduler {
-    fn default() -> Self {
-        Scheduler::RoundRobin
+        name.parse().unwrap_or_else(|_| Scheduler::Other(name.to_owned()))
     }
 }
 
 /// The scheduler name is not one vipd knows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown scheduler {0:?} (known: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, mh)"
-)]
+#[error("unknown scheduler {0:?} (known: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, mh)")]
 pub struct UnknownScheduler(pub String);
 
 impl FromStr for Scheduler {
@@ -142,10 +134,7 @@ impl ServiceName {
     pub fn new(name: &str) -> Result<Self, InvalidServiceName> {
         let ok = !name.is_empty()
             && name.len() <= 63
-            && name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphanumeric())
+            && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
@@ -259,10 +248,7 @@ mod tests {
             assert_eq!(s.name(), name);
         }
         assert!("roundrobin".parse::<Scheduler>().is_err());
-        assert_eq!(
-            Scheduler::from_kernel("twos"),
-            Scheduler::Other("twos".into())
-        );
+        assert_eq!(Scheduler::from_kernel("twos"), Scheduler::Other("twos".into()));
     }
 
     #[test]

@@ -156,11 +156,7 @@ impl Plan {
 
     /// Every operation as the equivalent command line, in order.
     pub fn lines(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .sysctls_before
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let mut out: Vec<String> = self.sysctls_before.iter().map(ToString::to_string).collect();
         out.extend(self.ipvs_remove.iter().map(ToString::to_string));
         out.extend(self.firewall.iter().map(ToString::to_string));
         out.extend(self.ipvs_add.iter().map(ToString::to_string));
@@ -175,7 +171,7 @@ pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Rule> {
     let mut snat = BTreeSet::new();
     for svc in &spec.services {
         rules.push(firewall::mark_rule(&svc.name, svc.vip, svc.fwmark));
-        rules.push(firewall::ping_rule(&svc.name, svc.vip));
+        rules.push(firewall::ping_rule(&svc.name, svc.vip, svc.fwmark));
         for b in &svc.backends {
             if let IpAddr::V4(ip) = b.addr.addr() {
                 if let Some(own) = addrs.iter().find(|a| a.contains(ip)) {
@@ -184,10 +180,7 @@ pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Rule> {
             }
         }
     }
-    rules.extend(
-        snat.into_iter()
-            .map(|(net, src)| firewall::snat_rule(net, src)),
-    );
+    rules.extend(snat.into_iter().map(|(net, src)| firewall::snat_rule(net, src)));
     rules
 }
 
@@ -201,19 +194,9 @@ fn service_config(svc: &ServiceSpec) -> ServiceConfig {
 }
 
 /// Compute the plan for one sandbox. Pure: reads nothing but its arguments.
-pub fn plan(
-    spec: &SandboxSpec,
-    seen: &ObservedSandbox,
-    sysctls: &SysctlSettings,
-) -> Result<Plan, PlanError> {
-    let owned: BTreeSet<FwMark> = seen
-        .firewall
-        .marked_services()
-        .iter()
-        .map(|m| m.fwmark)
-        .collect();
-    let present: BTreeMap<ServiceKey, &VirtualService> =
-        seen.services.iter().map(|s| (s.key, s)).collect();
+pub fn plan(spec: &SandboxSpec, seen: &ObservedSandbox, sysctls: &SysctlSettings) -> Result<Plan, PlanError> {
+    let owned: BTreeSet<FwMark> = seen.firewall.marked_services().iter().map(|m| m.fwmark).collect();
+    let present: BTreeMap<ServiceKey, &VirtualService> = seen.services.iter().map(|s| (s.key, s)).collect();
 
     for svc in &spec.services {
         if present.contains_key(&ServiceKey::fwmark(svc.fwmark)) && !owned.contains(&svc.fwmark) {
@@ -335,10 +318,7 @@ mod tests {
     }
 
     fn web(backends: &[&str]) -> SandboxSpec {
-        let b: Vec<String> = backends
-            .iter()
-            .map(|ip| format!(r#"{{"ip":"{ip}"}}"#))
-            .collect();
+        let b: Vec<String> = backends.iter().map(|ip| format!(r#"{{"ip":"{ip}"}}"#)).collect();
         spec(&format!(
             r#"{{"services":[{{"name":"web","vip":"10.0.0.100","fwmark":256,"backends":[{}]}}]}}"#,
             b.join(",")
@@ -390,11 +370,9 @@ mod tests {
                         stats: Stats::default(),
                     });
                 }
-                IpvsOp::DelDest { service, dest } => next
-                    .dests
-                    .entry(*service)
-                    .or_default()
-                    .retain(|x| x.key != *dest),
+                IpvsOp::DelDest { service, dest } => {
+                    next.dests.entry(*service).or_default().retain(|x| x.key != *dest)
+                }
                 IpvsOp::SetTimeouts(t) => next.timeouts = *t,
             }
         }
@@ -468,10 +446,7 @@ mod tests {
             ..Default::default()
         };
         let s = SysctlSettings::default();
-        let mut now = applied(
-            &seen,
-            &plan(&web(&["10.0.0.3", "10.0.0.4"]), &seen, &s).unwrap(),
-        );
+        let mut now = applied(&seen, &plan(&web(&["10.0.0.3", "10.0.0.4"]), &seen, &s).unwrap());
 
         let p = plan(&web(&["10.0.0.3", "10.0.0.4", "10.0.0.5"]), &now, &s).unwrap();
         assert_eq!(p.lines(), ["ipvsadm -a -f 256 -r 10.0.0.5:0 -m -w 1"]);
@@ -540,9 +515,8 @@ mod tests {
         };
         let err = plan(&web(&["10.0.0.3"]), &seen, &SysctlSettings::default()).unwrap_err();
         assert!(
-            err.to_string().contains(
-                "fwmark 256 (0x100) is already used by an IPVS service vipd does not own"
-            ),
+            err.to_string()
+                .contains("fwmark 256 (0x100) is already used by an IPVS service vipd does not own"),
             "{err}"
         );
 

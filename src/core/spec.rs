@@ -131,19 +131,13 @@ pub fn parse(json: &str) -> Result<SandboxSpec, SpecError> {
         if let Some(first) = names.insert(rs.name.clone(), i) {
             err(
                 at("name"),
-                format!(
-                    "duplicate service name {:?} (also services[{first}])",
-                    rs.name
-                ),
+                format!("duplicate service name {:?} (also services[{first}])", rs.name),
             );
         }
         let vip = match parse_unicast_v4(&rs.vip) {
             Ok(a) => {
                 if let Some(first) = vips.insert(a, i) {
-                    err(
-                        at("vip"),
-                        format!("duplicate VIP {a} (also services[{first}])"),
-                    );
+                    err(at("vip"), format!("duplicate VIP {a} (also services[{first}])"));
                 }
                 Some(Vip::new(a))
             }
@@ -224,9 +218,7 @@ pub fn parse(json: &str) -> Result<SandboxSpec, SpecError> {
                 backends.push(Backend { addr, weight });
             }
         }
-        if let (Some(name), Some(vip), Some(fwmark), Some(scheduler)) =
-            (name, vip, fwmark, scheduler)
-        {
+        if let (Some(name), Some(vip), Some(fwmark), Some(scheduler)) = (name, vip, fwmark, scheduler) {
             backends.sort_by_key(|b| b.addr);
             services.push(ServiceSpec {
                 name,
@@ -267,9 +259,9 @@ pub fn parse(json: &str) -> Result<SandboxSpec, SpecError> {
 
 /// An IPv4 unicast address, or why not.
 fn parse_unicast_v4(text: &str) -> Result<IpAddr, String> {
-    let addr: IpAddr = text.parse().map_err(|_| {
-        format!("invalid address {text:?}: expected an IPv4 address like 10.0.0.100")
-    })?;
+    let addr: IpAddr = text
+        .parse()
+        .map_err(|_| format!("invalid address {text:?}: expected an IPv4 address like 10.0.0.100"))?;
     let v4 = match addr {
         IpAddr::V4(v4) => v4,
         IpAddr::V6(_) => return Err(format!("{addr} is IPv6: only IPv4 is supported for now")),
@@ -360,9 +352,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_json_are_refused() {
-        assert!(
-            matches!(parse(r#"{"servces":[]}"#), Err(SpecError::Syntax(m)) if m.contains("servces"))
-        );
+        assert!(matches!(parse(r#"{"servces":[]}"#), Err(SpecError::Syntax(m)) if m.contains("servces")));
         assert!(matches!(parse("{"), Err(SpecError::Syntax(_))));
         assert!(matches!(
             parse(r#"{"services":[{"name":"web","vip":"10.0.0.1"}]}"#),

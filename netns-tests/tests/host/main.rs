@@ -1,0 +1,9 @@
+//! Host namespace tests: run as root on a kernel with namespaces and iptables, without
+//! IPVS. Real `iptables-restore`/`iptables-save` in fresh namespaces; IPVS is the
+//! stateful fake here (the VM suite has the real one).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cli;
+mod firewall;

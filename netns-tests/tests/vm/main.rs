@@ -1,0 +1,8 @@
+//! VM tests: run inside a VM booted with a kernel that has IPVS (`scripts/vm/run.sh`, which
+//! `scripts/test.sh` calls). Real IPVS, real iptables, real traffic through the VIP.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod datapath;
+mod ipvs_adapter;

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (as root):
+#   1. formatting and lints
+#   2. unit tests (pure core, codec against captured bytes, fakes)
+#   3. host namespace tests (real iptables in fresh namespaces; this kernel has no IPVS)
+#   4. VM tests: one boot of a kernel with IPVS runs the whole VM suite
+# Any stage that cannot run its environment fails; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log=$(mktemp -d)/test.log
+trap 'echo "test log: $log"' EXIT
+stage() { echo; echo "=== $* ==="; }
+
+stage "dependencies"
+scripts/setup.sh --deps
+
+stage "fmt + clippy"
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+
+stage "unit tests"
+cargo test --locked 2>&1 | tee -a "$log"
+
+stage "host namespace tests"
+cargo test --locked --test host -- --test-threads=2 2>&1 | tee -a "$log"
+
+stage "VM tests (IPVS kernel under qemu)"
+cargo build --locked --bin vipd
+vm_bin=$(cargo test --locked --test vm --no-run --message-format=json 2>/dev/null |
+  jq -r 'select(.reason=="compiler-artifact" and .target.name=="vm" and .executable!=null) | .executable' | tail -n1)
+[[ -x "$vm_bin" ]] || { echo "cannot find the vm test binary" >&2; exit 1; }
+# VM tests set up topologies with many short processes; two at a time suits 2 vCPUs.
+scripts/vm/run.sh --timeout "${VIPD_VM_TIMEOUT:-1500}" -- "$vm_bin" --test-threads=2 2>&1 | tr -d '\r' | tee -a "$log"
+
+# One closing line for the whole suite.
+passed=$(grep -oE 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo
+echo "suite: $passed passed, $failed failed"
+[[ "$failed" == 0 && "$passed" -gt 0 ]]
