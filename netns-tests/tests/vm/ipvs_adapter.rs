@@ -187,7 +187,8 @@ fn fwmark_service_and_destinations_are_added_edited_and_deleted() {
         ["FWM 256 wlc persistent 120", "-> 10.66.0.2:0 Masq 1 0 0", "-> 10.66.0.3:0 Masq 5 0 0"]
     );
     let thresholds = n.ipvsadm_list(&["--thresholds"]);
-    assert!(thresholds.iter().any(|l| l == "-> 10.66.0.3:0 100 10 0"), "{thresholds:?}");
+    // RemoteAddress:Port Uthreshold Lthreshold ActiveConn InActConn
+    assert!(thresholds.iter().any(|l| l == "-> 10.66.0.3:0 100 10 0 0"), "{thresholds:?}");
 
     n.with(|t| {
         t.apply(&IpvsOp::DelService { key: svc }).unwrap();
@@ -268,6 +269,14 @@ fn dump_reports_counters_after_real_traffic() {
     server.join().unwrap();
     assert_eq!(got, "hello from the backend");
 
+    // The kernel sums its per-CPU counters every 2 s: wait for them, then for one more
+    // round so that the last packets of the connection are in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.with(|t| t.services().unwrap()[0].stats.conns) == 0 {
+        assert!(Instant::now() < deadline, "the service's counters stayed at 0");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(3));
     let (s, d) = client.with(|t| (t.services().unwrap(), t.destinations(&svc).unwrap()));
     assert_eq!(s[0].stats.conns, 1, "{:?}", s[0].stats);
     assert!(s[0].stats.inpkts >= 3 && s[0].stats.outpkts >= 2, "{:?}", s[0].stats);
