@@ -477,6 +477,22 @@ mod tests {
         assert!(split(&bad).is_err());
     }
 
+    /// On a kernel without IPVS (the build machine's) opening reports `Unavailable`; with
+    /// IPVS loaded it opens. Either way it never fails otherwise.
+    #[test]
+    fn open_reports_a_kernel_without_ipvs_as_unavailable() {
+        let has_ipvs = std::path::Path::new("/proc/net/ip_vs").exists();
+        match NetlinkIpvs::open() {
+            Ok(t) => assert!(
+                has_ipvs,
+                "opened IPVS family {} without /proc/net/ip_vs",
+                t.family_id()
+            ),
+            Err(IpvsError::Unavailable) => assert!(!has_ipvs),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+
     #[test]
     fn only_additions_are_pipelined_after_the_first_op() {
         use crate::core::ipvs::{DestConfig, DestKey, ServiceConfig};

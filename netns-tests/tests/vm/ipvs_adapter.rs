@@ -39,7 +39,10 @@ struct IpvsNs {
 impl IpvsNs {
     fn new() -> Self {
         require_root();
-        assert!(kernel_has_ipvs(), "this kernel has no IPVS (/proc/net/ip_vs is missing)");
+        assert!(
+            kernel_has_ipvs(),
+            "this kernel has no IPVS (/proc/net/ip_vs is missing)"
+        );
         let ns = Netns::new("vipvs");
         ns.exec(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
         ns.exec(&["ip", "addr", "add", "10.66.0.1/16", "dev", "v0"]);
@@ -178,17 +181,31 @@ fn fwmark_service_and_destinations_are_added_edited_and_deleted() {
         let d = t.destinations(&svc).unwrap();
         assert_eq!(d.len(), 2);
         let edited = d.iter().find(|d| d.key == dk("10.66.0.3")).unwrap();
-        assert_eq!((edited.config.weight, edited.config.upper_threshold, edited.config.lower_threshold), (5, 100, 10));
+        assert_eq!(
+            (
+                edited.config.weight,
+                edited.config.upper_threshold,
+                edited.config.lower_threshold
+            ),
+            (5, 100, 10)
+        );
     });
     let mut listed = n.ipvsadm_list(&[]);
     listed[1..].sort();
     assert_eq!(
         listed,
-        ["FWM 256 wlc persistent 120", "-> 10.66.0.2:0 Masq 1 0 0", "-> 10.66.0.3:0 Masq 5 0 0"]
+        [
+            "FWM 256 wlc persistent 120",
+            "-> 10.66.0.2:0 Masq 1 0 0",
+            "-> 10.66.0.3:0 Masq 5 0 0"
+        ]
     );
     let thresholds = n.ipvsadm_list(&["--thresholds"]);
     // RemoteAddress:Port Uthreshold Lthreshold ActiveConn InActConn
-    assert!(thresholds.iter().any(|l| l == "-> 10.66.0.3:0 100 10 0 0"), "{thresholds:?}");
+    assert!(
+        thresholds.iter().any(|l| l == "-> 10.66.0.3:0 100 10 0 0"),
+        "{thresholds:?}"
+    );
 
     n.with(|t| {
         t.apply(&IpvsOp::DelService { key: svc }).unwrap();
@@ -225,7 +242,10 @@ fn ipv6_fwmark_services_are_separate_from_ipv4_ones() {
     });
     let listed = n.ipvsadm_list(&[]);
     assert!(listed.contains(&"FWM 7 IPv6 rr".to_string()), "{listed:?}");
-    assert!(listed.contains(&"-> [fd66::2]:0 Masq 2 0 0".to_string()), "{listed:?}");
+    assert!(
+        listed.contains(&"-> [fd66::2]:0 Masq 2 0 0".to_string()),
+        "{listed:?}"
+    );
 }
 
 #[test]
@@ -236,9 +256,19 @@ fn dump_reports_counters_after_real_traffic() {
     veth(&client.ns, "eth0", Some("10.67.0.1/24"), &backend, "eth0");
     backend.exec(&["ip", "addr", "add", "10.67.0.2/24", "dev", "eth0"]);
     // The VIP is on the client's subnet; its packets get the service's mark, as vipd does.
-    client
-        .ns
-        .exec(&["iptables", "-t", "mangle", "-A", "OUTPUT", "-d", "10.67.0.100/32", "-j", "MARK", "--set-mark", "0x100"]);
+    client.ns.exec(&[
+        "iptables",
+        "-t",
+        "mangle",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "10.67.0.100/32",
+        "-j",
+        "MARK",
+        "--set-mark",
+        "0x100",
+    ]);
     let svc = fwm(0x100);
     client.with(|t| {
         t.apply_all(&[add_svc(svc, Scheduler::RoundRobin), add_dest(svc, "10.67.0.2", 1)])
@@ -256,7 +286,9 @@ fn dump_reports_counters_after_real_traffic() {
         })
         .unwrap()
     });
-    ready_rx.recv_timeout(Duration::from_secs(30)).expect("backend ready");
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("backend ready");
     let got = run_in(&client.path(), || {
         let vip: SocketAddr = "10.67.0.100:8080".parse().unwrap();
         let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(20)).expect("connect to the VIP");
@@ -279,8 +311,16 @@ fn dump_reports_counters_after_real_traffic() {
     std::thread::sleep(Duration::from_secs(3));
     let (s, d) = client.with(|t| (t.services().unwrap(), t.destinations(&svc).unwrap()));
     assert_eq!(s[0].stats.conns, 1, "{:?}", s[0].stats);
-    assert!(s[0].stats.inpkts >= 3 && s[0].stats.outpkts >= 2, "{:?}", s[0].stats);
-    assert!(s[0].stats.inbytes > 0 && s[0].stats.outbytes > 0, "{:?}", s[0].stats);
+    assert!(
+        s[0].stats.inpkts >= 3 && s[0].stats.outpkts >= 2,
+        "{:?}",
+        s[0].stats
+    );
+    assert!(
+        s[0].stats.inbytes > 0 && s[0].stats.outbytes > 0,
+        "{:?}",
+        s[0].stats
+    );
     assert_eq!(d[0].stats.conns, 1);
     assert_eq!(d[0].active_conns + d[0].inactive_conns, 1, "{d:?}");
 
@@ -291,12 +331,21 @@ fn dump_reports_counters_after_real_traffic() {
             .iter()
             .find(|l| l.starts_with(prefix))
             .unwrap_or_else(|| panic!("no {prefix} in {stats:?}"));
-        l[prefix.len()..].split_whitespace().map(|x| x.parse().unwrap()).collect()
+        l[prefix.len()..]
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect()
     };
     let st = s[0].stats;
-    assert_eq!(line("FWM 256 "), vec![st.conns, st.inpkts, st.outpkts, st.inbytes, st.outbytes]);
+    assert_eq!(
+        line("FWM 256 "),
+        vec![st.conns, st.inpkts, st.outpkts, st.inbytes, st.outbytes]
+    );
     let dt = d[0].stats;
-    assert_eq!(line("-> 10.67.0.2:0 "), vec![dt.conns, dt.inpkts, dt.outpkts, dt.inbytes, dt.outbytes]);
+    assert_eq!(
+        line("-> 10.67.0.2:0 "),
+        vec![dt.conns, dt.inpkts, dt.outpkts, dt.inbytes, dt.outbytes]
+    );
 }
 
 #[test]
@@ -471,7 +520,16 @@ fn kernel_refusals_have_the_errnos_the_fake_gives() {
 fn foreign_address_keyed_services_decode() {
     let n = IpvsNs::new();
     n.ipvsadm(&["-A", "-t", "10.66.1.1:80", "-s", "sh"]);
-    n.ipvsadm(&["-a", "-t", "10.66.1.1:80", "-r", "10.66.0.2:8080", "-m", "-w", "3"]);
+    n.ipvsadm(&[
+        "-a",
+        "-t",
+        "10.66.1.1:80",
+        "-r",
+        "10.66.0.2:8080",
+        "-m",
+        "-w",
+        "3",
+    ]);
     n.ipvsadm(&["-A", "-u", "10.66.1.1:53", "-s", "wrr", "-p", "60"]);
     n.ipvsadm(&["-A", "-t", "[fd66::10]:443", "-s", "lc"]);
     n.ipvsadm(&["-a", "-t", "[fd66::10]:443", "-r", "[fd66::2]:8443", "-m"]);
@@ -533,8 +591,11 @@ fn operations_in_one_namespace_do_not_show_in_another() {
     let a = IpvsNs::new();
     let b = IpvsNs::new();
     a.with(|t| {
-        t.apply_all(&[add_svc(fwm(5), Scheduler::RoundRobin), add_dest(fwm(5), "10.66.0.2", 1)])
-            .unwrap();
+        t.apply_all(&[
+            add_svc(fwm(5), Scheduler::RoundRobin),
+            add_dest(fwm(5), "10.66.0.2", 1),
+        ])
+        .unwrap();
         t.apply(&IpvsOp::SetTimeouts(Timeouts {
             tcp: 77,
             tcp_fin: 0,
@@ -622,8 +683,12 @@ fn snapshot(t: &mut dyn IpvsTable) -> Vec<(ServiceKey, String, Vec<(DestKey, u32
         .unwrap()
         .into_iter()
         .map(|s| {
-            let mut d: Vec<_> =
-                t.destinations(&s.key).unwrap().into_iter().map(|d| (d.key, d.config.weight)).collect();
+            let mut d: Vec<_> = t
+                .destinations(&s.key)
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.key, d.config.weight))
+                .collect();
             d.sort();
             (s.key, s.config.scheduler.to_string(), d)
         })
@@ -676,7 +741,11 @@ fn programming_4000_operations_is_at_least_as_fast_as_ipvsadm_restore() {
             .stdin(std::fs::File::open(&file).unwrap())
             .output()
             .expect("run ipvsadm -R");
-        assert!(out.status.success(), "ipvsadm -R: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ipvsadm -R: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         start.elapsed()
     })
     .unwrap();
