@@ -18,6 +18,13 @@
 //! destination — and when a request fails, the later requests of its window that succeeded
 //! are undone (in reverse order) before the error is returned. Edits and deletions
 //! therefore always start a new window.
+//!
+//! The socket is neli's plain [`NlSocket`], not its `NlRouter`: the router sends one
+//! message per system call and hands every answer to the caller through a background
+//! thread and a channel. Measured in the IPVS VM (software emulation, release build),
+//! 1000 fwmark services × 3 destinations in one namespace: `NlRouter` one request at a
+//! time 12.8 s, `NlRouter` with every request sent before reading 5.6 s, `ipvsadm -R` of
+//! the same lines 10.0 s, this adapter 0.6 s (1.5 s with a window of 1).
 
 use std::io::Cursor;
 use std::time::Instant;
