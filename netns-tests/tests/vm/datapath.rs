@@ -207,7 +207,7 @@ fn a_vip_balances_over_its_backends_and_leaves_no_trace() {
     assert!(mangle.contains("-A OUTPUT -j VIPD-OUTPUT"), "{mangle}");
     let nat = c.exec(&["iptables", "-t", "nat", "-S"]);
     let snat = format!(
-        "-A VIPD-POSTROUTING -d 10.77.1.0/24 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source {}",
+        "-A VIPD-POSTROUTING -d 10.77.1.0/24 -m ipvs --ipvs -m comment --comment \"vipd:snat\" -j SNAT --to-source {}",
         lan.ip(2)
     );
     assert!(nat.contains(&snat), "{nat}");
