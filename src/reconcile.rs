@@ -235,3 +235,170 @@ pub fn inspect_netns(ns: &NetnsPath) -> Result<SandboxView, ReconcileError> {
         inspect(&mut ipvs, &mut Iptables::default())
     })?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addrs::FakeAddrs;
+    use crate::core::ipvs::{ServiceConfig, Stats};
+    use crate::core::model::{FwMark, Ipv4Net, Scheduler};
+    use crate::core::spec;
+    use crate::firewall::fake::FakeFirewall;
+    use crate::ipvs::fake::FakeIpvs;
+    use crate::sysctl::FakeSysctls;
+
+    #[derive(Default)]
+    struct Kernel {
+        ipvs: FakeIpvs,
+        fw: FakeFirewall,
+        sysctls: FakeSysctls,
+        addrs: FakeAddrs,
+    }
+
+    impl Kernel {
+        fn new() -> Self {
+            Kernel {
+                addrs: FakeAddrs(vec![Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap()]),
+                ..Default::default()
+            }
+        }
+
+        fn run(&mut self, want: &SandboxSpec) -> Result<Outcome, ReconcileError> {
+            let mut sb = Sandbox {
+                ipvs: &mut self.ipvs,
+                firewall: &mut self.fw,
+                sysctls: &mut self.sysctls,
+                addrs: &mut self.addrs,
+            };
+            reconcile(&mut sb, want, &SysctlSettings::default(), false)
+        }
+
+        fn view(&mut self) -> SandboxView {
+            inspect(&mut self.ipvs, &mut self.fw).unwrap()
+        }
+    }
+
+    fn services(n: usize, backends: usize) -> SandboxSpec {
+        let svcs: Vec<String> = (0..n)
+            .map(|i| {
+                let b: Vec<String> = (0..backends)
+                    .map(|j| format!(r#"{{"ip":"10.0.{}.{}"}}"#, i / 200, (i % 200) + j + 3))
+                    .collect();
+                format!(
+                    r#"{{"name":"s{i}","vip":"10.1.{}.{}","fwmark":{},"backends":[{}]}}"#,
+                    i / 250,
+                    i % 250 + 1,
+                    256 + i,
+                    b.join(",")
+                )
+            })
+            .collect();
+        spec::parse(&format!(r#"{{"services":[{}]}}"#, svcs.join(","))).unwrap()
+    }
+
+    #[test]
+    fn the_stateful_fakes_accept_the_plan_in_its_order_and_a_second_run_does_nothing() {
+        let mut k = Kernel::new();
+        let want = services(3, 3);
+        let first = k.run(&want).unwrap();
+        assert_eq!(first.applied, first.plan.len());
+        assert_eq!(k.ipvs.service_keys().len(), 3);
+        assert_eq!(k.fw.restores, 1, "one iptables-restore for the whole change");
+        assert_eq!(k.sysctls.0["conntrack"], 1);
+        let view = k.view();
+        assert_eq!(view.services.len(), 3);
+        assert!(view
+            .services
+            .iter()
+            .all(|s| s.ipvs.is_some() && s.destinations.len() == 3));
+
+        let second = k.run(&want).unwrap();
+        assert_eq!((second.plan.len(), second.applied), (0, 0), "{:#?}", second.plan);
+        assert_eq!(k.fw.restores, 1, "nothing changed: no iptables-restore");
+    }
+
+    #[test]
+    fn with_a_thousand_services_one_backend_change_is_exactly_its_operations() {
+        let mut k = Kernel::new();
+        let mut want = services(1000, 3);
+        k.run(&want).unwrap();
+        let before = k.ipvs.ops_applied();
+        let restores = k.fw.restores;
+        let moved = &mut want.services[500].backends[1];
+        let old = moved.addr;
+        moved.addr = crate::core::model::BackendAddr::new("10.0.9.9".parse().unwrap());
+        let out = k.run(&want).unwrap();
+        let mark = want.services[500].fwmark.get();
+        assert_eq!(
+            out.plan.lines(),
+            [
+                format!("ipvsadm -d -f {mark} -r {old}:0"),
+                format!("ipvsadm -a -f {mark} -r 10.0.9.9:0 -m -w 1")
+            ]
+        );
+        assert_eq!(k.ipvs.ops_applied() - before, 2);
+        assert_eq!(k.fw.restores, restores);
+    }
+
+    #[test]
+    fn an_empty_spec_removes_everything_and_foreign_services_stay() {
+        let mut k = Kernel::new();
+        let foreign = VirtualService {
+            key: ServiceKey::fwmark(FwMark::new(999).unwrap()),
+            config: ServiceConfig::new(Scheduler::WeightedLeastConn),
+            stats: Stats::default(),
+        };
+        k.ipvs.insert_foreign(foreign.clone(), []);
+        k.fw.add_foreign(
+            "mangle",
+            "OUTPUT",
+            "-d 10.9.9.9/32 -j MARK --set-xmark 0x3e7/0xffffffff",
+        );
+        k.run(&services(2, 2)).unwrap();
+        k.run(&SandboxSpec::default()).unwrap();
+        assert_eq!(k.ipvs.service_keys(), [foreign.key]);
+        let save = k.fw.save().unwrap();
+        assert!(!save.contains("VIPD"), "{save}");
+        assert!(
+            save.contains("-A OUTPUT -d 10.9.9.9/32 -j MARK --set-xmark 0x3e7/0xffffffff"),
+            "{save}"
+        );
+        assert_eq!(k.sysctls, FakeSysctls::default());
+        assert_eq!(k.run(&SandboxSpec::default()).unwrap().plan.len(), 0);
+    }
+
+    #[test]
+    fn a_kernel_error_half_way_says_how_far_it_got_and_the_next_run_completes() {
+        let mut k = Kernel::new();
+        let want = services(2, 2);
+        // The first IPVS addition is refused (as if the kernel ran out of memory).
+        k.ipvs.fail_next(12);
+        let err = k.run(&want).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ReconcileError::Partial { .. }), "{text}");
+        assert!(text.contains("errno 12"), "{text}");
+        // Mark rules went in first, so vipd still knows these services are its own.
+        let done = k.run(&want).unwrap();
+        assert_eq!(done.applied, done.plan.len());
+        assert_eq!(done.plan.ipvs_add.len(), 6, "{:#?}", done.plan);
+        assert_eq!(k.run(&want).unwrap().plan.len(), 0);
+    }
+
+    #[test]
+    fn a_foreign_fwmark_is_refused_before_anything_changes() {
+        let mut k = Kernel::new();
+        k.ipvs.insert_foreign(
+            VirtualService {
+                key: ServiceKey::fwmark(FwMark::new(256).unwrap()),
+                config: ServiceConfig::new(Scheduler::RoundRobin),
+                stats: Stats::default(),
+            },
+            [],
+        );
+        let err = k.run(&services(1, 1)).unwrap_err();
+        assert!(matches!(err, ReconcileError::Plan(_)), "{err}");
+        assert_eq!(k.fw.restores, 0);
+        assert_eq!(k.sysctls, FakeSysctls::default());
+        assert_eq!(k.ipvs.ops_applied(), 0);
+    }
+}
