@@ -122,6 +122,15 @@ fn socket_error(what: &str, e: impl std::fmt::Display) -> IpvsError {
     IpvsError::Socket(format!("{what}: {e}"))
 }
 
+/// The family id in a generic netlink controller reply (`CTRL_ATTR_FAMILY_ID`), if any.
+fn family_id(payload: &[u8]) -> Result<Option<u16>, IpvsError> {
+    let msg =
+        Genlmsghdr::<CtrlCmd, CtrlAttr>::from_bytes_with_input(&mut Cursor::new(payload), payload.len())
+            .map_err(|e| IpvsError::Decode(format!("family reply: {e}")))?;
+    let handle = msg.attrs().get_attr_handle();
+    Ok(handle.get_attr_payload_as::<u16>(CtrlAttr::FamilyId).ok())
+}
+
 /// The operation that exactly undoes `op` after it succeeded, if there is one.
 fn inverse(op: &IpvsOp) -> Option<IpvsOp> {
     match op {
@@ -260,13 +269,7 @@ impl NetlinkIpvs {
                     }
                     NLMSG_DONE => return family.ok_or(IpvsError::Unavailable),
                     _ => {
-                        let msg = Genlmsghdr::<CtrlCmd, CtrlAttr>::from_bytes_with_input(
-                            &mut Cursor::new(r.payload),
-                            r.payload.len(),
-                        )
-                        .map_err(|e| IpvsError::Decode(format!("family reply: {e}")))?;
-                        let handle = msg.attrs().get_attr_handle();
-                        if let Ok(id) = handle.get_attr_payload_as::<u16>(CtrlAttr::FamilyId) {
+                        if let Some(id) = family_id(r.payload)? {
                             family = Some(id);
                         }
                     }
@@ -529,5 +532,69 @@ mod tests {
             IpvsError::kernel("x", 3).to_string(),
             "kernel refused `x`: No such process (errno 3)"
         );
+    }
+
+    fn capture(text: &str) -> Vec<u8> {
+        let hex: String = text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The kernel's answers as `ipvsadm` received them (testdata/README.txt), each file
+    /// read as one receive buffer.
+    #[test]
+    fn kernel_answers_from_captures_give_their_errnos() {
+        let cases: [(&str, i32); 4] = [
+            (include_str!("testdata/add-service-fwm256-rr.recv.hex"), 0),
+            (include_str!("testdata/add-service-fwm256-rr-exists.recv.hex"), 17),
+            (include_str!("testdata/del-service-fwm256-missing.recv.hex"), 3),
+            (
+                include_str!("testdata/del-dest-fwm256-10.0.0.9-missing.recv.hex"),
+                2,
+            ),
+        ];
+        for (text, errno) in cases {
+            let buf = capture(text);
+            let replies = split(&buf).unwrap();
+            // GET_INFO's answer, then the command's ACK or error.
+            assert_eq!(replies.len(), 2);
+            assert_eq!(replies[1].ty, NLMSG_ERROR);
+            assert_eq!(error_code(replies[1].payload).unwrap(), errno);
+        }
+    }
+
+    #[test]
+    fn a_dump_from_a_capture_splits_into_its_messages() {
+        let buf = capture(include_str!("testdata/list.recv.hex"));
+        let replies = split(&buf).unwrap();
+        let types: Vec<u16> = replies.iter().map(|r| r.ty).collect();
+        assert_eq!(
+            types,
+            [0x20, 0x20, 0x20, NLMSG_DONE, 0x20, NLMSG_DONE, 0x20, NLMSG_DONE]
+        );
+        let services: Vec<_> = replies[1..3]
+            .iter()
+            .map(|r| {
+                codec::decode_service(&codec::parse_genl(r.payload).unwrap())
+                    .unwrap()
+                    .key
+            })
+            .collect();
+        assert_eq!(services.len(), 2);
+    }
+
+    #[test]
+    fn the_family_id_is_read_from_the_controllers_answer() {
+        let buf = capture(include_str!("testdata/genl-ctrl-getfamily-ipvs.recv.hex"));
+        let ids: Vec<u16> = split(&buf)
+            .unwrap()
+            .iter()
+            .filter(|r| r.ty == 0x10)
+            .filter_map(|r| family_id(r.payload).unwrap())
+            .collect();
+        assert!(!ids.is_empty());
+        assert!(ids.iter().all(|&id| id == 0x20), "{ids:?}");
     }
 }
