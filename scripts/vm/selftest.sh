@@ -34,18 +34,21 @@ fail() {
   echo "selftest: FAIL: $*" >&2
   exit 1
 }
-step() { echo "selftest: $*"; }
+step() { echo "selftest [${SECONDS}s]: $*"; }
 
 namespaces=(st-br st-client st-be1 st-be2)
-www=$(mktemp -d)
+httpd_pids=()
+www=
+# Cheap on purpose (no process per namespace): kill our own httpds, delete the
+# namespaces that exist with one `ip -batch`.
 cleanup() {
-  local ns
+  local ns existing=()
+  ((${#httpd_pids[@]} == 0)) || kill "${httpd_pids[@]}" 2>/dev/null || true
   for ns in "${namespaces[@]}"; do
-    # Killing the namespace's processes first: httpd would keep it alive.
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
-    ip netns del "$ns" 2>/dev/null || true
+    [[ -e "/run/netns/$ns" ]] && existing+=("$ns")
   done
-  rm -rf -- "$www"
+  ((${#existing[@]} == 0)) || printf 'netns del %s\n' "${existing[@]}" | ip -force -batch - 2>/dev/null || true
+  [[ -z "$www" ]] || rm -rf -- "$www"
 }
 trap cleanup EXIT
 cleanup
@@ -54,52 +57,61 @@ www=$(mktemp -d)
 step "kernel $(uname -r); IPVS: $(head -n 1 /proc/net/ip_vs 2>/dev/null || echo missing)"
 [[ -e /proc/net/ip_vs ]] || fail "no IPVS in this kernel (ip_vs not loaded)"
 
+# Under software emulation each process start costs about half a second, so commands
+# are grouped: one `ip -batch` per namespace, one shell per namespace for the rest.
 step "topology: bridge, client and 2 backend namespaces"
-for ns in "${namespaces[@]}"; do
-  ip netns add "$ns"
-  ip -n "$ns" link set lo up
-done
-ip -n st-br link add br0 type bridge
-ip -n st-br link set br0 up
-
-# attach NS IFNAME ADDR: a veth from the namespace to the bridge.
-attach() {
-  local ns=$1 addr=$2 port="p-$1"
-  ip -n st-br link add "$port" type veth peer name eth0 netns "$ns"
-  ip -n st-br link set "$port" master br0 up
-  ip -n "$ns" addr add "$addr/24" dev eth0
-  ip -n "$ns" link set eth0 up
+printf 'netns add %s\n' "${namespaces[@]}" | ip -batch -
+{
+  echo "link set lo up"
+  echo "link add br0 type bridge"
+  echo "link set br0 up"
+  for ns in st-client st-be1 st-be2; do
+    echo "link add p-$ns type veth peer name eth0 netns $ns"
+    echo "link set p-$ns master br0 up"
+  done
+} | ip -n st-br -batch -
+# configure NS ADDR: loopback and the bridge-side address of one namespace.
+configure() {
+  printf '%s\n' "link set lo up" "addr add $2/24 dev eth0" "link set eth0 up" | ip -n "$1" -batch -
 }
-attach st-client "$CLIENT"
-attach st-be1 "${BACKENDS[0]}"
-attach st-be2 "${BACKENDS[1]}"
+configure st-client "$CLIENT"
+configure st-be1 "${BACKENDS[0]}"
+configure st-be2 "${BACKENDS[1]}"
 
 step "backends: busybox httpd on port 80"
 for i in 1 2; do
   mkdir -p "$www/be$i"
   echo "be$i" >"$www/be$i/index.html"
-  ip netns exec "st-be$i" busybox httpd -p "${BACKENDS[$((i - 1))]}:80" -h "$www/be$i"
+  # -f: in the foreground, so $! is httpd itself (ip netns exec execs it) and cleanup
+  # can stop it.
+  ip netns exec "st-be$i" busybox httpd -f -p "${BACKENDS[$((i - 1))]}:80" -h "$www/be$i" &
+  httpd_pids+=("$!")
 done
 
-# Wait until both answer directly (not through IPVS) so a failure below is IPVS's.
-for i in 1 2; do
-  addr=${BACKENDS[$((i - 1))]}
-  for _ in $(seq 50); do
-    if body=$(ip netns exec st-client curl -sf --max-time 2 "http://$addr/" 2>/dev/null); then
-      break
-    fi
-    sleep 0.2
-  done
-  [[ "${body:-}" == "be$i" ]] || fail "backend be$i at $addr does not answer directly (got '${body:-}')"
-done
+# Wait until both answer directly (not through IPVS), so a failure below is IPVS's.
+# shellcheck disable=SC2016 # expanded by the inner bash
+ip netns exec st-client bash -c '
+  for i in 1 2; do
+    addr=${!i}
+    for _ in $(seq 50); do
+      body=$(curl -sf --max-time 2 "http://$addr/") && break
+      sleep 0.2
+    done
+    [[ "${body:-}" == "be$i" ]] || { echo "backend be$i at $addr does not answer directly (got: ${body:-nothing})"; exit 1; }
+  done' _ "${BACKENDS[@]}" || fail "backends not reachable"
 
 step "IPVS: fwmark $MARK service with 2 masquerading destinations in the client namespace"
-ip netns exec st-client iptables -t mangle -A OUTPUT -d "$VIP/32" -j MARK --set-mark "$MARK"
-ip netns exec st-client ipvsadm -A -f "$MARK" -s rr
-for addr in "${BACKENDS[@]}"; do
-  ip netns exec st-client ipvsadm -a -f "$MARK" -r "$addr" -m
-done
-ip netns exec st-client ipvsadm -Ln
+# shellcheck disable=SC2016 # expanded by the inner bash
+ip netns exec st-client bash -c '
+  set -e
+  vip=$1 mark=$2
+  shift 2
+  iptables -t mangle -A OUTPUT -d "$vip/32" -j MARK --set-mark "$mark"
+  ipvsadm -A -f "$mark" -s rr
+  for addr in "$@"; do
+    ipvsadm -a -f "$mark" -r "$addr" -m
+  done
+  ipvsadm -Ln' _ "$VIP" "$MARK" "${BACKENDS[@]}" || fail "cannot program the fwmark service"
 
 step "curl to the VIP $VIP, $REQUESTS times"
 # One process for all requests: each `ip netns exec` costs about half a second here.
@@ -121,14 +133,17 @@ done
 
 # Every destination must have taken its share of the connections. IPVS refreshes the
 # counters it reports from a timer (about every 2 s), so wait for them to catch up.
-for _ in $(seq 10); do
-  stats=$(ip netns exec st-client ipvsadm -Ln --stats)
-  conns=$(awk '$1 == "->" && $2 ~ /^10\.99\./ { print $3 }' <<<"$stats")
-  total=$(awk '{ n += $1 } END { print n + 0 }' <<<"$conns")
-  ((total < REQUESTS)) || break
-  sleep 1
-done
+# shellcheck disable=SC2016 # expanded by the inner bash
+stats=$(ip netns exec st-client bash -c '
+  for _ in $(seq 10); do
+    stats=$(ipvsadm -Ln --stats)
+    total=$(awk "\$1 == \"->\" { n += \$3 } END { print n + 0 }" <<<"$stats")
+    ((total < $1)) || break
+    sleep 1
+  done
+  echo "$stats"' _ "$REQUESTS")
 echo "$stats"
+conns=$(awk '$1 == "->" && $2 ~ /^10\.99\./ { print $3 }' <<<"$stats")
 [[ "$(wc -l <<<"$conns")" == 2 ]] || fail "expected 2 destinations in the stats, got: $conns"
 while read -r n; do
   ((n == REQUESTS / 2)) || fail "expected $((REQUESTS / 2)) connections per destination, got: $(echo "$conns" | tr '\n' ' ')"
