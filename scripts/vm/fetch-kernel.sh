@@ -83,11 +83,21 @@ if ! complete "$release"; then
   mkdir -p "$kernels_dir"
   work=$(mktemp -d "$kernels_dir/.fetch.XXXXXX")
   trap 'rm -rf -- "$work"' EXIT
-  # apt-get download writes into the current directory.
-  (cd "$work" && apt-get download -q -o APT::Sandbox::User="$(id -un)" "$package" >&2) || {
-    log "apt-get download $package failed"
-    exit 1
-  }
+  # apt-get download writes into the current directory. The sandbox user is ours, as
+  # the _apt user may not write into this directory.
+  download() { (cd "$work" && apt-get download -q -o APT::Sandbox::User="$(id -un)" "$package" >&2); }
+  if ! download; then
+    # Stale package lists name a version the mirror no longer has: refresh once.
+    log "apt-get download $package failed; refreshing the package lists and retrying"
+    apt-get update -qq >&2
+    new_package=$(resolve_package || true)
+    if [[ -n "$new_package" && "$new_package" != "$package" ]]; then
+      log "the current kernel package is now $new_package"
+      package=$new_package
+      release=${package#linux-image-}
+    fi
+    download || { log "apt-get download $package failed"; exit 1; }
+  fi
   deb=$(find "$work" -maxdepth 1 -name "${package}_*.deb" -print -quit)
   [[ -n "$deb" ]] || { log "no .deb for $package after download"; exit 1; }
   dpkg -x "$deb" "$work/root"

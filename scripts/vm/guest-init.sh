@@ -144,7 +144,19 @@ mount_rest() {
   mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts || die "cannot mount /dev/pts"
   mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm || die "cannot mount /dev/shm"
   mount -t cgroup2 cgroup2 /sys/fs/cgroup || die "cannot mount cgroup2"
-  for dir in /tmp /var/tmp /var/lib /var/log /var/cache; do
+  # /tmp: an overlay, the host's /tmp (read-only) below a tmpfs. A plain tmpfs would hide
+  # whatever the command needs from the host's /tmp: a work tree or cache dir cloned
+  # there, the current directory. Writes stay in the guest. (The overlay module was
+  # loaded by the initramfs.)
+  mkdir -p "$RUN_DIR/tmp-upper" "$RUN_DIR/tmp-work"
+  chmod 1777 "$RUN_DIR/tmp-upper"
+  if ! mount -t overlay -o "lowerdir=/tmp,upperdir=$RUN_DIR/tmp-upper,workdir=$RUN_DIR/tmp-work" overlay /tmp; then
+    log "overlay on /tmp failed; a plain tmpfs hides the host's /tmp"
+    mount -t tmpfs -o mode=1777 tmpfs /tmp || die "cannot mount tmpfs on /tmp"
+  fi
+  # The rest: plain tmpfs. Not overlays: the host's /var/lib (a docker there, say) must
+  # not leak into the guest.
+  for dir in /var/tmp /var/lib /var/log /var/cache; do
     mount -t tmpfs -o mode=1777 tmpfs "$dir" || die "cannot mount tmpfs on $dir"
   done
   chmod 0755 /var/lib /var/log /var/cache

@@ -2,7 +2,7 @@
 # Build the initramfs of the IPVS test VM into the cache, when its inputs changed.
 #
 # The initramfs is deliberately tiny: busybox-static, the modules needed to mount the
-# host's root filesystem over virtio-9p, and an /init that mounts it read-only with
+# host's root filesystem over virtio-9p (and overlay), and an /init that mounts it read-only with
 # cache=loose and switch_root's into it. Everything else (module loading for IPVS and
 # netfilter, mounts, running the command) happens in scripts/vm/guest-init.sh on the
 # host's root, so changing that script never needs a rebuild.
@@ -35,8 +35,9 @@ busybox=/bin/busybox
 # modprobe would load them: virtio_ring virtio virtio_pci_modern_dev
 # virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p on 6.1.
 # Asking modprobe keeps this right if Debian builds one of them in or splits one.
+# Also overlay: guest-init.sh lays a writable tmpfs over the host's /tmp with it.
 mapfile -t module_paths < <(
-  modprobe -d "$kernel_dir" -S "$release" --show-depends -a virtio_pci 9pnet_virtio 9p |
+  modprobe -d "$kernel_dir" -S "$release" --show-depends -a virtio_pci 9pnet_virtio 9p overlay |
     awk '$1 == "insmod" && !seen[$2]++ { print $2 }'
 )
 ((${#module_paths[@]} > 0)) || { log "modprobe found no 9p/virtio modules in $kernel_dir"; exit 1; }

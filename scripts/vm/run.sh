@@ -140,7 +140,7 @@ guest_path=$PATH
 [[ ":$guest_path:" == *:/root/.cargo/bin:* ]] || guest_path="/root/.cargo/bin:$guest_path"
 {
   echo '# Written by scripts/vm/run.sh; run by scripts/vm/guest-init.sh in the VM.'
-  printf 'cd -- %q || { echo "vipd-vm: cannot cd to %q in the guest (a tmpfs such as /tmp hides it there)" >&2; exit %d; }\n' \
+  printf 'cd -- %q || { echo "vipd-vm: cannot cd to %q in the guest (a tmpfs such as /var/tmp hides it there)" >&2; exit %d; }\n' \
     "$PWD" "$PWD" "$EXIT_VM_FAILED"
   printf 'export PATH=%q\n' "$guest_path"
   echo 'export HOME=/root LANG=C.UTF-8 TERM=dumb'
