@@ -21,7 +21,7 @@
 # VIPD_VM_CPU overrides qemu's -cpu (default max); VIPD_VM_APPEND adds kernel parameters.
 #
 # In the guest, COMMAND runs as root with cwd = the host's current directory (same
-# path), PATH like the host's (plus /root/.cargo/bin), HOME=/root, VIPD_IN_VM=1,
+# path), PATH like the host's (plus cargo's bin directory), HOME as on the host, VIPD_IN_VM=1,
 # VIPD_VM_OUT, RUST_BACKTRACE=1, and CI / RUST_LOG passed through when set. Its stdout and
 # stderr appear on this script's stdout, live; the harness's own messages (one timing
 # line, failures) go to stderr.
@@ -137,13 +137,14 @@ trap 'log "interrupted"; exit 130' INT TERM HUP
 # argument survives quoting. The guest runs it under `env -i`: this is its whole
 # environment.
 guest_path=$PATH
-[[ ":$guest_path:" == *:/root/.cargo/bin:* ]] || guest_path="/root/.cargo/bin:$guest_path"
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+[[ ":$guest_path:" == *:"$cargo_bin":* ]] || guest_path="$cargo_bin:$guest_path"
 {
   echo '# Written by scripts/vm/run.sh; run by scripts/vm/guest-init.sh in the VM.'
   printf 'cd -- %q || { echo "vipd-vm: cannot cd to %q in the guest (a tmpfs such as /var/tmp hides it there)" >&2; exit %d; }\n' \
     "$PWD" "$PWD" "$EXIT_VM_FAILED"
   printf 'export PATH=%q\n' "$guest_path"
-  echo 'export HOME=/root LANG=C.UTF-8 TERM=dumb'
+  printf 'export HOME=%q LANG=C.UTF-8 TERM=dumb\n' "$HOME"
   echo 'export VIPD_IN_VM=1 VIPD_VM_OUT=/run/vipd-vm/out RUST_BACKTRACE=1'
   for name in CI RUST_LOG; do
     if [[ -n "${!name+set}" ]]; then
