@@ -209,11 +209,12 @@ pub fn inspect(ipvs: &mut dyn IpvsTable, fw: &mut dyn Firewall) -> Result<Sandbo
     for m in marked {
         let key = ServiceKey::fwmark(m.fwmark);
         let svc = services.iter().find(|s| s.key == key).cloned();
-        let destinations = if svc.is_some() {
+        let mut destinations = if svc.is_some() {
             ipvs.destinations(&key)?
         } else {
             Vec::new()
         };
+        destinations.sort_by_key(|d| d.key);
         views.push(ServiceView {
             marked: m,
             ipvs: svc,
