@@ -1,7 +1,11 @@
 //! The pure core: no I/O, no unsafe, tested fast.
 
+pub mod alloc;
+pub mod cluster;
 pub mod firewall;
 pub mod ipvs;
+pub mod labels;
 pub mod model;
 pub mod plan;
 pub mod spec;
+pub mod topology;

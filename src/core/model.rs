@@ -121,9 +121,23 @@ impl Serialize for Scheduler {
 }
 
 /// The name of a service: what DNS answers and what vipd's rule comments carry.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ServiceName(String);
+
+impl TryFrom<String> for ServiceName {
+    type Error = InvalidServiceName;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        ServiceName::new(&s)
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(n: ServiceName) -> String {
+        n.0
+    }
+}
 
 /// Why a service name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,191 @@
+//! From containers and services to what every sandbox should have.
+//!
+//! Every running container that shares a Docker network with a service's tasks gets that
+//! service (its VIP, its fwmark) in its namespace, with the tasks' addresses on a shared
+//! network as backends. A container that shares no network with a service gets nothing
+//! for it. Tasks get their own service too, so a task can call its peers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use super::alloc::Allocations;
+use super::cluster::{Container, ContainerId, NetworkId};
+use super::labels::{EndpointMode, ServiceDef};
+use super::model::{BackendAddr, ServiceName};
+use super::spec::{Backend, SandboxSpec, ServiceSpec};
+
+/// The desired state of every sandbox, keyed by its namespace path.
+pub fn desired(
+    containers: &[Container],
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    allocs: &Allocations,
+) -> BTreeMap<PathBuf, SandboxSpec> {
+    let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
+    let mut out = BTreeMap::new();
+    for c in containers.iter().filter(|c| c.running) {
+        let Some(sandbox) = &c.sandbox else { continue };
+        let mine: BTreeSet<&NetworkId> = c.attachments.iter().map(|a| &a.network).collect();
+        let mut services = Vec::new();
+        for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
+            let Some((vip, fwmark)) = allocs.get(&def.name) else {
+                continue;
+            };
+            let mut shares = false;
+            let mut backends = Vec::new();
+            for (task_id, weight) in &def.tasks {
+                let Some(task) = by_id.get(task_id) else { continue };
+                // One address per task: the one on the first network (by id) it shares
+                // with this container.
+                let mut shared: Vec<_> = task
+                    .attachments
+                    .iter()
+                    .filter(|a| mine.contains(&a.network))
+                    .collect();
+                shared.sort_by(|a, b| a.network.cmp(&b.network));
+                let Some(att) = shared.first() else { continue };
+                shares = true;
+                if task.serving() {
+                    backends.push(Backend {
+                        addr: BackendAddr::new(att.ip.into()),
+                        weight: *weight,
+                    });
+                }
+            }
+            if shares {
+                backends.sort_by_key(|b| b.addr);
+                backends.dedup_by_key(|b| b.addr);
+                services.push(ServiceSpec {
+                    name: def.name.clone(),
+                    vip,
+                    fwmark,
+                    scheduler: def.scheduler.clone(),
+                    persistence: None,
+                    backends,
+                });
+            }
+        }
+        out.insert(
+            sandbox.clone(),
+            SandboxSpec {
+                services,
+                timeouts: None,
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::cluster::{Attachment, Health};
+    use crate::core::labels;
+    use crate::core::model::Ipv4Net;
+
+    fn c(id: &str, labels: &[(&str, &str)], nets: &[(&str, &str)]) -> Container {
+        Container {
+            id: ContainerId(id.to_owned()),
+            name: id.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            running: true,
+            health: None,
+            sandbox: Some(PathBuf::from(format!("/run/docker/netns/{id}"))),
+            attachments: nets
+                .iter()
+                .map(|(n, ip)| Attachment {
+                    network: NetworkId((*n).to_owned()),
+                    ip: ip.parse().unwrap(),
+                    prefix_len: 24,
+                })
+                .collect(),
+        }
+    }
+
+    fn plan(cs: &[Container]) -> BTreeMap<PathBuf, SandboxSpec> {
+        let (defs, errors) = labels::services(cs);
+        assert!(errors.is_empty(), "{errors:#?}");
+        let mut allocs = Allocations::default();
+        let pool = Ipv4Net::new("10.253.0.0".parse().unwrap(), 16).unwrap();
+        for name in defs.keys() {
+            allocs.ensure(name, pool).unwrap();
+        }
+        desired(cs, &defs, &allocs)
+    }
+
+    fn backends(spec: &SandboxSpec, svc: &str) -> Vec<String> {
+        spec.services
+            .iter()
+            .find(|s| s.name.as_str() == svc)
+            .map(|s| s.backends.iter().map(|b| b.addr.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    fn sb(id: &str) -> PathBuf {
+        PathBuf::from(format!("/run/docker/netns/{id}"))
+    }
+
+    #[test]
+    fn containers_sharing_a_network_get_the_service_and_others_do_not() {
+        let web = [(labels::SERVICE, "web")];
+        let cs = [
+            c("w1", &web, &[("front", "10.1.0.3")]),
+            c("w2", &web, &[("front", "10.1.0.4"), ("back", "10.2.0.4")]),
+            c("client", &[], &[("front", "10.1.0.9")]),
+            c("backonly", &[], &[("back", "10.2.0.9")]),
+            c("elsewhere", &[], &[("other", "10.3.0.9")]),
+        ];
+        let d = plan(&cs);
+        assert_eq!(backends(&d[&sb("client")], "web"), ["10.1.0.3", "10.1.0.4"]);
+        assert_eq!(backends(&d[&sb("backonly")], "web"), ["10.2.0.4"]);
+        assert!(d[&sb("elsewhere")].services.is_empty());
+        // Tasks get their own service, to call their peers.
+        assert_eq!(backends(&d[&sb("w1")], "web"), ["10.1.0.3", "10.1.0.4"]);
+        let s = &d[&sb("client")].services[0];
+        assert_eq!((s.vip.to_string().as_str(), s.fwmark.get()), ("10.253.0.1", 256));
+    }
+
+    #[test]
+    fn only_serving_tasks_are_backends_and_dnsrr_gets_no_vip() {
+        let mut cs = vec![
+            c(
+                "w1",
+                &[(labels::SERVICE, "web"), (labels::WEIGHT, "4")],
+                &[("n", "10.1.0.3")],
+            ),
+            c("w2", &[(labels::SERVICE, "web")], &[("n", "10.1.0.4")]),
+            c("w3", &[(labels::SERVICE, "web")], &[("n", "10.1.0.5")]),
+            c(
+                "d1",
+                &[(labels::SERVICE, "db"), (labels::ENDPOINT_MODE, "dnsrr")],
+                &[("n", "10.1.0.6")],
+            ),
+            c("client", &[], &[("n", "10.1.0.9")]),
+        ];
+        cs[1].health = Some(Health::Unhealthy);
+        cs[2].running = false;
+        let d = plan(&cs);
+        let client = &d[&sb("client")];
+        assert_eq!(client.services.len(), 1, "dnsrr services have no VIP");
+        assert_eq!(backends(client, "web"), ["10.1.0.3"]);
+        assert_eq!(client.services[0].backends[0].weight, 4);
+        assert!(
+            !d.contains_key(&sb("w3")),
+            "a stopped container has no sandbox to program"
+        );
+    }
+
+    #[test]
+    fn a_service_whose_tasks_are_all_down_stays_with_no_backends() {
+        let mut cs = vec![
+            c("w1", &[(labels::SERVICE, "web")], &[("n", "10.1.0.3")]),
+            c("client", &[], &[("n", "10.1.0.9")]),
+        ];
+        cs[0].health = Some(Health::Starting);
+        let d = plan(&cs);
+        assert_eq!(d[&sb("client")].services.len(), 1);
+        assert!(backends(&d[&sb("client")], "web").is_empty());
+    }
+}
