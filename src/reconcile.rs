@@ -162,6 +162,24 @@ pub fn reconcile(
     Ok(Outcome { plan, applied })
 }
 
+/// Bring a sandbox to `spec` from a view of it kept since the last run, without reading
+/// the kernel again: the cheap path for a long-lived sandbox, where a backend change is a
+/// few IPVS messages and nothing else (no process, no dump). `seen` is updated to what
+/// the kernel holds afterwards; on error it is left as it was, and the caller should
+/// [`observe`] again (the periodic resync does).
+pub fn update(
+    sb: &mut Sandbox<'_>,
+    seen: &mut ObservedSandbox,
+    spec: &SandboxSpec,
+    sysctls: &SysctlSettings,
+) -> Result<Outcome, ReconcileError> {
+    let plan = plan::plan(spec, seen, sysctls)?;
+    let applied = if plan.is_empty() { 0 } else { apply(sb, &plan)? };
+    *seen = seen.after(&plan);
+    debug!(planned = plan.len(), applied, "updated from the kept view");
+    Ok(Outcome { plan, applied })
+}
+
 /// Reconcile the namespace `ns` with the real kernel interfaces.
 pub fn reconcile_netns(
     ns: &NetnsPath,
@@ -383,6 +401,55 @@ mod tests {
         assert_eq!(done.applied, done.plan.len());
         assert_eq!(done.plan.ipvs_add.len(), 6, "{:#?}", done.plan);
         assert_eq!(k.run(&want).unwrap().plan.len(), 0);
+    }
+
+    #[test]
+    fn updates_from_a_kept_view_touch_only_ipvs_for_a_backend_change_and_match_a_full_read() {
+        let mut k = Kernel::new();
+        let mut want = services(20, 3);
+        k.run(&want).unwrap();
+        let mut seen = {
+            let mut sb = Sandbox {
+                ipvs: &mut k.ipvs,
+                firewall: &mut k.fw,
+                sysctls: &mut k.sysctls,
+                addrs: &mut k.addrs,
+            };
+            observe(&mut sb, &want, &SysctlSettings::default()).unwrap()
+        };
+        let (saves, restores) = (k.fw.saves, k.fw.restores);
+        want.services[3].backends.pop();
+        want.services[4].backends[0].weight = 0;
+        let mut sb = Sandbox {
+            ipvs: &mut k.ipvs,
+            firewall: &mut k.fw,
+            sysctls: &mut k.sysctls,
+            addrs: &mut k.addrs,
+        };
+        let out = update(&mut sb, &mut seen, &want, &SysctlSettings::default()).unwrap();
+        assert_eq!(out.plan.len(), 2, "{:#?}", out.plan);
+        assert_eq!(
+            (k.fw.saves, k.fw.restores),
+            (saves, restores),
+            "no iptables process for a backend change"
+        );
+        // The kept view is what a full read says, and a full run finds nothing to do.
+        let again = k.run(&want).unwrap();
+        assert_eq!(again.plan.len(), 0, "{:#?}", again.plan);
+        // A new service changes rules: one restore, still no read.
+        let mut more = services(21, 3);
+        more.services[3].backends.pop();
+        more.services[4].backends[0].weight = 0;
+        let saves = k.fw.saves;
+        let mut sb = Sandbox {
+            ipvs: &mut k.ipvs,
+            firewall: &mut k.fw,
+            sysctls: &mut k.sysctls,
+            addrs: &mut k.addrs,
+        };
+        update(&mut sb, &mut seen, &more, &SysctlSettings::default()).unwrap();
+        assert_eq!(k.fw.saves, saves);
+        assert_eq!(k.run(&more).unwrap().plan.len(), 0);
     }
 
     #[test]

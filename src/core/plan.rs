@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::firewall::{self, FwOp, ObservedFirewall, Rule};
 use super::ipvs::{
-    DestConfig, DestKey, Destination, IpvsOp, ServiceConfig, ServiceFlags, ServiceKey, Timeouts,
+    DestConfig, DestKey, Destination, IpvsOp, ServiceConfig, ServiceFlags, ServiceKey, Stats, Timeouts,
     VirtualService,
 };
 use super::model::{FwMark, Ipv4Net};
@@ -99,6 +99,89 @@ pub struct ObservedSandbox {
     pub timeouts: Timeouts,
     /// The namespace's own IPv4 addresses with their prefix, loopback excluded.
     pub addrs: Vec<Ipv4Net>,
+}
+
+impl ObservedSandbox {
+    /// What the kernel holds after `plan` was applied to what `self` describes: lets a
+    /// long-lived sandbox keep its view current without reading the kernel again (the
+    /// periodic resync reads it). New services and destinations start with zero counters.
+    pub fn after(&self, plan: &Plan) -> ObservedSandbox {
+        let mut next = self.clone();
+        for op in plan.ipvs_remove.iter().chain(&plan.ipvs_add) {
+            match op {
+                IpvsOp::AddService { key, config } | IpvsOp::EditService { key, config } => {
+                    next.services.retain(|s| s.key != *key);
+                    next.services.push(VirtualService {
+                        key: *key,
+                        config: config.clone(),
+                        stats: Stats::default(),
+                    });
+                    next.dests.entry(*key).or_default();
+                }
+                IpvsOp::DelService { key } => {
+                    next.services.retain(|s| s.key != *key);
+                    next.dests.remove(key);
+                }
+                IpvsOp::AddDest {
+                    service,
+                    dest,
+                    config,
+                }
+                | IpvsOp::EditDest {
+                    service,
+                    dest,
+                    config,
+                } => {
+                    let d = next.dests.entry(*service).or_default();
+                    d.retain(|x| x.key != *dest);
+                    d.push(Destination {
+                        key: *dest,
+                        config: *config,
+                        active_conns: 0,
+                        inactive_conns: 0,
+                        persist_conns: 0,
+                        stats: Stats::default(),
+                    });
+                }
+                IpvsOp::DelDest { service, dest } => {
+                    next.dests.entry(*service).or_default().retain(|x| x.key != *dest)
+                }
+                IpvsOp::SetTimeouts(t) => next.timeouts = *t,
+            }
+        }
+        for op in &plan.firewall {
+            match op {
+                FwOp::NewChain(c) => {
+                    next.firewall.chains.entry(*c).or_default();
+                }
+                FwOp::AddJump(c) => *next.firewall.jumps.entry(*c).or_default() += 1,
+                FwOp::DelJump(c) => {
+                    let n = next.firewall.jumps.entry(*c).or_default();
+                    *n = n.saturating_sub(1);
+                }
+                FwOp::AddRule(r) => next
+                    .firewall
+                    .chains
+                    .entry(r.chain)
+                    .or_default()
+                    .push(r.spec.clone()),
+                FwOp::DelRule(r) => {
+                    let rules = next.firewall.chains.entry(r.chain).or_default();
+                    if let Some(i) = rules.iter().position(|x| *x == r.spec) {
+                        rules.remove(i);
+                    }
+                }
+                FwOp::DelChain(c) => {
+                    next.firewall.chains.remove(c);
+                }
+            }
+        }
+        next.firewall.jumps.retain(|_, n| *n > 0);
+        for op in plan.sysctls_before.iter().chain(&plan.sysctls_after) {
+            next.sysctls.insert(op.name.clone(), op.value);
+        }
+        next
+    }
 }
 
 /// The services whose destinations the planner needs: vipd's own (by its mark rules) and
@@ -310,7 +393,6 @@ pub fn plan(spec: &SandboxSpec, seen: &ObservedSandbox, sysctls: &SysctlSettings
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::ipvs::Stats;
     use crate::core::spec;
 
     fn spec(json: &str) -> SandboxSpec {
@@ -327,83 +409,6 @@ mod tests {
 
     fn addrs() -> Vec<Ipv4Net> {
         vec![Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap()]
-    }
-
-    /// What the kernel would hold after `plan` was applied to `seen` (a tiny model, enough
-    /// to check the planner converges; the stateful fake of the reconciler tests is the
-    /// stricter check).
-    fn applied(seen: &ObservedSandbox, plan: &Plan) -> ObservedSandbox {
-        let mut next = seen.clone();
-        for op in plan.ipvs_remove.iter().chain(&plan.ipvs_add) {
-            match op {
-                IpvsOp::AddService { key, config } | IpvsOp::EditService { key, config } => {
-                    next.services.retain(|s| s.key != *key);
-                    next.services.push(VirtualService {
-                        key: *key,
-                        config: config.clone(),
-                        stats: Stats::default(),
-                    });
-                    next.dests.entry(*key).or_default();
-                }
-                IpvsOp::DelService { key } => {
-                    next.services.retain(|s| s.key != *key);
-                    next.dests.remove(key);
-                }
-                IpvsOp::AddDest {
-                    service,
-                    dest,
-                    config,
-                }
-                | IpvsOp::EditDest {
-                    service,
-                    dest,
-                    config,
-                } => {
-                    let d = next.dests.entry(*service).or_default();
-                    d.retain(|x| x.key != *dest);
-                    d.push(Destination {
-                        key: *dest,
-                        config: *config,
-                        active_conns: 0,
-                        inactive_conns: 0,
-                        persist_conns: 0,
-                        stats: Stats::default(),
-                    });
-                }
-                IpvsOp::DelDest { service, dest } => {
-                    next.dests.entry(*service).or_default().retain(|x| x.key != *dest)
-                }
-                IpvsOp::SetTimeouts(t) => next.timeouts = *t,
-            }
-        }
-        for op in &plan.firewall {
-            match op {
-                FwOp::NewChain(c) => {
-                    next.firewall.chains.entry(*c).or_default();
-                }
-                FwOp::AddJump(c) => *next.firewall.jumps.entry(*c).or_default() += 1,
-                FwOp::DelJump(c) => *next.firewall.jumps.entry(*c).or_default() -= 1,
-                FwOp::AddRule(r) => next
-                    .firewall
-                    .chains
-                    .entry(r.chain)
-                    .or_default()
-                    .push(r.spec.clone()),
-                FwOp::DelRule(r) => {
-                    let rules = next.firewall.chains.entry(r.chain).or_default();
-                    let i = rules.iter().position(|x| *x == r.spec).unwrap();
-                    rules.remove(i);
-                }
-                FwOp::DelChain(c) => {
-                    next.firewall.chains.remove(c);
-                }
-            }
-        }
-        next.firewall.jumps.retain(|_, n| *n > 0);
-        for op in plan.sysctls_before.iter().chain(&plan.sysctls_after) {
-            next.sysctls.insert(op.name.clone(), op.value);
-        }
-        next
     }
 
     fn kernel_defaults() -> BTreeMap<String, i64> {
@@ -434,7 +439,7 @@ mod tests {
         );
         assert!(lines.contains(&"ipvsadm -a -f 256 -r 10.0.0.3:0 -m -w 1".to_owned()));
 
-        let after = applied(&seen, &p);
+        let after = seen.after(&p);
         let again = plan(&want, &after, &SysctlSettings::default()).unwrap();
         assert!(again.is_empty(), "{:#?}", again);
     }
@@ -446,15 +451,15 @@ mod tests {
             ..Default::default()
         };
         let s = SysctlSettings::default();
-        let mut now = applied(&seen, &plan(&web(&["10.0.0.3", "10.0.0.4"]), &seen, &s).unwrap());
+        let mut now = seen.after(&plan(&web(&["10.0.0.3", "10.0.0.4"]), &seen, &s).unwrap());
 
         let p = plan(&web(&["10.0.0.3", "10.0.0.4", "10.0.0.5"]), &now, &s).unwrap();
         assert_eq!(p.lines(), ["ipvsadm -a -f 256 -r 10.0.0.5:0 -m -w 1"]);
-        now = applied(&now, &p);
+        now = now.after(&p);
 
         let p = plan(&web(&["10.0.0.3", "10.0.0.5"]), &now, &s).unwrap();
         assert_eq!(p.lines(), ["ipvsadm -d -f 256 -r 10.0.0.4:0"]);
-        now = applied(&now, &p);
+        now = now.after(&p);
 
         let w = spec(
             r#"{"services":[{"name":"web","vip":"10.0.0.100","fwmark":256,"backends":[{"ip":"10.0.0.3","weight":0},{"ip":"10.0.0.5"}]}]}"#,
@@ -470,7 +475,7 @@ mod tests {
             ..Default::default()
         };
         let s = SysctlSettings::default();
-        let now = applied(&seen, &plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
+        let now = seen.after(&plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
         let w = spec(
             r#"{"services":[{"name":"web","vip":"10.0.0.100","fwmark":256,"scheduler":"wlc","persistence":300,"backends":[{"ip":"10.0.0.3"}]}]}"#,
         );
@@ -486,7 +491,7 @@ mod tests {
             ..Default::default()
         };
         let s = SysctlSettings::default();
-        let now = applied(&seen, &plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
+        let now = seen.after(&plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
         let p = plan(&SandboxSpec::default(), &now, &s).unwrap();
         assert_eq!(
             p.ipvs_remove,
@@ -494,7 +499,7 @@ mod tests {
                 key: ServiceKey::fwmark(FwMark::new(256).unwrap())
             }]
         );
-        let gone = applied(&now, &p);
+        let gone = now.after(&p);
         assert!(gone.firewall.is_clean(), "{:#?}", gone.firewall);
         assert!(gone.services.is_empty());
         assert_eq!(gone.sysctls, kernel_defaults());
@@ -560,7 +565,7 @@ mod tests {
             ..Default::default()
         };
         let s = SysctlSettings::default();
-        let now = applied(&seen, &plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
+        let now = seen.after(&plan(&web(&["10.0.0.3"]), &seen, &s).unwrap());
         let moved = spec(
             r#"{"services":[{"name":"web","vip":"10.0.0.100","fwmark":300,"backends":[{"ip":"10.0.0.3"}]}]}"#,
         );
@@ -572,7 +577,7 @@ mod tests {
             }]
         );
         assert_eq!(p.ipvs_add.len(), 2);
-        let after = applied(&now, &p);
+        let after = now.after(&p);
         assert!(plan(&moved, &after, &s).unwrap().is_empty());
     }
 
