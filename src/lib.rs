@@ -10,6 +10,7 @@
 
 pub mod addrs;
 pub mod core;
+pub mod dns;
 pub mod firewall;
 pub mod ipvs;
 pub mod netns;

@@ -1,0 +1,10 @@
+//! The embedded DNS server: containers resolve service names to VIPs (or task addresses),
+//! `tasks.<svc>`, SRV records of named ports, container names and aliases, and PTR; other
+//! names go to the upstream resolvers.
+//!
+//! - [`catalog`]: the pure part — what vipd knows and how one question is answered.
+//! - [`server`]: the hickory-server adapter — UDP and TCP listeners, the client ACL,
+//!   forwarding to upstreams with bounded time and concurrency.
+
+pub mod catalog;
+pub mod server;

@@ -1,0 +1,1134 @@
+//! The DNS server: hickory-server's UDP and TCP listeners around [`catalog::answer`].
+//!
+//! Every query goes through one [`RequestHandler`]:
+//!
+//! 1. a source outside the allowed networks ([`DnsConfig::allowed`]) gets REFUSED: this is
+//!    not an open resolver;
+//! 2. anything but one standard query gets NOTIMP or FORMERR;
+//! 3. the current [`Catalog`] (read lock-free from a [`CatalogHandle`]) answers names vipd
+//!    owns, authoritatively, with its TTL;
+//! 4. other names are relayed, as the client's own bytes under a fresh message ID, to the
+//!    upstream resolvers: over UDP (TCP when the upstream truncates a query that came over
+//!    TCP), at most [`DnsConfig::max_upstreams`] of them in turn, each within
+//!    [`DnsConfig::upstream_timeout`]; SERVFAIL when none answers. At most
+//!    [`DnsConfig::max_in_flight`] relayed queries at once: beyond, REFUSED.
+//!
+//! Each query runs in a `dns_query` tracing span at debug level. hickory-server itself logs
+//! one line per query at info level (target `hickory_server`).
+
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::net::NetError;
+use hickory_server::proto::op::{
+    Edns, Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
+use hickory_server::proto::rr::{rdata, LowerName, Name, RData, Record as WireRecord};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::Server;
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tracing::{debug, debug_span, Instrument};
+
+use super::catalog::{self, Answer, Catalog, Query, QueryType, RecordData};
+
+/// Where the system's resolvers are listed; the default upstreams.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// How long one upstream has to answer (Swarm: 4 s).
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many upstreams one query tries, in order.
+pub const DEFAULT_MAX_UPSTREAMS: usize = 3;
+/// How many relayed queries may wait for upstreams at once; beyond, REFUSED.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// How long an idle client TCP connection is kept.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Responses queued per client TCP connection.
+const TCP_RESPONSE_BUFFER: usize = 32;
+/// The largest UDP reply accepted from an upstream.
+const MAX_UDP_REPLY: usize = 65_535;
+/// Attempts to find one free port for UDP and TCP when a listen port is 0.
+const PORT_ATTEMPTS: usize = 16;
+
+/// The catalog the server answers from, shared with the daemon: reads are lock-free and
+/// cheap; [`CatalogHandle::store`] swaps in a new snapshot, seen by the next query.
+#[derive(Debug, Clone)]
+pub struct CatalogHandle(Arc<ArcSwap<Catalog>>);
+
+impl CatalogHandle {
+    pub fn new(catalog: Catalog) -> Self {
+        CatalogHandle(Arc::new(ArcSwap::from_pointee(catalog)))
+    }
+
+    /// Replace the catalog; queries already being answered finish with the old one.
+    pub fn store(&self, catalog: Catalog) {
+        self.0.store(Arc::new(catalog));
+    }
+
+    /// The current catalog.
+    pub fn load(&self) -> Arc<Catalog> {
+        self.0.load_full()
+    }
+}
+
+impl Default for CatalogHandle {
+    fn default() -> Self {
+        CatalogHandle::new(Catalog::empty())
+    }
+}
+
+/// The source networks allowed to query. An empty list allows nobody.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Acl {
+    networks: Vec<IpNet>,
+}
+
+impl Acl {
+    pub fn new(networks: impl IntoIterator<Item = IpNet>) -> Self {
+        Acl {
+            networks: networks.into_iter().collect(),
+        }
+    }
+
+    /// True when `ip` (an IPv4-mapped IPv6 address counts as IPv4) is in a network.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.networks.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn networks(&self) -> &[IpNet] {
+        &self.networks
+    }
+}
+
+/// `127.0.0.0/8` and `::1/128`: the host itself.
+pub fn loopback_networks() -> Vec<IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .map(|n| n.parse().expect("a valid network"))
+        .collect()
+}
+
+/// How to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Where to listen, UDP and TCP each. A port of 0 picks one free port for both.
+    pub listen: Vec<SocketAddr>,
+    /// Sources allowed to query (the served networks, the host's addresses, loopback);
+    /// others get REFUSED. Empty: nobody.
+    pub allowed: Vec<IpNet>,
+    /// Upstream resolvers, tried in order. `None`: the nameservers of [`RESOLV_CONF`],
+    /// read when the server starts. An upstream equal to a listen address is dropped.
+    pub upstreams: Option<Vec<SocketAddr>>,
+    /// How long each upstream has to answer.
+    pub upstream_timeout: Duration,
+    /// How many upstreams one query tries.
+    pub max_upstreams: usize,
+    /// How many relayed queries may be in flight; beyond, REFUSED.
+    pub max_in_flight: usize,
+    /// How long an idle client TCP connection is kept.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl DnsConfig {
+    /// Listen on `listen`, allow `allowed`, forward to the system's resolvers, defaults
+    /// for the rest.
+    pub fn new(listen: Vec<SocketAddr>, allowed: Vec<IpNet>) -> Self {
+        DnsConfig {
+            listen,
+            allowed,
+            upstreams: None,
+            upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            max_upstreams: DEFAULT_MAX_UPSTREAMS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("no DNS listen address configured")]
+    NoListenAddress,
+    #[error("cannot listen for DNS over {proto} on {addr}: {source}")]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot read the upstream resolvers from {path}: {source}")]
+    ResolvConf { path: &'static str, source: io::Error },
+    #[error("the DNS server failed: {0}")]
+    Serve(#[source] NetError),
+}
+
+/// The nameservers of a resolv.conf text, on port 53, in order. Lines that do not parse
+/// (e.g. a link-local address with a zone) are skipped.
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split(['#', ';']).next()?;
+            let mut words = line.split_whitespace();
+            if words.next()? != "nameserver" {
+                return None;
+            }
+            let ip: IpAddr = words.next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+/// The nameservers of [`RESOLV_CONF`].
+pub fn system_upstreams() -> Result<Vec<SocketAddr>, DnsError> {
+    std::fs::read_to_string(RESOLV_CONF)
+        .map(|text| parse_resolv_conf(&text))
+        .map_err(|source| DnsError::ResolvConf {
+            path: RESOLV_CONF,
+            source,
+        })
+}
+
+/// A bound DNS server, not yet serving: [`DnsServer::run`] serves until shut down.
+pub struct DnsServer {
+    server: Server<Handler>,
+    local: Vec<SocketAddr>,
+    upstreams: Vec<SocketAddr>,
+}
+
+impl DnsServer {
+    /// Bind every listen address (UDP and TCP) and read the upstreams.
+    pub async fn bind(config: DnsConfig, catalog: CatalogHandle) -> Result<Self, DnsError> {
+        if config.listen.is_empty() {
+            return Err(DnsError::NoListenAddress);
+        }
+        let upstreams = match config.upstreams.clone() {
+            Some(u) => u,
+            None => system_upstreams()?,
+        };
+        let mut sockets = Vec::with_capacity(config.listen.len());
+        for addr in &config.listen {
+            sockets.push(bind_pair(*addr).await?);
+        }
+        let local: Vec<SocketAddr> = sockets.iter().map(|(_, _, addr)| *addr).collect();
+        let upstreams: Vec<SocketAddr> = upstreams.into_iter().filter(|u| !local.contains(u)).collect();
+        let handler = Handler::new(&config, catalog, upstreams.clone());
+        let mut server = Server::new(handler);
+        for (udp, tcp, _) in sockets {
+            server.register_socket(udp);
+            server.register_listener(tcp, config.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+        }
+        debug!(?local, ?upstreams, "DNS server bound");
+        Ok(DnsServer {
+            server,
+            local,
+            upstreams,
+        })
+    }
+
+    /// The addresses actually bound (UDP and TCP share each), in the order configured.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local
+    }
+
+    /// The upstreams queries are relayed to.
+    pub fn upstreams(&self) -> &[SocketAddr] {
+        &self.upstreams
+    }
+
+    /// Serve until `shutdown` completes (then stop gracefully) or a listener fails.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
+        let token = self.server.shutdown_token().clone();
+        let done = self.server.block_until_done();
+        tokio::pin!(done);
+        tokio::pin!(shutdown);
+        tokio::select! {
+            result = &mut done => return result.map_err(DnsError::Serve),
+            () = &mut shutdown => token.cancel(),
+        }
+        done.await.map_err(DnsError::Serve)
+    }
+}
+
+/// Bind and serve until `shutdown` completes: [`DnsServer::bind`] then [`DnsServer::run`].
+pub async fn serve(
+    config: DnsConfig,
+    catalog: CatalogHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DnsError> {
+    DnsServer::bind(config, catalog).await?.run(shutdown).await
+}
+
+/// A UDP socket and a TCP listener on one address (one free port for both when the port
+/// is 0), and that address.
+async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), DnsError> {
+    let bind_err = |proto, addr| move |source| DnsError::Bind { proto, addr, source };
+    for attempt in 1..=PORT_ATTEMPTS {
+        let udp = UdpSocket::bind(addr).await.map_err(bind_err("UDP", addr))?;
+        let bound = udp.local_addr().map_err(bind_err("UDP", addr))?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp, bound)),
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse && attempt < PORT_ATTEMPTS => {
+                continue
+            }
+            Err(e) => return Err(bind_err("TCP", bound)(e)),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// Answers from the catalog, relays the rest.
+struct Handler {
+    catalog: CatalogHandle,
+    acl: Acl,
+    forwarder: Forwarder,
+    in_flight: Semaphore,
+    counter: AtomicU64,
+    seed_base: u64,
+}
+
+impl Handler {
+    fn new(config: &DnsConfig, catalog: CatalogHandle, upstreams: Vec<SocketAddr>) -> Self {
+        Handler {
+            catalog,
+            acl: Acl::new(config.allowed.iter().copied()),
+            forwarder: Forwarder {
+                upstreams,
+                timeout: config.upstream_timeout,
+                max_tries: config.max_upstreams,
+            },
+            in_flight: Semaphore::new(config.max_in_flight.min(Semaphore::MAX_PERMITS)),
+            counter: AtomicU64::new(0),
+            seed_base: RandomState::new().hash_one(0x7669_7064_u64),
+        }
+    }
+
+    /// A fresh, unpredictable-enough number per call: shuffle seeds and upstream IDs.
+    fn next_random(&self) -> u64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        catalog::seed_from(self.seed_base.wrapping_add(n))
+    }
+
+    async fn respond<R: ResponseHandler>(&self, request: &Request, response: R) -> ResponseInfo {
+        if !self.acl.allows(request.src().ip()) {
+            debug!("refused: the source is outside the allowed networks");
+            return send_code(request, ResponseCode::Refused, false, response).await;
+        }
+        if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
+            debug!(op = %request.metadata.op_code, "not a standard query");
+            return send_code(request, ResponseCode::NotImp, false, response).await;
+        }
+        let [query] = request.queries.queries() else {
+            debug!(count = request.queries.len(), "not exactly one question");
+            return send_code(request, ResponseCode::FormErr, false, response).await;
+        };
+        let name = query.original().name().to_string();
+        let question = Query {
+            name: &name,
+            qtype: QueryType::from(u16::from(query.query_type())),
+            qclass: u16::from(query.query_class()),
+        };
+        let answer = catalog::answer(&self.catalog.0.load(), &question, self.next_random());
+        let qtype = query.query_type();
+        match answer {
+            Answer::Records { answers, additionals } => {
+                debug!(%name, %qtype, answers = answers.len(), additionals = additionals.len(), "answered");
+                send_records(request, &answers, &additionals, response).await
+            }
+            Answer::NxDomain => {
+                debug!(%name, %qtype, "answered NXDOMAIN");
+                send_code(request, ResponseCode::NXDomain, true, response).await
+            }
+            Answer::NoData => {
+                debug!(%name, %qtype, "answered NODATA");
+                send_code(request, ResponseCode::NoError, true, response).await
+            }
+            Answer::NotOurs => self.forward(request, query, response).await,
+        }
+    }
+
+    async fn forward<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        query: &LowerQuery,
+        response: R,
+    ) -> ResponseInfo {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            debug!("refused: too many queries in flight to the upstreams");
+            return send_code(request, ResponseCode::Refused, false, response).await;
+        };
+        let id = (self.next_random() >> 48) as u16;
+        let tcp = request.protocol() == Protocol::Tcp;
+        match self.forwarder.forward(request.as_slice(), id, query, tcp).await {
+            Ok(reply) => {
+                debug!(rcode = %reply.metadata.response_code, answers = reply.answers.len(), "relayed");
+                send_relayed(request, &reply, response).await
+            }
+            Err(error) => {
+                debug!(%error, "forwarding failed");
+                send_code(request, ResponseCode::ServFail, false, response).await
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        let span = debug_span!(
+            "dns_query",
+            id = request.metadata.id,
+            src = %request.src(),
+            proto = %request.protocol()
+        );
+        self.respond(request, response).instrument(span).await
+    }
+}
+
+/// The header of an answer vipd gives itself.
+fn metadata(request: &Request, code: ResponseCode, authoritative: bool) -> Metadata {
+    let mut m = Metadata::response_from_request(&request.metadata);
+    m.authoritative = authoritative;
+    m.recursion_available = true;
+    m.response_code = code;
+    m
+}
+
+/// EDNS for a response when the request had it, advertising the client's payload size so
+/// that UDP answers are truncated to what it accepts.
+fn response_edns(request: &Request, upstream: Option<&Edns>) -> Option<Edns> {
+    request.edns.as_ref().map(|req| {
+        let mut edns = upstream.cloned().unwrap_or_default();
+        edns.set_max_payload(req.max_payload().max(512));
+        edns
+    })
+}
+
+/// What to report when the response could not be sent.
+fn finish(request: &Request, sent: Result<ResponseInfo, NetError>) -> ResponseInfo {
+    sent.unwrap_or_else(|error| {
+        debug!(%error, "cannot send the response");
+        let mut m = Metadata::response_from_request(&request.metadata);
+        m.response_code = ResponseCode::ServFail;
+        ResponseInfo::from(Header {
+            metadata: m,
+            counts: HeaderCounts::default(),
+        })
+    })
+}
+
+/// A response without records.
+async fn send_code<R: ResponseHandler>(
+    request: &Request,
+    code: ResponseCode,
+    authoritative: bool,
+    mut response: R,
+) -> ResponseInfo {
+    let edns = response_edns(request, None);
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = &edns {
+        builder.edns(edns);
+    }
+    let message = builder.build_no_records(metadata(request, code, authoritative));
+    finish(request, response.send_response(message).await)
+}
+
+/// An authoritative answer from the catalog.
+async fn send_records<R: ResponseHandler>(
+    request: &Request,
+    answers: &[catalog::Record],
+    additionals: &[catalog::Record],
+    mut response: R,
+) -> ResponseInfo {
+    let convert = |records: &[catalog::Record]| records.iter().map(to_wire).collect::<Option<Vec<_>>>();
+    let (Some(answers), Some(additionals)) = (convert(answers), convert(additionals)) else {
+        debug!("a catalog name does not convert to a DNS name");
+        return send_code(request, ResponseCode::ServFail, false, response).await;
+    };
+    let edns = response_edns(request, None);
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = &edns {
+        builder.edns(edns);
+    }
+    let message = builder.build(
+        metadata(request, ResponseCode::NoError, true),
+        answers.iter(),
+        [],
+        [],
+        additionals.iter(),
+    );
+    finish(request, response.send_response(message).await)
+}
+
+/// An upstream's reply, under the client's message ID.
+async fn send_relayed<R: ResponseHandler>(
+    request: &Request,
+    reply: &Message,
+    mut response: R,
+) -> ResponseInfo {
+    let mut meta = reply.metadata;
+    meta.id = request.metadata.id;
+    let edns = response_edns(request, reply.edns.as_ref());
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = &edns {
+        builder.edns(edns);
+    }
+    let message = builder.build(
+        meta,
+        reply.answers.iter(),
+        reply.authorities.iter(),
+        [],
+        reply.additionals.iter(),
+    );
+    finish(request, response.send_response(message).await)
+}
+
+/// A catalog record on the wire; None if a name does not parse (never for a built catalog).
+fn to_wire(record: &catalog::Record) -> Option<WireRecord> {
+    let name = Name::from_ascii(&record.name).ok()?;
+    let data = match &record.data {
+        RecordData::A(ip) => RData::A(rdata::A(*ip)),
+        RecordData::Srv {
+            priority,
+            weight,
+            port,
+            target,
+        } => RData::SRV(rdata::SRV::new(
+            *priority,
+            *weight,
+            *port,
+            Name::from_ascii(target).ok()?,
+        )),
+        RecordData::Ptr(target) => RData::PTR(rdata::PTR(Name::from_ascii(target).ok()?)),
+    };
+    Some(WireRecord::from_rdata(name, record.ttl, data))
+}
+
+/// Why no upstream reply could be relayed.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("no upstream resolver is configured")]
+    NoUpstream,
+    #[error("the query is too short to relay")]
+    ShortQuery,
+    #[error("no upstream resolver answered ({tried} tried)")]
+    NoAnswer { tried: usize },
+}
+
+/// Relays raw queries to the upstreams.
+#[derive(Debug, Clone)]
+struct Forwarder {
+    upstreams: Vec<SocketAddr>,
+    timeout: Duration,
+    max_tries: usize,
+}
+
+impl Forwarder {
+    /// Relay `raw` (a query, `query` its question) under message ID `id`; the first good
+    /// reply. A SERVFAIL, REFUSED or NOTIMP reply moves on to the next upstream and is
+    /// relayed only when no other answers.
+    async fn forward(
+        &self,
+        raw: &[u8],
+        id: u16,
+        query: &LowerQuery,
+        tcp: bool,
+    ) -> Result<Message, ForwardError> {
+        if self.upstreams.is_empty() {
+            return Err(ForwardError::NoUpstream);
+        }
+        let mut wire = raw.to_vec();
+        match wire.get_mut(..2) {
+            Some(head) if raw.len() >= 12 => head.copy_from_slice(&id.to_be_bytes()),
+            _ => return Err(ForwardError::ShortQuery),
+        }
+        let mut fallback = None;
+        let mut tried = 0;
+        for &upstream in self.upstreams.iter().take(self.max_tries) {
+            tried += 1;
+            match tokio::time::timeout(self.timeout, exchange(upstream, &wire, id, query, tcp)).await {
+                Ok(Ok(reply)) => {
+                    let code = reply.metadata.response_code;
+                    if !matches!(
+                        code,
+                        ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::NotImp
+                    ) {
+                        return Ok(reply);
+                    }
+                    debug!(%upstream, rcode = %code, "upstream failed the query");
+                    fallback = Some(reply);
+                }
+                Ok(Err(error)) => debug!(%upstream, %error, "upstream exchange failed"),
+                Err(_) => debug!(%upstream, timeout = ?self.timeout, "upstream timed out"),
+            }
+        }
+        fallback.ok_or(ForwardError::NoAnswer { tried })
+    }
+}
+
+/// One query to one upstream over UDP; over TCP again when truncated and `tcp`.
+async fn exchange(
+    upstream: SocketAddr,
+    wire: &[u8],
+    id: u16,
+    query: &LowerQuery,
+    tcp: bool,
+) -> io::Result<Message> {
+    let local: SocketAddr = match upstream {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(upstream).await?;
+    socket.send(wire).await?;
+    let mut buf = vec![0u8; MAX_UDP_REPLY];
+    loop {
+        let n = socket.recv(&mut buf).await?;
+        match check_reply(buf.get(..n).unwrap_or_default(), id, query) {
+            Reply::Accept(msg) if msg.metadata.truncation && tcp => {
+                return exchange_tcp(upstream, wire, id, query).await
+            }
+            Reply::Accept(msg) => return Ok(msg),
+            Reply::Stray => continue,
+            Reply::Malformed(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+/// One query to one upstream over TCP.
+async fn exchange_tcp(upstream: SocketAddr, wire: &[u8], id: u16, query: &LowerQuery) -> io::Result<Message> {
+    let len = u16::try_from(wire.len()).map_err(|_| io::Error::other("query too long for TCP"))?;
+    let mut framed = Vec::with_capacity(wire.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(wire);
+    let mut stream = TcpStream::connect(upstream).await?;
+    stream.write_all(&framed).await?;
+    loop {
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await?;
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut buf).await?;
+        match check_reply(&buf, id, query) {
+            Reply::Accept(msg) => return Ok(msg),
+            Reply::Stray => continue,
+            Reply::Malformed(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+/// What came back from an upstream.
+#[derive(Debug)]
+enum Reply {
+    /// The reply to our query.
+    Accept(Message),
+    /// Not a reply to our query (another ID, not a response, another question): ignore.
+    Stray,
+    /// Our ID, but it does not decode.
+    Malformed(String),
+}
+
+/// Check the bytes an upstream sent: never panics, whatever they are.
+fn check_reply(bytes: &[u8], id: u16, query: &LowerQuery) -> Reply {
+    let is_response = bytes.get(2).is_some_and(|flags| flags & 0x80 != 0);
+    if bytes.len() < 12 || bytes.get(..2) != Some(&id.to_be_bytes()[..]) || !is_response {
+        return Reply::Stray;
+    }
+    let msg = match Message::from_vec(bytes) {
+        Ok(msg) => msg,
+        Err(e) => return Reply::Malformed(e.to_string()),
+    };
+    let same_question = match msg.queries.as_slice() {
+        [q] => {
+            LowerName::from(q.name()) == *query.name()
+                && q.query_type() == query.query_type()
+                && q.query_class() == query.query_class()
+        }
+        // Some servers drop the question from an error.
+        [] => msg.metadata.response_code != ResponseCode::NoError,
+        _ => false,
+    };
+    if same_question {
+        Reply::Accept(msg)
+    } else {
+        Reply::Stray
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+    use std::sync::Mutex;
+
+    use hickory_server::net::runtime::TokioTime;
+    use hickory_server::proto::op::Query as WireQuery;
+    use hickory_server::proto::rr::{DNSClass, RecordType};
+    use hickory_server::proto::serialize::binary::BinEncoder;
+    use hickory_server::zone_handler::MessageResponse;
+
+    use super::*;
+    use crate::core::model::{BackendAddr, ServiceName, Vip};
+    use crate::dns::catalog::{ContainerRecord, EndpointMode, NamedPort, PortProtocol, ServiceRecord};
+
+    /// Collects the encoded responses.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    #[async_trait::async_trait]
+    impl ResponseHandler for Capture {
+        async fn send_response<'a>(
+            &mut self,
+            response: MessageResponse<
+                '_,
+                'a,
+                impl Iterator<Item = &'a WireRecord> + Send + 'a,
+                impl Iterator<Item = &'a WireRecord> + Send + 'a,
+                impl Iterator<Item = &'a WireRecord> + Send + 'a,
+                impl Iterator<Item = &'a WireRecord> + Send + 'a,
+            >,
+        ) -> Result<ResponseInfo, NetError> {
+            let mut buf = Vec::new();
+            let mut encoder = BinEncoder::new(&mut buf);
+            let info = response
+                .destructive_emit(&mut encoder)
+                .map_err(|e| NetError::from(e.to_string()))?;
+            self.0.lock().unwrap().push(buf);
+            Ok(info)
+        }
+    }
+
+    fn test_catalog() -> Catalog {
+        Catalog::builder()
+            .ttl(9)
+            .service(ServiceRecord {
+                name: ServiceName::new("web").unwrap(),
+                endpoint: EndpointMode::Vip(Vip::new("10.0.0.100".parse().unwrap())),
+                tasks: vec![BackendAddr::new("10.0.0.5".parse().unwrap())],
+                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+            })
+            .container(ContainerRecord {
+                name: "box".into(),
+                addr: "10.0.0.30".parse().unwrap(),
+                aliases: vec![],
+            })
+            .build()
+            .unwrap()
+    }
+
+    fn config(upstreams: Vec<SocketAddr>) -> DnsConfig {
+        let mut c = DnsConfig::new(vec![], loopback_networks());
+        c.upstreams = Some(upstreams);
+        c.upstream_timeout = Duration::from_millis(300);
+        c
+    }
+
+    fn handler(config: &DnsConfig) -> Handler {
+        let upstreams = config.upstreams.clone().unwrap_or_default();
+        Handler::new(config, CatalogHandle::new(test_catalog()), upstreams)
+    }
+
+    fn query_bytes(id: u16, name: &str, qtype: RecordType, edns: bool) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(WireQuery::query(Name::from_ascii(name).unwrap(), qtype));
+        if edns {
+            let mut e = Edns::new();
+            e.set_max_payload(1232);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    /// Run one query through the handler as from `src`; the decoded response.
+    async fn ask(h: &Handler, bytes: Vec<u8>, src: &str, protocol: Protocol) -> Option<Message> {
+        let request = Request::from_bytes(bytes, src.parse().unwrap(), protocol).ok()?;
+        let capture = Capture::default();
+        h.handle_request::<_, TokioTime>(&request, capture.clone()).await;
+        let sent = capture.0.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1, "exactly one response per request");
+        Some(Message::from_vec(&sent[0]).expect("the response decodes"))
+    }
+
+    fn addresses(m: &Message) -> Vec<String> {
+        m.answers.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn owned_names_are_answered_authoritatively() {
+        let h = handler(&config(vec![]));
+        let m = ask(
+            &h,
+            query_bytes(7, "WEB.", RecordType::A, true),
+            "127.0.0.1:5000",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.id, 7);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert!(m.metadata.recursion_available);
+        assert_eq!(addresses(&m), ["10.0.0.100"]);
+        assert_eq!(m.answers[0].ttl, 9);
+        assert_eq!(m.answers[0].name.to_string(), "WEB.");
+        assert_eq!(m.edns.as_ref().map(Edns::max_payload), Some(1232));
+
+        let m = ask(
+            &h,
+            query_bytes(8, "_http._tcp.web.", RecordType::SRV, false),
+            "127.0.0.1:5000",
+            Protocol::Tcp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(addresses(&m), ["0 10 80 10-0-0-5.web."]);
+        assert_eq!(m.additionals.len(), 1);
+        assert!(m.edns.is_none());
+
+        let m = ask(
+            &h,
+            query_bytes(9, "tasks.nope.", RecordType::A, true),
+            "[::1]:5000",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let m = ask(
+            &h,
+            query_bytes(10, "box.", RecordType::AAAA, true),
+            "127.0.0.1:1",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (m.metadata.response_code, m.answers.len()),
+            (ResponseCode::NoError, 0)
+        );
+        let m = ask(
+            &h,
+            query_bytes(11, "30.0.0.10.in-addr.arpa.", RecordType::PTR, true),
+            "127.0.0.1:1",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(addresses(&m), ["box."]);
+    }
+
+    #[tokio::test]
+    async fn sources_outside_the_acl_are_refused() {
+        let h = handler(&config(vec![]));
+        for src in ["10.9.9.9:53000", "[fd00::1]:53000"] {
+            let m = ask(
+                &h,
+                query_bytes(1, "web.", RecordType::A, true),
+                src,
+                Protocol::Udp,
+            )
+            .await
+            .unwrap();
+            assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{src}");
+            assert!(m.answers.is_empty());
+        }
+        // An IPv4-mapped loopback source is loopback.
+        let m = ask(
+            &h,
+            query_bytes(1, "web.", RecordType::A, true),
+            "[::ffff:127.0.0.1]:5",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        // Nobody at all when the list is empty.
+        let h = Handler::new(&DnsConfig::new(vec![], vec![]), CatalogHandle::default(), vec![]);
+        let m = ask(
+            &h,
+            query_bytes(1, "web.", RecordType::A, true),
+            "127.0.0.1:5",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[tokio::test]
+    async fn foreign_names_without_upstreams_fail_and_beyond_the_in_flight_limit_are_refused() {
+        let h = handler(&config(vec![]));
+        let m = ask(
+            &h,
+            query_bytes(1, "example.com.", RecordType::A, true),
+            "127.0.0.1:5",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        let mut c = config(vec!["127.0.0.1:9".parse().unwrap()]);
+        c.max_in_flight = 0;
+        let h = handler(&c);
+        let m = ask(
+            &h,
+            query_bytes(1, "example.com.", RecordType::A, true),
+            "127.0.0.1:5",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[tokio::test]
+    async fn the_catalog_can_be_replaced_while_serving() {
+        let c = config(vec![]);
+        let catalog = CatalogHandle::new(Catalog::empty());
+        let h = Handler::new(&c, catalog.clone(), vec![]);
+        let q = || query_bytes(1, "tasks.web.", RecordType::A, false);
+        let m = ask(&h, q(), "127.0.0.1:5", Protocol::Udp).await.unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        catalog.store(test_catalog());
+        let m = ask(&h, q(), "127.0.0.1:5", Protocol::Udp).await.unwrap();
+        assert_eq!(addresses(&m), ["10.0.0.5"]);
+    }
+
+    /// A fake upstream on UDP (and TCP on the same port): answers `answer` for every query,
+    /// after a stray reply with another ID; over UDP with TC set when `truncate`.
+    async fn fake_upstream(answer: Ipv4Addr, truncate: bool) -> SocketAddr {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).await.unwrap();
+        let reply = move |bytes: &[u8], tc: bool| {
+            let q = Message::from_vec(bytes).unwrap();
+            let mut r = Message::response(q.metadata.id, OpCode::Query);
+            r.metadata.truncation = tc;
+            r.metadata.recursion_available = true;
+            r.add_queries(q.queries.clone());
+            if !tc {
+                let name = q.queries[0].name().clone();
+                r.add_answer(WireRecord::from_rdata(name, 60, RData::A(rdata::A(answer))));
+            }
+            r.to_vec().unwrap()
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (n, from) = udp.recv_from(&mut buf).await.unwrap();
+                let mut stray = reply(&buf[..n], false);
+                stray[0] ^= 0xff;
+                udp.send_to(&stray, from).await.unwrap();
+                udp.send_to(&reply(&buf[..n], truncate), from).await.unwrap();
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = tcp.accept().await.unwrap();
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len).await.unwrap();
+                let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                s.read_exact(&mut q).await.unwrap();
+                let r = reply(&q, false);
+                s.write_all(&(r.len() as u16).to_be_bytes()).await.unwrap();
+                s.write_all(&r).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn foreign_names_are_relayed_under_the_client_id() {
+        // A silent upstream first: the next one answers within its own timeout.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up = fake_upstream(Ipv4Addr::new(192, 0, 2, 7), false).await;
+        let h = handler(&config(vec![silent.local_addr().unwrap(), up]));
+        let m = ask(
+            &h,
+            query_bytes(4242, "example.com.", RecordType::A, true),
+            "127.0.0.1:5",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.id, 4242);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(!m.metadata.authoritative);
+        assert_eq!(addresses(&m), ["192.0.2.7"]);
+        assert_eq!(m.answers[0].ttl, 60);
+        // Only the silent one: SERVFAIL once its timeout expires.
+        let h = handler(&config(vec![silent.local_addr().unwrap()]));
+        let start = std::time::Instant::now();
+        let m = ask(
+            &h,
+            query_bytes(1, "example.com.", RecordType::A, true),
+            "127.0.0.1:5",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn truncated_upstream_replies_go_to_tcp_for_tcp_clients_only() {
+        let up = fake_upstream(Ipv4Addr::new(192, 0, 2, 8), true).await;
+        let h = handler(&config(vec![up]));
+        let q = || query_bytes(5, "example.org.", RecordType::A, true);
+        let m = ask(&h, q(), "127.0.0.1:5", Protocol::Tcp).await.unwrap();
+        assert!(!m.metadata.truncation);
+        assert_eq!(addresses(&m), ["192.0.2.8"]);
+        let m = ask(&h, q(), "127.0.0.1:5", Protocol::Udp).await.unwrap();
+        assert!(m.metadata.truncation);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn resolv_conf_nameservers_in_order() {
+        let text = "# comment\nsearch example.com\nnameserver 10.0.0.2\nnameserver  ::1 # local\n\
+                    nameserver fe80::1%eth0\nnameserver bogus\noptions ndots:2\n;nameserver 1.1.1.1\n\
+                    nameserver 192.0.2.53";
+        let want: Vec<SocketAddr> = ["10.0.0.2:53", "[::1]:53", "192.0.2.53:53"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(parse_resolv_conf(text), want);
+    }
+
+    #[test]
+    fn acl_matches_networks() {
+        let acl = Acl::new(["10.0.0.0/24".parse().unwrap()]);
+        assert!(acl.allows("10.0.0.200".parse().unwrap()));
+        assert!(acl.allows("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!acl.allows("10.0.1.1".parse().unwrap()));
+        assert!(!Acl::default().allows("127.0.0.1".parse().unwrap()));
+        let lo = Acl::new(loopback_networks());
+        assert!(lo.allows("127.1.2.3".parse().unwrap()));
+        assert!(lo.allows("::1".parse().unwrap()));
+        assert!(!lo.allows("::2".parse().unwrap()));
+    }
+
+    /// Deterministic noise for the fuzz tests.
+    struct Noise(u64);
+
+    impl Noise {
+        fn next(&mut self) -> u64 {
+            self.0 = catalog::seed_from(self.0);
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Valid queries, truncated at every length, with bytes flipped and random garbage:
+    /// whatever decodes as a request goes through the handler, which answers it once,
+    /// with a response that decodes, and never panics.
+    #[tokio::test]
+    async fn malformed_requests_never_panic() {
+        let h = handler(&config(vec![]));
+        let mut corpus = Vec::new();
+        let mut seeds = Vec::new();
+        for (name, t) in [
+            ("web.", RecordType::A),
+            ("_http._tcp.web.", RecordType::SRV),
+            ("100.0.0.10.in-addr.arpa.", RecordType::PTR),
+            ("example.com.", RecordType::AAAA),
+        ] {
+            let q = query_bytes(3, name, t, true);
+            for len in 0..=q.len() {
+                corpus.push(q[..len].to_vec());
+            }
+            seeds.push(q);
+        }
+        corpus.extend(seeds.iter().cloned());
+        let mut noise = Noise(99);
+        for _ in 0..3000 {
+            let mut q = seeds[noise.below(seeds.len())].clone();
+            for _ in 0..=noise.below(4) {
+                if !q.is_empty() {
+                    let i = noise.below(q.len());
+                    q[i] = noise.next() as u8;
+                }
+            }
+            corpus.push(q);
+        }
+        for _ in 0..500 {
+            let len = noise.below(64);
+            corpus.push((0..len).map(|_| noise.next() as u8).collect());
+        }
+        // Header counts far beyond the data, a compression loop, a response message.
+        corpus.push(vec![0, 1, 1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        corpus.push(vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1]);
+        let mut response = query_bytes(3, "web.", RecordType::A, false);
+        response[2] |= 0x80;
+        corpus.push(response);
+
+        let mut handled = 0;
+        for bytes in corpus {
+            let proto = if noise.next() & 1 == 0 {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            };
+            if let Some(m) = ask(&h, bytes, "127.0.0.1:4000", proto).await {
+                assert_eq!(m.metadata.message_type, MessageType::Response);
+                handled += 1;
+            }
+        }
+        assert!(handled > 500, "only {handled} requests decoded");
+    }
+
+    #[test]
+    fn upstream_replies_of_any_bytes_never_panic() {
+        let query = LowerQuery::query(WireQuery::query(
+            Name::from_str("example.com.").unwrap(),
+            RecordType::A,
+        ));
+        let mut good = Message::response(77, OpCode::Query);
+        good.add_query(query.original().clone());
+        let good = good.to_vec().unwrap();
+        assert!(matches!(check_reply(&good, 77, &query), Reply::Accept(_)));
+        assert!(matches!(check_reply(&good, 78, &query), Reply::Stray));
+        let mut other = Message::response(77, OpCode::Query);
+        other.add_query(WireQuery::query(
+            Name::from_str("example.net.").unwrap(),
+            RecordType::A,
+        ));
+        assert!(matches!(
+            check_reply(&other.to_vec().unwrap(), 77, &query),
+            Reply::Stray
+        ));
+        let mut noise = Noise(5);
+        for _ in 0..5000 {
+            let mut bytes = good.clone();
+            bytes.truncate(noise.below(bytes.len() + 1));
+            for _ in 0..noise.below(3) {
+                if bytes.len() > 2 {
+                    let i = 2 + noise.below(bytes.len() - 2);
+                    bytes[i] = noise.next() as u8;
+                }
+            }
+            let _ = check_reply(&bytes, 77, &query);
+        }
+        assert_eq!(DNSClass::IN, query.query_class());
+    }
+}
