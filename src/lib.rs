@@ -11,6 +11,7 @@
 pub mod addrs;
 pub mod core;
 pub mod dns;
+pub mod docker;
 pub mod firewall;
 pub mod ipvs;
 pub mod netns;

@@ -2,6 +2,8 @@
 //! commands that fail loudly, and the vipd binary cargo built.
 #![allow(dead_code)]
 
+pub mod docker;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -7,4 +7,5 @@ mod common;
 
 mod cli;
 mod dns;
+mod docker;
 mod firewall;
