@@ -37,29 +37,49 @@ pub enum EndpointMode {
     Dnsrr,
 }
 
-/// A transport protocol of a named port.
+/// The transport protocol of a named port, as in the `_<proto>` label of an SRV name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum PortProto {
+pub enum PortProtocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
-impl fmt::Display for PortProto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PortProto::Tcp => "tcp",
-            PortProto::Udp => "udp",
-        })
+impl PortProtocol {
+    /// The protocol label without its underscore: `tcp`, `udp`, `sctp`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+            PortProtocol::Sctp => "sctp",
+        }
     }
 }
 
-/// A named port, for SRV records: `_NAME._PROTO.SERVICE`.
+impl fmt::Display for PortProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A port a service's tasks listen on, published as SRV `_<name>._<proto>.<svc>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct NamedPort {
+    /// The port's name, without underscore: `http` for `_http._tcp.<svc>`.
     pub name: String,
+    pub protocol: PortProtocol,
     pub port: u16,
-    pub proto: PortProto,
+}
+
+impl NamedPort {
+    pub fn new(name: &str, protocol: PortProtocol, port: u16) -> Self {
+        NamedPort {
+            name: name.to_owned(),
+            protocol,
+            port,
+        }
+    }
 }
 
 /// What a task's labels say about its service.
@@ -145,17 +165,14 @@ pub fn task_labels(c: &Container) -> Result<Option<TaskLabels>, LabelError> {
             .parse::<u16>()
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| err(label, "expected PORT[/tcp|/udp] with PORT 1-65535".into()))?;
-        let proto = match proto {
-            "tcp" => PortProto::Tcp,
-            "udp" => PortProto::Udp,
-            _ => return Err(err(label, "the protocol must be tcp or udp".into())),
+            .ok_or_else(|| err(label, "expected PORT[/tcp|/udp|/sctp] with PORT 1-65535".into()))?;
+        let protocol = match proto {
+            "tcp" => PortProtocol::Tcp,
+            "udp" => PortProtocol::Udp,
+            "sctp" => PortProtocol::Sctp,
+            _ => return Err(err(label, "the protocol must be tcp, udp or sctp".into())),
         };
-        ports.push(NamedPort {
-            name: name.to_ascii_lowercase(),
-            port,
-            proto,
-        });
+        ports.push(NamedPort::new(&name.to_ascii_lowercase(), protocol, port));
     }
     Ok(Some(TaskLabels {
         service,
@@ -310,7 +327,7 @@ mod tests {
         let ports: Vec<String> = t
             .ports
             .iter()
-            .map(|p| format!("{}={}/{}", p.name, p.port, p.proto))
+            .map(|p| format!("{}={}/{}", p.name, p.port, p.protocol))
             .collect();
         assert_eq!(ports, ["dns=53/udp", "http=80/tcp", "pg=5432/tcp"]);
     }
@@ -332,8 +349,8 @@ mod tests {
                 "vipd.weight=\"-1\": expected a whole number from 0 to 65535",
             ),
             (
-                ("vipd.port.http", "80/sctp"),
-                "vipd.port.http=\"80/sctp\": the protocol must be tcp or udp",
+                ("vipd.port.http", "80/quic"),
+                "vipd.port.http=\"80/quic\": the protocol must be tcp, udp or sctp",
             ),
             (("vipd.port.http", "0"), "vipd.port.http=\"0\": expected PORT"),
             ((ENABLE, "yes"), "vipd.enable=\"yes\": expected true or false"),

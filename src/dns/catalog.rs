@@ -27,6 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
+pub use crate::core::labels::{NamedPort, PortProtocol};
 use crate::core::model::{BackendAddr, ServiceName, Vip};
 
 /// The TTL of every record when none is configured. Short on purpose: Swarm's fixed 600 s
@@ -43,44 +44,6 @@ pub enum EndpointMode {
     Vip(Vip),
     /// DNS round robin: `<svc>` answers every task address, in a new order each time.
     Dnsrr,
-}
-
-/// The transport protocol of a named port, as in the `_<proto>` label of an SRV name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PortProtocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl PortProtocol {
-    /// The protocol label without its underscore: `tcp`, `udp`, `sctp`.
-    pub fn label(self) -> &'static str {
-        match self {
-            PortProtocol::Tcp => "tcp",
-            PortProtocol::Udp => "udp",
-            PortProtocol::Sctp => "sctp",
-        }
-    }
-}
-
-/// A port a service's tasks listen on, published as SRV `_<name>._<proto>.<svc>`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct NamedPort {
-    /// The port's name, without underscore: `http` for `_http._tcp.<svc>`.
-    pub name: String,
-    pub protocol: PortProtocol,
-    pub port: u16,
-}
-
-impl NamedPort {
-    pub fn new(name: &str, protocol: PortProtocol, port: u16) -> Self {
-        NamedPort {
-            name: name.to_owned(),
-            protocol,
-            port,
-        }
-    }
 }
 
 /// One service as DNS sees it.
