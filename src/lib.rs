@@ -5,6 +5,9 @@
 //! - [`core`]: the pure part — model, validation, planning, rule rendering. No I/O.
 //! - [`ipvs`], [`firewall`], [`sysctl`], [`addrs`]: the kernel, behind narrow traits, each
 //!   with an in-memory fake.
+//! - [`docker`]: the Docker engine (bollard), behind a narrow trait with a fake.
+//! - [`dns`]: the embedded DNS server: a pure catalog of answers, served by hickory-server.
+//! - [`state`]: allocations on disk, written atomically.
 //! - [`netns`]: entering a network namespace on a dedicated thread.
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
 
@@ -17,4 +20,5 @@ pub mod ipvs;
 pub mod netns;
 pub mod reconcile;
 pub mod show;
+pub mod state;
 pub mod sysctl;
