@@ -579,8 +579,10 @@ fn parse_in_addr_arpa(name: &str) -> Option<Ipv4Addr> {
 
 /// Dot-separated labels of 1-63 characters from a-z, 0-9, '-', '_' (lowercase already),
 /// neither starting nor ending with '-', at most 253 characters.
-fn check_name(what: &'static str, name: &str) -> Result<(), CatalogError> {
-    let ok = !name.is_empty()
+/// Whether `name` (lowercase) can be a name in the catalog: dot-separated labels of 1-63
+/// characters from a-z, 0-9, '-' and '_', not starting or ending with '-', 253 at most.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {
             !label.is_empty()
@@ -590,8 +592,11 @@ fn check_name(what: &'static str, name: &str) -> Result<(), CatalogError> {
                 && label
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        });
-    if ok {
+        })
+}
+
+fn check_name(what: &'static str, name: &str) -> Result<(), CatalogError> {
+    if valid_name(name) {
         Ok(())
     } else {
         Err(CatalogError::InvalidName {

@@ -7,4 +7,5 @@
 //!   forwarding to upstreams with bounded time and concurrency.
 
 pub mod catalog;
+pub mod cluster;
 pub mod server;
