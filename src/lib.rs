@@ -12,6 +12,7 @@
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
 
 pub mod addrs;
+pub mod agent;
 pub mod core;
 pub mod dns;
 pub mod docker;

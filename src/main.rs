@@ -46,6 +46,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow the Docker engine (DOCKER_HOST, or the default socket) and give every
+    /// service a VIP in every container that shares a network with it.
+    Run {
+        /// Where VIPs come from; must not overlap a Docker network.
+        #[arg(long, default_value = vipd::core::alloc::DEFAULT_POOL)]
+        vip_pool: String,
+        /// Where allocations are kept across restarts.
+        #[arg(long, default_value = "/var/lib/vipd")]
+        state_dir: PathBuf,
+        /// Seconds a service with no task keeps its VIP.
+        #[arg(long, default_value_t = 300)]
+        grace: u64,
+        /// Seconds between full re-lists and re-reads of every sandbox.
+        #[arg(long, default_value_t = 30)]
+        resync_interval: u64,
+        /// Serve DNS on ADDR:PORT (UDP and TCP). Repeatable.
+        #[arg(long = "dns-listen", value_name = "ADDR:PORT")]
+        dns_listen: Vec<std::net::SocketAddr>,
+        /// Also answer `<service>.<domain>`.
+        #[arg(long)]
+        dns_domain: Option<String>,
+        /// TTL of DNS answers, in seconds.
+        #[arg(long, default_value_t = vipd::dns::catalog::DEFAULT_TTL)]
+        dns_ttl: u32,
+        /// Override an IPVS sysctl vipd sets in each sandbox (name under net.ipv4.vs).
+        #[arg(long = "sysctl", value_name = "NAME=VALUE")]
+        sysctls: Vec<String>,
+    },
     /// Show vipd's services in a namespace, the way `ipvsadm -Ln` does, with their VIPs.
     Show {
         /// The namespace: a path or a name under /run/netns.
@@ -83,8 +111,117 @@ fn read_file(path: &PathBuf) -> Result<String> {
     }
 }
 
+fn parse_net(text: &str, flag: &str) -> Result<vipd::core::model::Ipv4Net> {
+    let (addr, prefix) = text
+        .split_once('/')
+        .with_context(|| format!("{flag} {text:?}: expected ADDRESS/PREFIX, e.g. 10.253.0.0/16"))?;
+    let addr = addr
+        .parse()
+        .with_context(|| format!("{flag} {text:?}: {addr:?} is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .with_context(|| format!("{flag} {text:?}: bad prefix length"))?;
+    vipd::core::model::Ipv4Net::new(addr, prefix)
+        .filter(|n| n.prefix <= 30)
+        .with_context(|| format!("{flag} {text:?}: the prefix length must be 0-30"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_agent(
+    pool: vipd::core::model::Ipv4Net,
+    state_dir: PathBuf,
+    grace: u64,
+    resync: u64,
+    dns_listen: Vec<std::net::SocketAddr>,
+    dns_domain: Option<String>,
+    dns_ttl: u32,
+    sysctls: SysctlSettings,
+) -> Result<()> {
+    use std::sync::Arc;
+    use vipd::docker::Engine;
+
+    let engine = Arc::new(vipd::docker::DockerEngine::connect().await?);
+    let networks = engine.networks().await.context("listing Docker networks")?;
+    let others: Vec<(String, vipd::core::model::Ipv4Net)> = networks
+        .iter()
+        .flat_map(|n| {
+            n.subnets.iter().filter_map(|(a, p)| {
+                vipd::core::model::Ipv4Net::new(*a, *p).map(|net| (format!("Docker network {}", n.name), net))
+            })
+        })
+        .collect();
+    vipd::core::alloc::check_pool(pool, &others)?;
+
+    let dns = if dns_listen.is_empty() {
+        None
+    } else {
+        let handle = vipd::dns::server::CatalogHandle::new(vipd::dns::catalog::Catalog::empty());
+        let mut allowed = vipd::dns::server::loopback_networks();
+        for (_, net) in &others {
+            allowed.push(format!("{}/{}", net.network().addr, net.prefix).parse()?);
+        }
+        let config = vipd::dns::server::DnsConfig::new(dns_listen, allowed);
+        let server = vipd::dns::server::DnsServer::bind(config, handle.clone()).await?;
+        tracing::info!(listen = ?server.local_addrs(), "DNS serving");
+        tokio::spawn(async move {
+            if let Err(e) = server.run(std::future::pending()).await {
+                tracing::error!(error = %e, "DNS server stopped");
+            }
+        });
+        Some(handle)
+    };
+
+    let cfg = vipd::agent::AgentConfig {
+        pool,
+        state_dir,
+        grace: std::time::Duration::from_secs(grace),
+        resync: std::time::Duration::from_secs(resync.max(1)),
+        debounce: std::time::Duration::from_millis(20),
+        sysctls,
+        dns_domain,
+        dns_ttl,
+    };
+    let agent = vipd::agent::Agent::new(engine, Arc::new(vipd::agent::KernelProgrammer), cfg, dns)?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        tracing::info!("stopping; the kernel state stays as it is");
+    };
+    agent.run(shutdown).await?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run {
+            vip_pool,
+            state_dir,
+            grace,
+            resync_interval,
+            dns_listen,
+            dns_domain,
+            dns_ttl,
+            sysctls,
+        } => {
+            let pool = parse_net(&vip_pool, "--vip-pool")?;
+            let sysctls = parse_sysctls(&sysctls)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run_agent(
+                pool,
+                state_dir,
+                grace,
+                resync_interval,
+                dns_listen,
+                dns_domain,
+                dns_ttl,
+                sysctls,
+            ))?;
+        }
         Command::Apply {
             netns: ns,
             file,
@@ -128,6 +265,7 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default = match cli.verbose {
+        0 if matches!(cli.command, Command::Run { .. }) => "info,hickory_server=warn",
         0 => "warn",
         1 => "info",
         _ => "debug",

@@ -4,5 +4,6 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod agent;
 mod datapath;
 mod ipvs_adapter;

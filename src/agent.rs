@@ -1,0 +1,551 @@
+//! `vipd run`: follow the Docker engine and keep every sandbox's VIPs in step.
+//!
+//! Level-triggered, like the per-namespace reconciler: events only say *which container*
+//! to look at again; one `sync` computes from all known containers what every sandbox
+//! should have and programs the sandboxes whose desired state changed, concurrently. A
+//! periodic resync re-lists every container and re-reads every sandbox from the kernel,
+//! so a missed event or a hand-made change never lasts longer than one interval. When
+//! the event stream fails, vipd reconnects with backoff and re-lists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::core::alloc::Allocations;
+use crate::core::cluster::{Attachment, Container, ContainerId};
+use crate::core::labels::{self, EndpointMode};
+use crate::core::model::Ipv4Net;
+use crate::core::plan::SysctlSettings;
+use crate::core::spec::SandboxSpec;
+use crate::core::topology;
+use crate::dns::server::CatalogHandle;
+use crate::docker::{ContainerInfo, Engine, EngineError, EngineEvent};
+use crate::netns::NetnsPath;
+use crate::reconcile;
+use crate::state::{StateError, StateStore};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub pool: Ipv4Net,
+    pub state_dir: PathBuf,
+    /// How long a service with no task keeps its VIP.
+    pub grace: Duration,
+    /// How often everything is re-listed and re-read.
+    pub resync: Duration,
+    /// How long to gather more events before syncing.
+    pub debounce: Duration,
+    pub sysctls: SysctlSettings,
+    pub dns_domain: Option<String>,
+    pub dns_ttl: u32,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Programs one sandbox; the real one enters the namespace, tests use a recorder.
+pub trait SandboxProgrammer: Send + Sync {
+    /// Bring `sandbox` to `spec`; returns how many operations were applied.
+    fn program(&self, sandbox: &Path, spec: &SandboxSpec, sysctls: &SysctlSettings) -> Result<usize, String>;
+}
+
+/// The real kernel: [`reconcile::reconcile_netns`] in the sandbox's namespace.
+#[derive(Debug, Default)]
+pub struct KernelProgrammer;
+
+impl SandboxProgrammer for KernelProgrammer {
+    fn program(&self, sandbox: &Path, spec: &SandboxSpec, sysctls: &SysctlSettings) -> Result<usize, String> {
+        let ns = NetnsPath::from_arg(&sandbox.display().to_string());
+        reconcile::reconcile_netns(&ns, spec, sysctls, false)
+            .map(|o| o.applied)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub sandboxes_programmed: usize,
+    pub operations: usize,
+    pub errors: Vec<String>,
+}
+
+/// The agent's state.
+pub struct Agent {
+    engine: Arc<dyn Engine>,
+    programmer: Arc<dyn SandboxProgrammer>,
+    cfg: AgentConfig,
+    store: StateStore,
+    allocs: Allocations,
+    containers: BTreeMap<ContainerId, Container>,
+    /// What each sandbox was last brought to successfully.
+    applied: BTreeMap<PathBuf, SandboxSpec>,
+    reported: BTreeSet<String>,
+    dns: Option<CatalogHandle>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The core's view of a container.
+pub fn container_from(info: &ContainerInfo) -> Container {
+    Container {
+        id: info.id.clone(),
+        name: info.name.clone(),
+        labels: info.labels.clone(),
+        running: info.running,
+        health: info.health,
+        sandbox: info.sandbox_key.clone(),
+        attachments: info
+            .networks
+            .iter()
+            .filter_map(|n| {
+                n.ip.map(|ip| Attachment {
+                    network: n.network_id.clone(),
+                    ip,
+                    prefix_len: n.prefix_len,
+                })
+            })
+            .collect(),
+    }
+}
+
+impl Agent {
+    /// An agent with its saved allocations (a corrupt state file is reported and set
+    /// aside: allocations start again from what Docker says).
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        programmer: Arc<dyn SandboxProgrammer>,
+        cfg: AgentConfig,
+        dns: Option<CatalogHandle>,
+    ) -> Result<Self, AgentError> {
+        let store = StateStore::open(&cfg.state_dir)?;
+        let mut allocs = match store.load() {
+            Ok(a) => a.unwrap_or_default(),
+            Err(e @ StateError::Corrupt { .. }) => {
+                warn!(error = %e, "starting with no saved allocations");
+                Allocations::default()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for gone in allocs.retain_pool(cfg.pool) {
+            warn!(service = %gone, pool = %cfg.pool, "saved VIP is outside the pool: the service gets a new one");
+        }
+        Ok(Agent {
+            engine,
+            programmer,
+            cfg,
+            store,
+            allocs,
+            containers: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            reported: BTreeSet::new(),
+            dns,
+        })
+    }
+
+    /// The current allocations.
+    pub fn allocations(&self) -> &Allocations {
+        &self.allocs
+    }
+
+    /// Replace what vipd knows with a full listing.
+    pub async fn relist(&mut self) -> Result<(), EngineError> {
+        let all = self.engine.containers().await?;
+        self.containers = all.iter().map(|i| (i.id.clone(), container_from(i))).collect();
+        info!(containers = self.containers.len(), "listed containers");
+        Ok(())
+    }
+
+    /// Look at the container an event is about again.
+    pub async fn on_event(&mut self, event: &EngineEvent) -> Result<(), EngineError> {
+        let id = match event {
+            EngineEvent::Container { id, action, .. } if !action.starts_with("exec_") => id,
+            EngineEvent::Network {
+                container: Some(id), ..
+            } => id,
+            _ => return Ok(()),
+        };
+        match self.engine.inspect(id).await? {
+            Some(info) => {
+                self.containers.insert(id.clone(), container_from(&info));
+            }
+            None => {
+                self.containers.remove(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bring every sandbox to what the known containers call for. With `full`, every
+    /// sandbox is re-read from the kernel, changed or not.
+    pub async fn sync(&mut self, full: bool) -> SyncReport {
+        let containers: Vec<Container> = self.containers.values().cloned().collect();
+        let (defs, label_errors) = labels::services(&containers);
+        for e in label_errors {
+            if self.reported.insert(e.to_string()) {
+                warn!(error = %e, "label refused");
+            }
+        }
+        let mut report = SyncReport::default();
+        let before = self.allocs.clone();
+        let now = now_secs();
+        for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
+            if let Err(e) = self.allocs.ensure(&def.name, self.cfg.pool) {
+                if self.reported.insert(e.to_string()) {
+                    warn!(error = %e, "no VIP");
+                }
+                report.errors.push(e.to_string());
+            }
+        }
+        let idle: Vec<_> = self
+            .allocs
+            .services
+            .keys()
+            .filter(|s| defs.get(*s).is_none_or(|d| d.mode != EndpointMode::Vip))
+            .cloned()
+            .collect();
+        for s in &idle {
+            self.allocs.idle(s, now);
+        }
+        for s in self.allocs.expire(now, self.cfg.grace.as_secs()) {
+            info!(service = %s, "VIP released after the grace period");
+        }
+        if self.allocs != before {
+            if let Err(e) = self.store.save(&self.allocs) {
+                warn!(error = %e, "allocations not saved");
+                report.errors.push(e.to_string());
+            }
+        }
+
+        if let Some(dns) = &self.dns {
+            let (catalog, warnings) = crate::dns::cluster::catalog(
+                &containers,
+                &defs,
+                &self.allocs,
+                self.cfg.dns_domain.as_deref(),
+                self.cfg.dns_ttl,
+            );
+            for w in warnings {
+                if self.reported.insert(w.clone()) {
+                    warn!("{w}");
+                }
+            }
+            dns.store(catalog);
+        }
+
+        let desired = topology::desired(&containers, &defs, &self.allocs);
+        self.applied.retain(|sb, _| desired.contains_key(sb));
+        let mut jobs = Vec::new();
+        for (sandbox, spec) in desired {
+            if !full && self.applied.get(&sandbox) == Some(&spec) {
+                continue;
+            }
+            let programmer = Arc::clone(&self.programmer);
+            let sysctls = self.cfg.sysctls.clone();
+            let span = info_span!("program", sandbox = %sandbox.display());
+            jobs.push(tokio::task::spawn_blocking(move || {
+                let _enter = span.enter();
+                let result = programmer.program(&sandbox, &spec, &sysctls);
+                (sandbox, spec, result)
+            }));
+        }
+        for job in futures::future::join_all(jobs).await {
+            let Ok((sandbox, spec, result)) = job else {
+                continue;
+            };
+            match result {
+                Ok(ops) => {
+                    report.sandboxes_programmed += 1;
+                    report.operations += ops;
+                    if ops > 0 {
+                        info!(sandbox = %sandbox.display(), operations = ops, "sandbox programmed");
+                    }
+                    self.applied.insert(sandbox, spec);
+                }
+                Err(e) => {
+                    // A container that died mid-programming takes its namespace with it:
+                    // the next event or resync settles it; nothing piles up.
+                    warn!(sandbox = %sandbox.display(), error = %e, "sandbox not programmed");
+                    self.applied.remove(&sandbox);
+                    report.errors.push(format!("{}: {e}", sandbox.display()));
+                }
+            }
+        }
+        report
+    }
+
+    /// Follow the engine until `shutdown` resolves.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            // Subscribe first, then list: nothing falls between the two.
+            let mut events = self.engine.events();
+            if let Err(e) = self.relist().await {
+                warn!(error = %e, retry_in = ?backoff, "Docker engine not reachable; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            backoff = Duration::from_millis(250);
+            let report = self.sync(true).instrument(info_span!("resync")).await;
+            info!(
+                sandboxes = report.sandboxes_programmed,
+                operations = report.operations,
+                errors = report.errors.len(),
+                "resynced"
+            );
+            let mut tick = tokio::time::interval(self.cfg.resync);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    next = events.next() => match next {
+                        Some(Ok(event)) => {
+                            let mut batch = vec![event];
+                            // Gather what arrives together (a scale-up is many events).
+                            while let Ok(Some(Ok(more))) = tokio::time::timeout(self.cfg.debounce, events.next()).await {
+                                batch.push(more);
+                            }
+                            let mut failed = false;
+                            for event in &batch {
+                                if let Err(e) = self.on_event(event).await {
+                                    warn!(error = %e, "inspect failed; re-listing");
+                                    failed = true;
+                                }
+                            }
+                            if failed {
+                                break;
+                            }
+                            self.sync(false).instrument(info_span!("sync", events = batch.len())).await;
+                        }
+                        Some(Err(e)) => {
+                            warn!(error = %e, "event stream failed; reconnecting and re-listing");
+                            break;
+                        }
+                        None => {
+                            warn!("event stream ended; reconnecting and re-listing");
+                            break;
+                        }
+                    },
+                    _ = tick.tick() => {
+                        if let Err(e) = self.relist().await {
+                            warn!(error = %e, "periodic re-list failed");
+                            break;
+                        }
+                        self.sync(true).instrument(info_span!("resync")).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::core::cluster::NetworkId;
+    use crate::docker::fake::{running_container, FakeEngine};
+    use crate::docker::ContainerNetwork;
+
+    /// Records what each sandbox was last brought to.
+    #[derive(Default)]
+    struct Recorder(Mutex<BTreeMap<PathBuf, SandboxSpec>>, Mutex<usize>);
+
+    impl SandboxProgrammer for Recorder {
+        fn program(&self, sandbox: &Path, spec: &SandboxSpec, _: &SysctlSettings) -> Result<usize, String> {
+            *self.1.lock().unwrap() += 1;
+            self.0.lock().unwrap().insert(sandbox.to_owned(), spec.clone());
+            Ok(1)
+        }
+    }
+
+    impl Recorder {
+        fn backends(&self, sandbox: &str, service: &str) -> Vec<String> {
+            let map = self.0.lock().unwrap();
+            let spec = map
+                .get(Path::new(sandbox))
+                .unwrap_or_else(|| panic!("{sandbox} never programmed"));
+            spec.services
+                .iter()
+                .find(|s| s.name.as_str() == service)
+                .map(|s| s.backends.iter().map(|b| b.addr.to_string()).collect())
+                .unwrap_or_default()
+        }
+
+        fn calls(&self) -> usize {
+            *self.1.lock().unwrap()
+        }
+    }
+
+    fn on_net(id: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerInfo {
+        let mut c = running_container(id, name).with_network(ContainerNetwork {
+            network_id: NetworkId("front".into()),
+            name: "front".into(),
+            ip: Some(ip.parse().unwrap()),
+            prefix_len: 24,
+            gateway: Some("10.1.0.1".parse().unwrap()),
+            aliases: vec![],
+        });
+        for (k, v) in labels {
+            c = c.with_label(k, v);
+        }
+        c
+    }
+
+    fn config(dir: &Path) -> AgentConfig {
+        AgentConfig {
+            pool: Ipv4Net::new("10.253.0.0".parse().unwrap(), 16).unwrap(),
+            state_dir: dir.to_owned(),
+            grace: Duration::from_secs(60),
+            resync: Duration::from_secs(3600),
+            debounce: Duration::from_millis(5),
+            sysctls: SysctlSettings::default(),
+            dns_domain: None,
+            dns_ttl: 5,
+        }
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vipd-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn tasks_become_backends_everywhere_and_leave_on_their_die_event() {
+        let engine = FakeEngine::new();
+        let web = [(labels::SERVICE, "web")];
+        engine.upsert_container(on_net("w1aaaaaaaaaa", "w1", "10.1.0.3", &web));
+        engine.upsert_container(on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web));
+        engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
+        let rec = Arc::new(Recorder::default());
+        let dir = tempdir("die");
+        let mut agent = Agent::new(Arc::new(engine.clone()), rec.clone(), config(&dir), None).unwrap();
+        agent.relist().await.unwrap();
+        let r = agent.sync(true).await;
+        assert_eq!((r.sandboxes_programmed, r.errors.len()), (3, 0));
+        assert_eq!(
+            rec.backends("/run/docker/netns/claaaaaaaaaa", "web"),
+            ["10.1.0.3", "10.1.0.4"]
+        );
+        assert_eq!(
+            rec.backends("/run/docker/netns/w1aaaaaaaaaa", "web"),
+            ["10.1.0.3", "10.1.0.4"]
+        );
+
+        // Nothing changed: nothing programmed.
+        let calls = rec.calls();
+        assert_eq!(agent.sync(false).await.sandboxes_programmed, 0);
+        assert_eq!(rec.calls(), calls);
+
+        // w2 dies: every sandbox drops it (w2's own sandbox is gone with it).
+        let mut dead = on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web);
+        dead.running = false;
+        engine.upsert_container(dead);
+        agent
+            .on_event(&EngineEvent::Container {
+                id: ContainerId("w2aaaaaaaaaa".into()),
+                action: "die".into(),
+                attributes: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        let r = agent.sync(false).await;
+        assert_eq!(r.sandboxes_programmed, 2);
+        assert_eq!(
+            rec.backends("/run/docker/netns/claaaaaaaaaa", "web"),
+            ["10.1.0.3"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn vips_survive_a_restart_of_vipd() {
+        let engine = FakeEngine::new();
+        engine.upsert_container(on_net(
+            "w1aaaaaaaaaa",
+            "w1",
+            "10.1.0.3",
+            &[(labels::SERVICE, "web")],
+        ));
+        engine.upsert_container(on_net(
+            "a1aaaaaaaaaa",
+            "a1",
+            "10.1.0.5",
+            &[(labels::SERVICE, "api")],
+        ));
+        let dir = tempdir("restart");
+        let first = {
+            let mut agent = Agent::new(
+                Arc::new(engine.clone()),
+                Arc::new(Recorder::default()),
+                config(&dir),
+                None,
+            )
+            .unwrap();
+            agent.relist().await.unwrap();
+            agent.sync(true).await;
+            agent.allocations().clone()
+        };
+        assert_eq!(first.services.len(), 2);
+        let mut again = Agent::new(
+            Arc::new(engine.clone()),
+            Arc::new(Recorder::default()),
+            config(&dir),
+            None,
+        )
+        .unwrap();
+        again.relist().await.unwrap();
+        again.sync(true).await;
+        assert_eq!(again.allocations(), &first);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_bad_label_affects_only_its_container() {
+        let engine = FakeEngine::new();
+        engine.upsert_container(on_net(
+            "w1aaaaaaaaaa",
+            "w1",
+            "10.1.0.3",
+            &[(labels::SERVICE, "web")],
+        ));
+        engine.upsert_container(on_net(
+            "x1aaaaaaaaaa",
+            "x1",
+            "10.1.0.4",
+            &[(labels::SERVICE, "web"), (labels::WEIGHT, "lots")],
+        ));
+        engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
+        let rec = Arc::new(Recorder::default());
+        let dir = tempdir("label");
+        let mut agent = Agent::new(Arc::new(engine.clone()), rec.clone(), config(&dir), None).unwrap();
+        agent.relist().await.unwrap();
+        agent.sync(true).await;
+        assert_eq!(
+            rec.backends("/run/docker/netns/claaaaaaaaaa", "web"),
+            ["10.1.0.3"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
