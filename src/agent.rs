@@ -54,20 +54,64 @@ pub enum AgentError {
 
 /// Programs one sandbox; the real one enters the namespace, tests use a recorder.
 pub trait SandboxProgrammer: Send + Sync {
-    /// Bring `sandbox` to `spec`; returns how many operations were applied.
-    fn program(&self, sandbox: &Path, spec: &SandboxSpec, sysctls: &SysctlSettings) -> Result<usize, String>;
+    /// Bring `sandbox` to `spec`; returns how many operations were applied. With `full`,
+    /// the sandbox is read from the kernel first; without, the programmer may work from
+    /// what it knows of the sandbox since the last call.
+    fn program(
+        &self,
+        sandbox: &Path,
+        spec: &SandboxSpec,
+        sysctls: &SysctlSettings,
+        full: bool,
+    ) -> Result<usize, String>;
+
+    /// The sandbox is gone (its container stopped): forget what is kept of it.
+    fn forget(&self, _sandbox: &Path) {}
 }
 
-/// The real kernel: [`reconcile::reconcile_netns`] in the sandbox's namespace.
+/// The real kernel. A full program reads the namespace and reconciles it
+/// ([`reconcile::reconcile_netns_kept`]); otherwise the change is planned against the view
+/// kept since ([`reconcile::update_netns`]), so a backend change is a few IPVS messages:
+/// no process, no dump.
 #[derive(Debug, Default)]
-pub struct KernelProgrammer;
+pub struct KernelProgrammer {
+    kept: std::sync::Mutex<BTreeMap<PathBuf, crate::core::plan::ObservedSandbox>>,
+}
 
 impl SandboxProgrammer for KernelProgrammer {
-    fn program(&self, sandbox: &Path, spec: &SandboxSpec, sysctls: &SysctlSettings) -> Result<usize, String> {
+    fn program(
+        &self,
+        sandbox: &Path,
+        spec: &SandboxSpec,
+        sysctls: &SysctlSettings,
+        full: bool,
+    ) -> Result<usize, String> {
         let ns = NetnsPath::from_arg(&sandbox.display().to_string());
-        reconcile::reconcile_netns(&ns, spec, sysctls, false)
-            .map(|o| o.applied)
-            .map_err(|e| e.to_string())
+        let kept = if full {
+            None
+        } else {
+            self.kept.lock().ok().and_then(|mut k| k.remove(sandbox))
+        };
+        let result = match kept {
+            Some(mut seen) => reconcile::update_netns(&ns, &mut seen, spec, sysctls).map(|o| (o, seen)),
+            None => reconcile::reconcile_netns_kept(&ns, spec, sysctls),
+        };
+        match result {
+            Ok((outcome, seen)) => {
+                if let Ok(mut k) = self.kept.lock() {
+                    k.insert(sandbox.to_owned(), seen);
+                }
+                Ok(outcome.applied)
+            }
+            // Nothing is kept after an error: the next call reads the kernel again.
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn forget(&self, sandbox: &Path) {
+        if let Ok(mut k) = self.kept.lock() {
+            k.remove(sandbox);
+        }
     }
 }
 
@@ -87,8 +131,9 @@ pub struct Agent {
     store: StateStore,
     allocs: Allocations,
     containers: BTreeMap<ContainerId, Container>,
-    /// What each sandbox was last brought to successfully.
-    applied: BTreeMap<PathBuf, SandboxSpec>,
+    /// What each sandbox was last brought to successfully, and its container's own
+    /// addresses then (when they change, the sandbox is read again: SNAT rules follow them).
+    applied: BTreeMap<PathBuf, (SandboxSpec, Vec<Attachment>)>,
     reported: BTreeSet<String>,
     dns: Option<CatalogHandle>,
 }
@@ -248,23 +293,41 @@ impl Agent {
         }
 
         let desired = topology::desired(&containers, &defs, &self.allocs);
-        self.applied.retain(|sb, _| desired.contains_key(sb));
+        let gone: Vec<PathBuf> = self
+            .applied
+            .keys()
+            .filter(|sb| !desired.contains_key(*sb))
+            .cloned()
+            .collect();
+        for sb in gone {
+            self.programmer.forget(&sb);
+            self.applied.remove(&sb);
+        }
+        let own: BTreeMap<&PathBuf, &Vec<Attachment>> = containers
+            .iter()
+            .filter_map(|c| c.sandbox.as_ref().map(|sb| (sb, &c.attachments)))
+            .collect();
         let mut jobs = Vec::new();
         for (sandbox, spec) in desired {
-            if !full && self.applied.get(&sandbox) == Some(&spec) {
-                continue;
-            }
+            let attachments = own.get(&sandbox).map(|a| (*a).clone()).unwrap_or_default();
+            let read_again = match self.applied.get(&sandbox) {
+                _ if full => true,
+                None => true,
+                Some((_, had)) if *had != attachments => true,
+                Some((was, _)) if *was == spec => continue,
+                Some(_) => false,
+            };
             let programmer = Arc::clone(&self.programmer);
             let sysctls = self.cfg.sysctls.clone();
             let span = info_span!("program", sandbox = %sandbox.display());
             jobs.push(tokio::task::spawn_blocking(move || {
                 let _enter = span.enter();
-                let result = programmer.program(&sandbox, &spec, &sysctls);
-                (sandbox, spec, result)
+                let result = programmer.program(&sandbox, &spec, &sysctls, read_again);
+                (sandbox, spec, attachments, result)
             }));
         }
         for job in futures::future::join_all(jobs).await {
-            let Ok((sandbox, spec, result)) = job else {
+            let Ok((sandbox, spec, attachments, result)) = job else {
                 continue;
             };
             match result {
@@ -274,7 +337,7 @@ impl Agent {
                     if ops > 0 {
                         info!(sandbox = %sandbox.display(), operations = ops, "sandbox programmed");
                     }
-                    self.applied.insert(sandbox, spec);
+                    self.applied.insert(sandbox, (spec, attachments));
                 }
                 Err(e) => {
                     // A container that died mid-programming takes its namespace with it:
@@ -367,13 +430,25 @@ mod tests {
     use crate::docker::fake::{running_container, FakeEngine};
     use crate::docker::ContainerNetwork;
 
-    /// Records what each sandbox was last brought to.
+    /// Records what each sandbox was last brought to, how many calls, and whether the
+    /// last call for each sandbox asked for a full read.
     #[derive(Default)]
-    struct Recorder(Mutex<BTreeMap<PathBuf, SandboxSpec>>, Mutex<usize>);
+    struct Recorder(
+        Mutex<BTreeMap<PathBuf, SandboxSpec>>,
+        Mutex<usize>,
+        Mutex<BTreeMap<PathBuf, bool>>,
+    );
 
     impl SandboxProgrammer for Recorder {
-        fn program(&self, sandbox: &Path, spec: &SandboxSpec, _: &SysctlSettings) -> Result<usize, String> {
+        fn program(
+            &self,
+            sandbox: &Path,
+            spec: &SandboxSpec,
+            _: &SysctlSettings,
+            full: bool,
+        ) -> Result<usize, String> {
             *self.1.lock().unwrap() += 1;
+            self.2.lock().unwrap().insert(sandbox.to_owned(), full);
             self.0.lock().unwrap().insert(sandbox.to_owned(), spec.clone());
             Ok(1)
         }
@@ -475,6 +550,35 @@ mod tests {
         assert_eq!(
             rec.backends("/run/docker/netns/claaaaaaaaaa", "web"),
             ["10.1.0.3"]
+        );
+        let client = PathBuf::from("/run/docker/netns/claaaaaaaaaa");
+        assert!(
+            !rec.2.lock().unwrap()[&client],
+            "a backend change works from the kept view"
+        );
+
+        // The client joins another network: its own addresses changed, so it is read again.
+        let moved = on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]).with_network(ContainerNetwork {
+            network_id: NetworkId("back".into()),
+            name: "back".into(),
+            ip: Some("10.2.0.9".parse().unwrap()),
+            prefix_len: 24,
+            gateway: None,
+            aliases: vec![],
+        });
+        engine.upsert_container(moved);
+        agent
+            .on_event(&EngineEvent::Network {
+                id: NetworkId("back".into()),
+                action: "connect".into(),
+                container: Some(ContainerId("claaaaaaaaaa".into())),
+            })
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        assert!(
+            rec.2.lock().unwrap()[&client],
+            "changed own addresses: read again"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -181,7 +181,12 @@ async fn run_agent(
         dns_domain,
         dns_ttl,
     };
-    let agent = vipd::agent::Agent::new(engine, Arc::new(vipd::agent::KernelProgrammer), cfg, dns)?;
+    let agent = vipd::agent::Agent::new(
+        engine,
+        Arc::new(vipd::agent::KernelProgrammer::default()),
+        cfg,
+        dns,
+    )?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {

@@ -180,6 +180,64 @@ pub fn update(
     Ok(Outcome { plan, applied })
 }
 
+/// [`update`] the namespace `ns` from a kept view, with the real kernel interfaces: a
+/// netlink socket and, only if rules or sysctls change, `iptables-restore` or
+/// `/proc/sys` writes. Nothing is read back.
+pub fn update_netns(
+    ns: &NetnsPath,
+    seen: &mut ObservedSandbox,
+    spec: &SandboxSpec,
+    sysctls: &SysctlSettings,
+) -> Result<Outcome, ReconcileError> {
+    let span = info_span!("sandbox", netns = %ns);
+    netns::run_in(ns, || {
+        let _enter = span.enter();
+        let mut ipvs = NetlinkIpvs::open()?;
+        let mut addrs = crate::addrs::FakeAddrs(seen.addrs.clone());
+        let mut sb = Sandbox {
+            ipvs: &mut ipvs,
+            firewall: &mut Iptables::default(),
+            sysctls: &mut ProcSysctls::default(),
+            addrs: &mut addrs,
+        };
+        update(&mut sb, seen, spec, sysctls)
+    })?
+}
+
+/// Read the namespace `ns` and reconcile it with the real kernel interfaces; returns the
+/// outcome and what the namespace holds afterwards (for later [`update_netns`] calls).
+pub fn reconcile_netns_kept(
+    ns: &NetnsPath,
+    spec: &SandboxSpec,
+    sysctls: &SysctlSettings,
+) -> Result<(Outcome, ObservedSandbox), ReconcileError> {
+    let span = info_span!("sandbox", netns = %ns);
+    netns::run_in(ns, || {
+        let _enter = span.enter();
+        let mut ipvs = NetlinkIpvs::open()?;
+        let mut sb = Sandbox {
+            ipvs: &mut ipvs,
+            firewall: &mut Iptables::default(),
+            sysctls: &mut ProcSysctls::default(),
+            addrs: &mut RtnetlinkAddrs,
+        };
+        let seen = observe(&mut sb, spec, sysctls)?;
+        let plan = plan::plan(spec, &seen, sysctls)?;
+        let applied = if plan.is_empty() {
+            0
+        } else {
+            apply(&mut sb, &plan)?
+        };
+        Ok((
+            Outcome {
+                applied,
+                plan: plan.clone(),
+            },
+            seen.after(&plan),
+        ))
+    })?
+}
+
 /// Reconcile the namespace `ns` with the real kernel interfaces.
 pub fn reconcile_netns(
     ns: &NetnsPath,
