@@ -31,7 +31,7 @@ pub use crate::core::labels::{NamedPort, PortProtocol};
 use crate::core::model::{BackendAddr, ServiceName, Vip};
 
 /// The TTL of every record when none is configured. Short on purpose: Swarm's fixed 600 s
-/// keeps clients on dead task addresses for ten minutes (moby#30029).
+/// keeps clients on dead task addresses for ten minutes.
 pub const DEFAULT_TTL: u32 = 5;
 
 /// The weight of every SRV record: all tasks are equal.
