@@ -142,28 +142,25 @@ pub fn reconcile(
     sysctls: &SysctlSettings,
     dry_run: bool,
 ) -> Result<Outcome, ReconcileError> {
-    let seen = observe(sb, spec, sysctls)?;
-    let plan = plan::plan(spec, &seen, sysctls)?;
-    for line in plan.lines() {
-        debug!(op = %line, dry_run, "planned");
-    }
-    let applied = if dry_run || plan.is_empty() {
-        0
+    let mut seen = observe(sb, spec, sysctls)?;
+    let outcome = if dry_run {
+        let plan = plan::plan(spec, &seen, sysctls)?;
+        Outcome { plan, applied: 0 }
     } else {
-        apply(sb, &plan)?
+        update(sb, &mut seen, spec, sysctls)?
     };
     info!(
         services = spec.services.len(),
-        planned = plan.len(),
-        applied,
+        planned = outcome.plan.len(),
+        applied = outcome.applied,
         dry_run,
         "reconciled"
     );
-    Ok(Outcome { plan, applied })
+    Ok(outcome)
 }
 
-/// Bring a sandbox to `spec` from a view of it kept since the last run, without reading
-/// the kernel again: the cheap path for a long-lived sandbox, where a backend change is a
+/// Bring a sandbox to `spec` from a view of it (kept since the last run, or just read),
+/// without reading the kernel again: the cheap path for a long-lived sandbox, where a backend change is a
 /// few IPVS messages and nothing else (no process, no dump). `seen` is updated to what
 /// the kernel holds afterwards; on error it is left as it was, and the caller should
 /// [`observe`] again (the periodic resync does).
@@ -174,10 +171,42 @@ pub fn update(
     sysctls: &SysctlSettings,
 ) -> Result<Outcome, ReconcileError> {
     let plan = plan::plan(spec, seen, sysctls)?;
+    for line in plan.lines() {
+        debug!(op = %line, "planned");
+    }
     let applied = if plan.is_empty() { 0 } else { apply(sb, &plan)? };
     *seen = seen.after(&plan);
-    debug!(planned = plan.len(), applied, "updated from the kept view");
     Ok(Outcome { plan, applied })
+}
+
+/// Run `work` with the real kernel interfaces of the namespace `ns`, on a thread inside
+/// it. `addrs`: the namespace's addresses if already known (nothing is read then).
+fn with_sandbox<R: Send>(
+    ns: &NetnsPath,
+    addrs: Option<Vec<crate::core::model::Ipv4Net>>,
+    work: impl FnOnce(&mut Sandbox<'_>) -> Result<R, ReconcileError> + Send,
+) -> Result<R, ReconcileError> {
+    let span = info_span!("sandbox", netns = %ns);
+    netns::run_in(ns, || {
+        let _enter = span.enter();
+        let mut ipvs = NetlinkIpvs::open()?;
+        let mut known;
+        let mut read = RtnetlinkAddrs;
+        let addrs: &mut dyn Addresses = match addrs {
+            Some(a) => {
+                known = crate::addrs::FakeAddrs(a);
+                &mut known
+            }
+            None => &mut read,
+        };
+        let mut sb = Sandbox {
+            ipvs: &mut ipvs,
+            firewall: &mut Iptables::default(),
+            sysctls: &mut ProcSysctls::default(),
+            addrs,
+        };
+        work(&mut sb)
+    })?
 }
 
 /// [`update`] the namespace `ns` from a kept view, with the real kernel interfaces: a
@@ -189,19 +218,8 @@ pub fn update_netns(
     spec: &SandboxSpec,
     sysctls: &SysctlSettings,
 ) -> Result<Outcome, ReconcileError> {
-    let span = info_span!("sandbox", netns = %ns);
-    netns::run_in(ns, || {
-        let _enter = span.enter();
-        let mut ipvs = NetlinkIpvs::open()?;
-        let mut addrs = crate::addrs::FakeAddrs(seen.addrs.clone());
-        let mut sb = Sandbox {
-            ipvs: &mut ipvs,
-            firewall: &mut Iptables::default(),
-            sysctls: &mut ProcSysctls::default(),
-            addrs: &mut addrs,
-        };
-        update(&mut sb, seen, spec, sysctls)
-    })?
+    let addrs = seen.addrs.clone();
+    with_sandbox(ns, Some(addrs), |sb| update(sb, seen, spec, sysctls))
 }
 
 /// Read the namespace `ns` and reconcile it with the real kernel interfaces; returns the
@@ -211,31 +229,11 @@ pub fn reconcile_netns_kept(
     spec: &SandboxSpec,
     sysctls: &SysctlSettings,
 ) -> Result<(Outcome, ObservedSandbox), ReconcileError> {
-    let span = info_span!("sandbox", netns = %ns);
-    netns::run_in(ns, || {
-        let _enter = span.enter();
-        let mut ipvs = NetlinkIpvs::open()?;
-        let mut sb = Sandbox {
-            ipvs: &mut ipvs,
-            firewall: &mut Iptables::default(),
-            sysctls: &mut ProcSysctls::default(),
-            addrs: &mut RtnetlinkAddrs,
-        };
-        let seen = observe(&mut sb, spec, sysctls)?;
-        let plan = plan::plan(spec, &seen, sysctls)?;
-        let applied = if plan.is_empty() {
-            0
-        } else {
-            apply(&mut sb, &plan)?
-        };
-        Ok((
-            Outcome {
-                applied,
-                plan: plan.clone(),
-            },
-            seen.after(&plan),
-        ))
-    })?
+    with_sandbox(ns, None, |sb| {
+        let mut seen = observe(sb, spec, sysctls)?;
+        let outcome = update(sb, &mut seen, spec, sysctls)?;
+        Ok((outcome, seen))
+    })
 }
 
 /// Reconcile the namespace `ns` with the real kernel interfaces.
@@ -245,18 +243,7 @@ pub fn reconcile_netns(
     sysctls: &SysctlSettings,
     dry_run: bool,
 ) -> Result<Outcome, ReconcileError> {
-    let span = info_span!("sandbox", netns = %ns);
-    netns::run_in(ns, || {
-        let _enter = span.enter();
-        let mut ipvs = NetlinkIpvs::open()?;
-        let mut sb = Sandbox {
-            ipvs: &mut ipvs,
-            firewall: &mut Iptables::default(),
-            sysctls: &mut ProcSysctls::default(),
-            addrs: &mut RtnetlinkAddrs,
-        };
-        reconcile(&mut sb, spec, sysctls, dry_run)
-    })?
+    with_sandbox(ns, None, |sb| reconcile(sb, spec, sysctls, dry_run))
 }
 
 /// One of vipd's services in a namespace, as the kernel has it.
