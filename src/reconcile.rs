@@ -65,8 +65,10 @@ pub fn observe(
     spec: &SandboxSpec,
     sysctls: &SysctlSettings,
 ) -> Result<ObservedSandbox, ReconcileError> {
-    let services = sb.ipvs.services()?;
     let firewall = firewall::parse_save(&sb.firewall.save()?);
+    let services = sb
+        .ipvs
+        .services_including(&plan::keys_to_confirm(spec, &firewall))?;
     let mut dests = BTreeMap::new();
     for key in plan::services_to_read(spec, &services, &firewall) {
         dests.insert(key, sb.ipvs.destinations(&key)?);
@@ -266,8 +268,9 @@ pub struct SandboxView {
 
 /// Read vipd's services in a namespace: the mark rules say which are vipd's.
 pub fn inspect(ipvs: &mut dyn IpvsTable, fw: &mut dyn Firewall) -> Result<SandboxView, ReconcileError> {
-    let services = ipvs.services()?;
     let marked = firewall::parse_save(&fw.save()?).marked_services();
+    let keys: Vec<ServiceKey> = marked.iter().map(|m| ServiceKey::fwmark(m.fwmark)).collect();
+    let services = ipvs.services_including(&keys)?;
     let mut views = Vec::new();
     for m in marked {
         let key = ServiceKey::fwmark(m.fwmark);

@@ -184,21 +184,30 @@ impl ObservedSandbox {
     }
 }
 
-/// The services whose destinations the planner needs: vipd's own (by its mark rules) and
-/// the wanted ones that exist.
-pub fn services_to_read(
-    spec: &SandboxSpec,
-    services: &[VirtualService],
-    fw: &ObservedFirewall,
-) -> Vec<ServiceKey> {
-    let present: BTreeSet<ServiceKey> = services.iter().map(|s| s.key).collect();
+/// The services the planner decides about: vipd's own (by its mark rules) and the wanted
+/// ones.
+pub fn keys_to_confirm(spec: &SandboxSpec, fw: &ObservedFirewall) -> Vec<ServiceKey> {
     let mut keys: BTreeSet<ServiceKey> = fw
         .marked_services()
         .iter()
         .map(|m| ServiceKey::fwmark(m.fwmark))
         .collect();
     keys.extend(spec.services.iter().map(|s| ServiceKey::fwmark(s.fwmark)));
-    keys.into_iter().filter(|k| present.contains(k)).collect()
+    keys.into_iter().collect()
+}
+
+/// The services whose destinations the planner needs: those of [`keys_to_confirm`] that
+/// exist.
+pub fn services_to_read(
+    spec: &SandboxSpec,
+    services: &[VirtualService],
+    fw: &ObservedFirewall,
+) -> Vec<ServiceKey> {
+    let present: BTreeSet<ServiceKey> = services.iter().map(|s| s.key).collect();
+    keys_to_confirm(spec, fw)
+        .into_iter()
+        .filter(|k| present.contains(k))
+        .collect()
 }
 
 /// A plan cannot be made.

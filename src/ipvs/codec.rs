@@ -371,6 +371,11 @@ pub fn services_dump_request() -> Result<IpvsMsg, IpvsError> {
     message(IpvsCmd::GetService, Vec::new())
 }
 
+/// The GET_SERVICE request for one service; send it without `NLM_F_DUMP`.
+pub fn service_get_request(key: &ServiceKey) -> Result<IpvsMsg, IpvsError> {
+    message(IpvsCmd::GetService, vec![service_key_nest(key)?])
+}
+
 /// The GET_DEST request for one service; send it with `NLM_F_DUMP`.
 pub fn destinations_dump_request(service: &ServiceKey) -> Result<IpvsMsg, IpvsError> {
     message(IpvsCmd::GetDest, vec![service_key_nest(service)?])

@@ -258,6 +258,10 @@ impl IpvsTable for FakeIpvs {
         Ok(self.services.values().map(|e| e.service.clone()).collect())
     }
 
+    fn get_service(&mut self, key: &ServiceKey) -> Result<Option<VirtualService>, IpvsError> {
+        Ok(self.services.get(key).map(|e| e.service.clone()))
+    }
+
     fn destinations(&mut self, service: &ServiceKey) -> Result<Vec<Destination>, IpvsError> {
         Ok(self
             .services

@@ -56,6 +56,26 @@ pub trait IpvsTable {
     /// Every virtual service in the table, vipd's and foreign ones.
     fn services(&mut self) -> Result<Vec<VirtualService>, IpvsError>;
 
+    /// One service, read on its own (exact even while other namespaces change).
+    fn get_service(&mut self, key: &ServiceKey) -> Result<Option<VirtualService>, IpvsError>;
+
+    /// [`Self::services`], completed with a read of each of `keys` the listing lacks.
+    ///
+    /// A listing of a large table can miss an entry while another namespace changes (see
+    /// the netlink adapter); the keys the caller acts on are read one by one when absent,
+    /// so a decision about them never rests on a missed entry.
+    fn services_including(&mut self, keys: &[ServiceKey]) -> Result<Vec<VirtualService>, IpvsError> {
+        let mut list = self.services()?;
+        let listed: std::collections::BTreeSet<ServiceKey> = list.iter().map(|s| s.key).collect();
+        for key in keys.iter().filter(|k| !listed.contains(k)) {
+            if let Some(s) = self.get_service(key)? {
+                tracing::debug!(service = %key, "an IPVS listing missed a service; read on its own");
+                list.push(s);
+            }
+        }
+        Ok(list)
+    }
+
     /// The destinations of one service.
     fn destinations(&mut self, service: &ServiceKey) -> Result<Vec<Destination>, IpvsError>;
 
@@ -72,5 +92,65 @@ pub trait IpvsTable {
             self.apply(op).map_err(|e| (i, e))?;
         }
         Ok(ops.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeIpvs;
+    use super::*;
+    use crate::core::ipvs::ServiceConfig;
+    use crate::core::model::{FwMark, Scheduler};
+
+    /// A table whose listing misses one service, as a kernel dump can.
+    struct Lossy(FakeIpvs, ServiceKey);
+
+    impl IpvsTable for Lossy {
+        fn services(&mut self) -> Result<Vec<VirtualService>, IpvsError> {
+            let mut all = self.0.services()?;
+            all.retain(|s| s.key != self.1);
+            Ok(all)
+        }
+        fn get_service(&mut self, key: &ServiceKey) -> Result<Option<VirtualService>, IpvsError> {
+            self.0.get_service(key)
+        }
+        fn destinations(&mut self, service: &ServiceKey) -> Result<Vec<Destination>, IpvsError> {
+            self.0.destinations(service)
+        }
+        fn timeouts(&mut self) -> Result<Timeouts, IpvsError> {
+            self.0.timeouts()
+        }
+        fn apply(&mut self, op: &IpvsOp) -> Result<(), IpvsError> {
+            self.0.apply(op)
+        }
+    }
+
+    fn key(mark: u32) -> ServiceKey {
+        ServiceKey::fwmark(FwMark::new(mark).unwrap())
+    }
+
+    #[test]
+    fn a_service_the_listing_missed_is_read_on_its_own_when_asked_for() {
+        let mut t = Lossy(FakeIpvs::new(), key(2));
+        for m in 1..=3 {
+            t.apply(&IpvsOp::AddService {
+                key: key(m),
+                config: ServiceConfig::new(Scheduler::RoundRobin),
+            })
+            .unwrap();
+        }
+        assert_eq!(t.services().unwrap().len(), 2);
+        let mut got: Vec<_> = t
+            .services_including(&[key(2), key(9)])
+            .unwrap()
+            .into_iter()
+            .map(|s| s.key)
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![key(1), key(2), key(3)],
+            "missed one found, absent one not invented"
+        );
     }
 }

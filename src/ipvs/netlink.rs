@@ -29,6 +29,9 @@
 use std::io::Cursor;
 use std::time::Instant;
 
+/// How many more times a listing of many parts is read while two reads disagree.
+const MAX_DUMP_ATTEMPTS: usize = 3;
+
 use neli::consts::genl::{CtrlAttr, CtrlCmd};
 use neli::consts::nl::{GenlId, NlmF};
 use neli::consts::socket::NlFamily;
@@ -287,24 +290,39 @@ impl NetlinkIpvs {
         what: &str,
         flags: NlmF,
         msg: IpvsMsg,
-        mut decode: impl FnMut(&IpvsMsg) -> Result<T, IpvsError>,
+        decode: impl FnMut(&IpvsMsg) -> Result<T, IpvsError>,
     ) -> Result<Vec<T>, IpvsError> {
+        self.request_parts(what, flags, msg, decode)
+            .map(|(items, _)| items)
+    }
+
+    /// As [`Self::request`], and how many datagrams the answer came in.
+    fn request_parts<T>(
+        &mut self,
+        what: &str,
+        flags: NlmF,
+        msg: IpvsMsg,
+        mut decode: impl FnMut(&IpvsMsg) -> Result<T, IpvsError>,
+    ) -> Result<(Vec<T>, usize), IpvsError> {
         let seq = self.next_seq();
         let mut out = Cursor::new(Vec::new());
         codec::append_nlmsg(&mut out, self.family, flags, seq, self.pid, msg)?;
         self.send(out.get_ref())?;
         let mut items = Vec::new();
+        let mut parts = 0;
         loop {
             let n = self.recv()?;
+            let before = items.len();
+            let mut end = false;
             for r in split(&self.buf[..n])? {
                 if r.seq != seq {
                     tracing::debug!(seq = r.seq, want = seq, "skipping a stale netlink message");
                     continue;
                 }
                 match r.ty {
-                    NLMSG_DONE => return Ok(items),
+                    NLMSG_DONE => end = true,
                     NLMSG_ERROR => match error_code(r.payload)? {
-                        0 => return Ok(items),
+                        0 => end = true,
                         errno => return Err(IpvsError::kernel(what, errno)),
                     },
                     NLMSG_OVERRUN => return Err(IpvsError::Socket(format!("{what}: netlink overrun"))),
@@ -313,6 +331,16 @@ impl NetlinkIpvs {
                     }
                     _ => {}
                 }
+                if end {
+                    break;
+                }
+            }
+            // Datagrams that carried entries: each is one pass of the kernel's dump.
+            if items.len() > before {
+                parts += 1;
+            }
+            if end {
+                return Ok((items, parts));
             }
         }
     }
@@ -390,16 +418,67 @@ impl NetlinkIpvs {
 }
 
 impl IpvsTable for NetlinkIpvs {
+    /// Every service of the namespace, each once.
+    ///
+    /// The kernel answers a dump in parts, one per datagram, and resumes each part at an
+    /// index into hash tables that hold every namespace's services. A change anywhere
+    /// between two parts (another sandbox being programmed) shifts that index, so a dump
+    /// of many parts can repeat an entry or miss one, and the kernel does not flag it. A
+    /// dump of one part was taken under the table lock and is exact. A longer one is
+    /// read again until two reads agree, a few times at most; repeats are dropped. What
+    /// may still be missed is read key by key by [`IpvsTable::services_including`].
     fn services(&mut self) -> Result<Vec<VirtualService>, IpvsError> {
-        self.request(
-            "list services",
-            NlmF::DUMP,
-            codec::services_dump_request()?,
+        let mut read = || -> Result<(Vec<VirtualService>, usize), IpvsError> {
+            let (mut list, parts) = self.request_parts(
+                "list services",
+                NlmF::DUMP,
+                codec::services_dump_request()?,
+                codec::decode_service,
+            )?;
+            let mut seen = std::collections::BTreeSet::new();
+            list.retain(|s| seen.insert(s.key));
+            Ok((list, parts))
+        };
+        let (mut list, parts) = read()?;
+        if parts <= 1 {
+            return Ok(list);
+        }
+        let same = |a: &[VirtualService], b: &[VirtualService]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.key == y.key && x.config == y.config)
+        };
+        for _ in 0..MAX_DUMP_ATTEMPTS {
+            let (again, parts) = read()?;
+            if parts <= 1 || same(&list, &again) {
+                return Ok(again);
+            }
+            list = again;
+        }
+        tracing::debug!(
+            services = list.len(),
+            "the IPVS table kept changing while listed; callers read the keys they need one by one"
+        );
+        Ok(list)
+    }
+
+    fn get_service(&mut self, key: &ServiceKey) -> Result<Option<VirtualService>, IpvsError> {
+        match self.request(
+            &format!("get service {key}"),
+            NlmF::ACK,
+            codec::service_get_request(key)?,
             codec::decode_service,
-        )
+        ) {
+            Ok(mut found) => Ok(found.pop()),
+            Err(e) if e.errno() == Some(nix::errno::Errno::ESRCH as i32) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn destinations(&mut self, service: &ServiceKey) -> Result<Vec<Destination>, IpvsError> {
+        // A service's destinations are a list of their own, resumed at an index into that
+        // list: only a change to this service, which vipd makes itself, can shift it.
         let af = service.af();
         self.request(
             &format!("list destinations of {service}"),

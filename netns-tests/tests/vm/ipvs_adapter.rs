@@ -678,8 +678,14 @@ fn pipelined_failures_leave_the_table_as_one_by_one_would() {
 
 /// Services with their sorted destinations (key, weight), sorted.
 fn snapshot(t: &mut dyn IpvsTable) -> Snapshot {
+    snapshot_including(t, &[])
+}
+
+/// [`snapshot`], with `keys` read one by one if the listing missed them (see
+/// `a_listing_stays_exact_while_another_namespace_changes`).
+fn snapshot_including(t: &mut dyn IpvsTable, keys: &[ServiceKey]) -> Snapshot {
     let mut out: Vec<_> = t
-        .services()
+        .services_including(keys)
         .unwrap()
         .into_iter()
         .map(|s| {
@@ -744,31 +750,38 @@ fn programming_4000_operations_pipelined_matches_one_by_one_and_ipvsadm_restore(
     .unwrap();
     let _ = std::fs::remove_file(&file);
 
-    let a = ours.with(|t| snapshot(t));
+    let keys: Vec<ServiceKey> = (1..=SERVICES).map(fwm).collect();
+    let a = ours.with(|t| snapshot_including(t, &keys));
     assert_eq!(a.len(), SERVICES as usize);
     assert!(a.iter().all(|(_, _, d)| d.len() == 3));
-    same_tables("one request at a time", &a, &one_by_one.with(|t| snapshot(t)));
-    // Against ipvsadm -R, compare what ipvsadm itself lists in both namespaces, so the
-    // check does not depend on vipd's own dump code.
+    same_tables(
+        "one request at a time",
+        &a,
+        &one_by_one.with(|t| snapshot_including(t, &keys)),
+    );
+    // Against ipvsadm -R, compare what ipvsadm itself saves in both namespaces, so the
+    // check does not depend on vipd's own dump code. ipvsadm lists with a plain dump,
+    // which can repeat or miss a service while other tests change their namespaces:
+    // each line of -S names its service, so repeats fold, and a short read is read again.
     let listing = |n: &IpvsNs| {
-        let mut lines: Vec<String> =
-            n.ns.exec(&["ipvsadm", "-Ln"])
-                .lines()
-                .map(str::to_owned)
-                .collect();
-        lines.sort();
-        lines
+        for _ in 0..20 {
+            let lines: std::collections::BTreeSet<String> =
+                n.ns.exec(&["ipvsadm", "-Sn"])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect();
+            if lines.iter().filter(|l| l.starts_with("-A ")).count() == SERVICES as usize {
+                return lines;
+            }
+        }
+        panic!("ipvsadm -Sn never listed {SERVICES} services in 20 reads");
     };
     let (mine, restored) = (listing(&ours), listing(&theirs));
-    assert_eq!(
-        mine.iter().filter(|l| l.starts_with("FWM")).count(),
-        SERVICES as usize
-    );
-    let only_mine: Vec<_> = mine.iter().filter(|l| !restored.contains(l)).take(5).collect();
-    let only_restored: Vec<_> = restored.iter().filter(|l| !mine.contains(l)).take(5).collect();
+    let only_mine: Vec<_> = mine.difference(&restored).take(5).collect();
+    let only_restored: Vec<_> = restored.difference(&mine).take(5).collect();
     assert!(
-        mine.len() == restored.len() && only_mine.is_empty() && only_restored.is_empty(),
-        "ipvsadm -Ln differs: {} vs {} lines; only after apply_all: {only_mine:?}; only after ipvsadm -R: {only_restored:?}",
+        only_mine.is_empty() && only_restored.is_empty(),
+        "ipvsadm -Sn differs: {} vs {} lines; only after apply_all: {only_mine:?}; only after ipvsadm -R: {only_restored:?}",
         mine.len(),
         restored.len()
     );
@@ -786,4 +799,89 @@ fn same_tables(what: &str, ours: &Snapshot, other: &Snapshot) {
         ours.len(),
         other.len()
     );
+}
+
+/// The kernel dumps services in parts and resumes each part at an index into hash
+/// tables shared by every namespace, so a change in another namespace between parts can
+/// make a plain dump miss or repeat a service. vipd programs many sandboxes at once; its
+/// listing of one must stay exact while another is changing.
+#[test]
+fn a_listing_stays_exact_while_another_namespace_changes() {
+    const SERVICES: u32 = 1000;
+    const LISTINGS: usize = 8;
+    let listed = IpvsNs::new();
+    let busy = IpvsNs::new();
+    let ops: Vec<IpvsOp> = (1..=SERVICES)
+        .map(|i| add_svc(fwm(i * 7), Scheduler::RoundRobin))
+        .collect();
+    listed.with(|t| assert_eq!(t.apply_all(&ops).unwrap(), ops.len()));
+    let want: Vec<ServiceKey> = {
+        let mut k: Vec<ServiceKey> = (1..=SERVICES).map(|i| fwm(i * 7)).collect();
+        k.sort();
+        k
+    };
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        let path = busy.path();
+        std::thread::spawn(move || {
+            run_in(&path, || {
+                let mut t = NetlinkIpvs::open().unwrap();
+                let mut rounds = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Marks spread over every hash bucket, before and after the listed ones.
+                    let keys: Vec<ServiceKey> = (0..200).map(|i| fwm(1 + (i * 37 + rounds) % 9000)).collect();
+                    let add: Vec<IpvsOp> = keys.iter().map(|k| add_svc(*k, Scheduler::RoundRobin)).collect();
+                    let del: Vec<IpvsOp> = keys.iter().map(|k| IpvsOp::DelService { key: *k }).collect();
+                    for op in add.iter().chain(&del) {
+                        let _ = t.apply(op);
+                    }
+                    rounds += 1;
+                }
+                rounds
+            })
+            .unwrap()
+        })
+    };
+
+    let mut plain_dump_wrong = 0;
+    for _ in 0..LISTINGS {
+        let mut got: Vec<ServiceKey> = listed
+            .with(|t| t.services_including(&want).unwrap())
+            .iter()
+            .map(|s| s.key)
+            .collect();
+        got.sort();
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "a listing taken during changes elsewhere has the wrong size"
+        );
+        assert!(
+            got == want,
+            "a listing taken during changes elsewhere differs from the table"
+        );
+        // ipvsadm reads with a plain dump: count (not assert) how often it is wrong.
+        let fwm_lines = listed
+            .ns
+            .exec(&["ipvsadm", "-Ln"])
+            .lines()
+            .filter(|l| l.starts_with("FWM"))
+            .count();
+        if fwm_lines != SERVICES as usize {
+            plain_dump_wrong += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = churn.join().unwrap();
+    listed.with(|t| {
+        assert_eq!(t.get_service(&fwm(7)).unwrap().map(|s| s.key), Some(fwm(7)));
+        assert!(
+            t.get_service(&fwm(8)).unwrap().is_none(),
+            "a missing service reads as none"
+        );
+    });
+    assert!(rounds > 0, "the other namespace never changed");
+    eprintln!("{LISTINGS} listings exact; {rounds} rounds of 400 changes elsewhere; ipvsadm -Ln was wrong {plain_dump_wrong} times of {LISTINGS}");
 }
