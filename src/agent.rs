@@ -19,9 +19,10 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::core::alloc::Allocations;
 use crate::core::cluster::{Attachment, Container, ContainerId};
 use crate::core::labels::{self, EndpointMode};
-use crate::core::model::Ipv4Net;
+use crate::core::model::{Ipv4Net, ServiceName};
 use crate::core::plan::SysctlSettings;
 use crate::core::spec::SandboxSpec;
+use crate::core::status::{self, EngineState, SandboxStatus, Status};
 use crate::core::topology;
 use crate::dns::server::CatalogHandle;
 use crate::docker::{ContainerInfo, Engine, EngineError, EngineEvent};
@@ -136,6 +137,11 @@ pub struct Agent {
     applied: BTreeMap<PathBuf, (SandboxSpec, Vec<Attachment>)>,
     reported: BTreeSet<String>,
     dns: Option<CatalogHandle>,
+    /// Each sandbox's last outcome, for `vipd status`.
+    sandboxes: BTreeMap<PathBuf, SandboxStatus>,
+    engine_state: EngineState,
+    last_resync: u64,
+    status: tokio::sync::watch::Sender<Status>,
 }
 
 fn now_secs() -> u64 {
@@ -199,6 +205,10 @@ impl Agent {
             applied: BTreeMap::new(),
             reported: BTreeSet::new(),
             dns,
+            sandboxes: BTreeMap::new(),
+            engine_state: EngineState::default(),
+            last_resync: 0,
+            status: tokio::sync::watch::Sender::new(Status::default()),
         })
     }
 
@@ -207,9 +217,28 @@ impl Agent {
         &self.allocs
     }
 
+    /// What `vipd status` shows, updated after every sync.
+    pub fn status(&self) -> tokio::sync::watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
     /// Replace what vipd knows with a full listing.
     pub async fn relist(&mut self) -> Result<(), EngineError> {
-        let all = self.engine.containers().await?;
+        let all = match self.engine.containers().await {
+            Ok(all) => all,
+            Err(e) => {
+                self.engine_state = EngineState {
+                    connected: false,
+                    error: Some(e.to_string()),
+                };
+                self.status.send_modify(|s| s.docker = self.engine_state.clone());
+                return Err(e);
+            }
+        };
+        self.engine_state = EngineState {
+            connected: true,
+            error: None,
+        };
         self.containers = all.iter().map(|i| (i.id.clone(), container_from(i))).collect();
         info!(containers = self.containers.len(), "listed containers");
         Ok(())
@@ -240,7 +269,7 @@ impl Agent {
     pub async fn sync(&mut self, full: bool) -> SyncReport {
         let containers: Vec<Container> = self.containers.values().cloned().collect();
         let (defs, label_errors) = labels::services(&containers);
-        for e in label_errors {
+        for e in &label_errors {
             if self.reported.insert(e.to_string()) {
                 warn!(error = %e, "label refused");
             }
@@ -248,12 +277,17 @@ impl Agent {
         let mut report = SyncReport::default();
         let before = self.allocs.clone();
         let now = now_secs();
+        let mut service_errors: BTreeMap<ServiceName, Vec<String>> = BTreeMap::new();
         for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
             if let Err(e) = self.allocs.ensure(&def.name, self.cfg.pool) {
                 if self.reported.insert(e.to_string()) {
                     warn!(error = %e, "no VIP");
                 }
                 report.errors.push(e.to_string());
+                service_errors
+                    .entry(def.name.clone())
+                    .or_default()
+                    .push(e.to_string());
             }
         }
         let idle: Vec<_> = self
@@ -303,6 +337,27 @@ impl Agent {
             self.programmer.forget(&sb);
             self.applied.remove(&sb);
         }
+        self.sandboxes.retain(|sb, _| desired.contains_key(sb));
+        let names: BTreeMap<&PathBuf, &str> = containers
+            .iter()
+            .filter_map(|c| c.sandbox.as_ref().map(|sb| (sb, c.name.as_str())))
+            .collect();
+        for (sandbox, spec) in &desired {
+            let entry = self
+                .sandboxes
+                .entry(sandbox.clone())
+                .or_insert_with(|| SandboxStatus {
+                    path: sandbox.clone(),
+                    container: String::new(),
+                    services: Vec::new(),
+                    in_sync: false,
+                    error: None,
+                    last_operations: 0,
+                    last_change: 0,
+                });
+            entry.container = names.get(sandbox).map(|n| n.to_string()).unwrap_or_default();
+            entry.services = spec.services.iter().map(|s| s.name.to_string()).collect();
+        }
         let own: BTreeMap<&PathBuf, &Vec<Attachment>> = containers
             .iter()
             .filter_map(|c| c.sandbox.as_ref().map(|sb| (sb, &c.attachments)))
@@ -337,17 +392,41 @@ impl Agent {
                     if ops > 0 {
                         info!(sandbox = %sandbox.display(), operations = ops, "sandbox programmed");
                     }
+                    if let Some(st) = self.sandboxes.get_mut(&sandbox) {
+                        st.in_sync = true;
+                        st.error = None;
+                        if ops > 0 {
+                            st.last_operations = ops;
+                            st.last_change = now;
+                        }
+                    }
                     self.applied.insert(sandbox, (spec, attachments));
                 }
                 Err(e) => {
                     // A container that died mid-programming takes its namespace with it:
                     // the next event or resync settles it; nothing piles up.
                     warn!(sandbox = %sandbox.display(), error = %e, "sandbox not programmed");
+                    if let Some(st) = self.sandboxes.get_mut(&sandbox) {
+                        st.in_sync = false;
+                        st.error = Some(e.clone());
+                    }
                     self.applied.remove(&sandbox);
                     report.errors.push(format!("{}: {e}", sandbox.display()));
                 }
             }
         }
+        if full {
+            self.last_resync = now;
+        }
+        let status = Status {
+            docker: self.engine_state.clone(),
+            last_sync: now,
+            last_resync: self.last_resync,
+            services: status::services(&containers, &defs, &self.allocs, &service_errors),
+            sandboxes: self.sandboxes.values().cloned().collect(),
+            label_errors: status::label_problems(&label_errors),
+        };
+        self.status.send_replace(status);
         report
     }
 
@@ -651,5 +730,96 @@ mod tests {
             ["10.1.0.3"]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+    /// Fails for one sandbox, as a kernel without IPVS or a vanished namespace would.
+    struct FailFor(PathBuf, Recorder);
+
+    impl SandboxProgrammer for FailFor {
+        fn program(
+            &self,
+            sb: &Path,
+            spec: &SandboxSpec,
+            sys: &SysctlSettings,
+            full: bool,
+        ) -> Result<usize, String> {
+            if sb == self.0 {
+                return Err("this kernel has no IPVS".into());
+            }
+            self.1.program(sb, spec, sys, full)
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn status_lists_services_tasks_sandboxes_and_what_went_wrong() {
+        let engine = FakeEngine::new();
+        let web = [(labels::SERVICE, "web")];
+        engine.upsert_container(on_net("w1aaaaaaaaaa", "w1", "10.1.0.3", &web));
+        let mut w2 = on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web);
+        w2.health = Some(crate::core::cluster::Health::Unhealthy);
+        engine.upsert_container(w2);
+        engine.upsert_container(on_net(
+            "dbaaaaaaaaaa",
+            "db1",
+            "10.1.0.5",
+            &[(labels::SERVICE, "db"), ("vipd.endpoint-mode", "dnsrr")],
+        ));
+        engine.upsert_container(on_net(
+            "bdaaaaaaaaaa",
+            "odd",
+            "10.1.0.6",
+            &[(labels::SERVICE, "Bad Name")],
+        ));
+        engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
+        let client = PathBuf::from("/run/docker/netns/claaaaaaaaaa");
+        let prog = Arc::new(FailFor(client.clone(), Recorder::default()));
+        let dir = tempdir("status");
+        let mut agent = Agent::new(Arc::new(engine.clone()), prog, config(&dir), None).unwrap();
+        let status = agent.status();
+        assert!(!status.borrow().docker.connected, "nothing listed yet");
+        agent.relist().await.unwrap();
+        agent.sync(true).await;
+
+        let s = status.borrow().clone();
+        assert!(s.docker.connected);
+        assert!(s.last_sync > 0 && s.last_resync == s.last_sync);
+        let web = s.services.iter().find(|x| x.name == "web").expect("web listed");
+        assert_eq!((web.mode.as_str(), web.fwmark), ("vip", Some(256)));
+        assert!(web.vip.is_some_and(|v| v.octets()[..2] == [10, 253]));
+        let states: Vec<(&str, &str, bool)> = web
+            .tasks
+            .iter()
+            .map(|t| (t.name.as_str(), t.state.as_str(), t.serving))
+            .collect();
+        assert_eq!(states, [("w1", "running", true), ("w2", "unhealthy", false)]);
+        let db = s.services.iter().find(|x| x.name == "db").expect("db listed");
+        assert_eq!((db.mode.as_str(), db.vip, db.fwmark), ("dnsrr", None, None));
+        assert_eq!(s.label_errors.len(), 1, "{:?}", s.label_errors);
+        assert_eq!(s.label_errors[0].label, labels::SERVICE);
+        assert!(s.label_errors[0].container.starts_with("odd"));
+
+        let sb = s
+            .sandboxes
+            .iter()
+            .find(|x| x.path == client)
+            .expect("client sandbox listed");
+        assert_eq!(sb.container, "client");
+        assert!(!sb.in_sync);
+        assert_eq!(sb.error.as_deref(), Some("this kernel has no IPVS"));
+        let w1 = s
+            .sandboxes
+            .iter()
+            .find(|x| x.container == "w1")
+            .expect("task sandbox listed");
+        assert!(w1.in_sync && w1.error.is_none() && w1.services == ["web"]);
+
+        // The engine goes away: status says so on the next listing.
+        engine.fail(EngineError::Unavailable {
+            endpoint: "unix:///fake".into(),
+            reason: "gone".into(),
+        });
+        assert!(agent.relist().await.is_err());
+        assert!(!status.borrow().docker.connected);
+        assert!(status.borrow().docker.error.is_some());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

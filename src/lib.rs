@@ -7,11 +7,13 @@
 //!   with an in-memory fake.
 //! - [`docker`]: the Docker engine (bollard), behind a narrow trait with a fake.
 //! - [`dns`]: the embedded DNS server: a pure catalog of answers, served by hickory-server.
+//! - [`admin`]: the root-only unix socket `vipd status` asks.
 //! - [`state`]: allocations on disk, written atomically.
 //! - [`netns`]: entering a network namespace on a dedicated thread.
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
 
 pub mod addrs;
+pub mod admin;
 pub mod agent;
 pub mod core;
 pub mod dns;

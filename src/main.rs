@@ -73,6 +73,22 @@ enum Command {
         /// Override an IPVS sysctl vipd sets in each sandbox (name under net.ipv4.vs).
         #[arg(long = "sysctl", value_name = "NAME=VALUE")]
         sysctls: Vec<String>,
+        /// The admin socket `vipd status` asks (root only).
+        #[arg(long, default_value = vipd::admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// What the running `vipd run` knows: services, their VIPs, fwmarks, tasks and
+    /// errors; with --sandboxes, each sandbox and whether it is in sync.
+    Status {
+        /// List the sandboxes instead of the services.
+        #[arg(long)]
+        sandboxes: bool,
+        /// Print everything as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The admin socket of the vipd to ask.
+        #[arg(long, default_value = vipd::admin::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Show vipd's services in a namespace, the way `ipvsadm -Ln` does, with their VIPs.
     Show {
@@ -136,6 +152,7 @@ async fn run_agent(
     dns_domain: Option<String>,
     dns_ttl: u32,
     sysctls: SysctlSettings,
+    admin_socket: PathBuf,
 ) -> Result<()> {
     use std::sync::Arc;
     use vipd::docker::Engine;
@@ -187,6 +204,14 @@ async fn run_agent(
         cfg,
         dns,
     )?;
+    let admin = vipd::admin::bind(&admin_socket)?;
+    tracing::info!(socket = %admin_socket.display(), "admin socket ready");
+    tokio::spawn(vipd::admin::serve(
+        admin,
+        admin_socket.clone(),
+        agent.status(),
+        std::future::pending(),
+    ));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -195,7 +220,9 @@ async fn run_agent(
         }
         tracing::info!("stopping; the kernel state stays as it is");
     };
-    agent.run(shutdown).await?;
+    let result = agent.run(shutdown).await;
+    let _ = std::fs::remove_file(&admin_socket);
+    result?;
     Ok(())
 }
 
@@ -210,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
             dns_domain,
             dns_ttl,
             sysctls,
+            admin_socket,
         } => {
             let pool = parse_net(&vip_pool, "--vip-pool")?;
             let sysctls = parse_sysctls(&sysctls)?;
@@ -225,7 +253,22 @@ fn run(cli: Cli) -> Result<()> {
                 dns_domain,
                 dns_ttl,
                 sysctls,
+                admin_socket,
             ))?;
+        }
+        Command::Status {
+            sandboxes,
+            json,
+            socket,
+        } => {
+            let status = vipd::admin::query(&socket)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else if sandboxes {
+                print!("{}", vipd::core::status::render_sandboxes(&status));
+            } else {
+                print!("{}", vipd::core::status::render_services(&status));
+            }
         }
         Command::Apply {
             netns: ns,

@@ -8,4 +8,5 @@ pub mod labels;
 pub mod model;
 pub mod plan;
 pub mod spec;
+pub mod status;
 pub mod topology;

@@ -1,0 +1,280 @@
+//! `vipd run` against the private dockerd on this host (a kernel without IPVS): it finds
+//! labelled and compose tasks, refuses a bad label for that container only, answers
+//! names over DNS (asked with `dig`), reports it all through `vipd status`, and keeps its
+//! VIPs across a restart. That it cannot program IPVS here is reported, not fatal.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::docker::{dockerd, IMAGE};
+use crate::common::*;
+
+/// `vipd run` in the background, stopped with SIGTERM when dropped (its log shown if the
+/// test failed).
+struct Agent {
+    child: Child,
+    log: PathBuf,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start(docker_host: &str, state: &Path, dns: SocketAddr) -> Self {
+        let log = state.with_extension(format!("{}.log", unique("run")));
+        let out = std::fs::File::create(&log).expect("log file");
+        let socket = state.join("vipd.sock");
+        let child = Command::new(vipd())
+            .args(["run", "--resync-interval", "5", "--dns-ttl", "7"])
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--admin-socket")
+            .arg(&socket)
+            .args(["--dns-listen", &dns.to_string()])
+            .env("DOCKER_HOST", docker_host)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start vipd run");
+        Agent { child, log, socket }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `vipd status --json`, or None while nothing answers yet.
+    fn status(&self) -> Option<Value> {
+        let (ok, stdout, _) = vipd_run(&["status", "--json", "--socket", &self.socket.display().to_string()]);
+        ok.then(|| serde_json::from_str(&stdout).expect("status --json is JSON"))
+    }
+
+    fn stop(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(
+                    status.success(),
+                    "vipd run exited with {status} on SIGTERM:\n{}",
+                    self.log()
+                );
+                return self.log();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("vipd run did not stop within 10 s of SIGTERM:\n{}", self.log());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- vipd run log ---\n{}", self.log());
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn service<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["services"].as_array()?.iter().find(|s| s["name"] == name)
+}
+
+fn dig_short(server: SocketAddr, args: &[&str]) -> Vec<String> {
+    let port = server.port().to_string();
+    let at = format!("@{}", server.ip());
+    let mut all = vec!["dig", &at, "-p", &port, "+tries=1", "+time=5", "+short"];
+    all.extend_from_slice(args);
+    let mut lines: Vec<String> = run(&all).lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+fn task_ip(d: &crate::common::docker::Dockerd, id: &str) -> String {
+    d.docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        id,
+    ])
+}
+
+#[test]
+fn vipd_run_finds_labelled_and_compose_tasks_answers_dns_and_reports_status() {
+    require_root();
+    let d = dockerd();
+    let net = d.network("vhost", &[]);
+    let state = std::env::temp_dir().join(unique("vipd-host-agent-"));
+    let dns: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = Agent::start(&d.host, &state, dns);
+
+    let sleeper = |labels: &[&str], name: &str| {
+        let mut args = vec!["--network", &net.name, "--name", name];
+        for l in labels {
+            args.push("--label");
+            args.push(l);
+        }
+        args.extend([IMAGE, "sleep", "1000"]);
+        d.run(&args)
+    };
+    let names: Vec<String> = ["web1", "web2", "api1", "api2", "apioff", "bad", "client"]
+        .iter()
+        .map(|n| unique(n))
+        .collect();
+    let web = [
+        sleeper(&["vipd.service=web", "vipd.port.http=80/tcp"], &names[0]),
+        sleeper(&["vipd.service=web", "vipd.port.http=80/tcp"], &names[1]),
+    ];
+    let compose = [
+        "com.docker.compose.service=api",
+        "com.docker.compose.project=shop",
+    ];
+    let api = [sleeper(&compose, &names[2]), sleeper(&compose, &names[3])];
+    let _opted_out = sleeper(&[compose[0], compose[1], "vipd.enable=false"], &names[4]);
+    let _bad = sleeper(&["vipd.service=web", "vipd.weight=heavy"], &names[5]);
+    let _client = sleeper(&[], &names[6]);
+
+    let status = wait_for(
+        "web and api with 2 tasks each in vipd status",
+        Duration::from_secs(60),
+        || {
+            let s = agent.status()?;
+            let n = |name| service(&s, name).and_then(|v| v["tasks"].as_array().map(|t| t.len()));
+            let sandboxes = s["sandboxes"].as_array().map_or(0, |a| a.len());
+            let problems = s["label_errors"].as_array().map_or(0, |a| a.len());
+            (n("web") == Some(2) && n("api") == Some(2) && sandboxes == 7 && problems == 1).then_some(s)
+        },
+    );
+    let web_vip = service(&status, "web").unwrap()["vip"]
+        .as_str()
+        .expect("web has a VIP")
+        .to_owned();
+    let api_vip = service(&status, "api").unwrap()["vip"]
+        .as_str()
+        .expect("api has a VIP")
+        .to_owned();
+    assert!(
+        web_vip.starts_with("10.253.") && api_vip.starts_with("10.253."),
+        "{status:#}"
+    );
+    assert_ne!(web_vip, api_vip);
+    let web_ips: Vec<String> = {
+        let mut v: Vec<String> = web.iter().map(|c| task_ip(d, &c.id)).collect();
+        v.sort();
+        v
+    };
+    let listed: Vec<&str> = service(&status, "web").unwrap()["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["addresses"][0].as_str().unwrap())
+        .collect();
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort();
+    assert_eq!(listed_sorted, web_ips, "{status:#}");
+    assert_eq!(status["docker"]["connected"], true);
+
+    // The bad label is reported with its container, and only that container is left out.
+    let problems = status["label_errors"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{status:#}");
+    assert_eq!(problems[0]["label"], "vipd.weight");
+    assert!(
+        problems[0]["container"].as_str().unwrap().starts_with(&names[5]),
+        "{status:#}"
+    );
+    // The opted-out compose container is no task.
+    let api_tasks = service(&status, "api").unwrap()["tasks"].to_string();
+    assert!(!api_tasks.contains(&names[4]), "{api_tasks}");
+
+    // Sandboxes: every container on the network (all share it with web and api); here,
+    // without IPVS, none is in sync, and each says why.
+    let sandboxes = status["sandboxes"].as_array().unwrap();
+    assert_eq!(sandboxes.len(), 7, "every container on the network: {status:#}");
+    if !kernel_has_ipvs() {
+        for sb in sandboxes {
+            assert_eq!(sb["in_sync"], false, "{sb:#}");
+            assert!(
+                sb["error"].as_str().unwrap_or_default().contains("IPVS"),
+                "{sb:#}"
+            );
+        }
+    }
+    let text = vipd_run(&["status", "--socket", &agent.socket.display().to_string()]);
+    assert!(
+        text.0 && text.1.contains(&web_vip) && text.1.contains("label refused"),
+        "{}",
+        text.1
+    );
+    let text = vipd_run(&[
+        "status",
+        "--sandboxes",
+        "--socket",
+        &agent.socket.display().to_string(),
+    ]);
+    assert!(text.0 && text.1.contains("sandboxes in sync"), "{}", text.1);
+
+    // DNS, asked with dig: VIPs, task addresses, SRV, container names.
+    assert_eq!(dig_short(dns, &["web"]), [web_vip.clone()]);
+    assert_eq!(dig_short(dns, &["api"]), [api_vip.clone()]);
+    assert_eq!(dig_short(dns, &["tasks.web"]), web_ips);
+    assert_eq!(dig_short(dns, &["_http._tcp.web", "SRV"]).len(), 2);
+    assert_eq!(
+        dig_short(dns, &[&names[2]]),
+        [task_ip(d, &api[0].id)],
+        "a container name resolves to its address"
+    );
+
+    // Restart: the same VIPs come back from the state directory.
+    let first_log = agent.stop();
+    assert!(first_log.contains("stopping"), "{first_log}");
+    assert!(
+        !state.join("vipd.sock").exists(),
+        "the admin socket is removed on stop"
+    );
+    let again = Agent::start(&d.host, &state, dns);
+    let status = wait_for("vipd status after a restart", Duration::from_secs(60), || {
+        let s = again.status()?;
+        service(&s, "web").is_some().then_some(s)
+    });
+    assert_eq!(service(&status, "web").unwrap()["vip"], web_vip.as_str());
+    assert_eq!(service(&status, "api").unwrap()["vip"], api_vip.as_str());
+    assert_eq!(dig_short(dns, &["web"]), [web_vip]);
+    drop(again);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn vipd_status_without_a_running_vipd_says_so() {
+    let socket = std::env::temp_dir().join(unique("no-vipd-")).join("vipd.sock");
+    let (ok, _, stderr) = vipd_run(&["status", "--socket", &socket.display().to_string()]);
+    assert!(!ok);
+    assert!(stderr.contains("no vipd is running"), "{stderr}");
+}

@@ -1,0 +1,365 @@
+//! What `vipd status` reports: the agent's view of services, tasks and sandboxes, and
+//! its rendering as text. Pure: the agent fills it, the admin socket carries it as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::alloc::Allocations;
+use crate::core::cluster::{Container, ContainerId, Health};
+use crate::core::labels::{EndpointMode, LabelError, ServiceDef};
+use crate::core::model::ServiceName;
+
+/// Everything `vipd status` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Whether the Docker engine answered the last listing, and if not, why.
+    pub docker: EngineState,
+    /// Unix time of the last sync (0: none yet).
+    pub last_sync: u64,
+    /// Unix time of the last full resync (0: none yet).
+    pub last_resync: u64,
+    pub services: Vec<ServiceStatus>,
+    pub sandboxes: Vec<SandboxStatus>,
+    /// Labels vipd refused, each with its container and reason.
+    pub label_errors: Vec<LabelProblem>,
+}
+
+/// The Docker engine as vipd last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineState {
+    pub connected: bool,
+    pub error: Option<String>,
+}
+
+/// One service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    /// `vip` or `dnsrr`.
+    pub mode: String,
+    pub vip: Option<Ipv4Addr>,
+    pub fwmark: Option<u32>,
+    pub scheduler: String,
+    pub tasks: Vec<TaskStatus>,
+    pub errors: Vec<String>,
+}
+
+/// One task of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// The container's short id.
+    pub container: String,
+    pub name: String,
+    pub addresses: Vec<Ipv4Addr>,
+    /// `running`, `healthy`, `starting`, `unhealthy` or `stopped`.
+    pub state: String,
+    /// Whether it is a backend (running, and not unhealthy or starting).
+    pub serving: bool,
+    pub weight: u32,
+}
+
+/// One sandbox vipd programs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxStatus {
+    pub path: PathBuf,
+    /// The name of the container it belongs to.
+    pub container: String,
+    /// The services it should have.
+    pub services: Vec<String>,
+    /// Whether its kernel state was last brought to what it should be.
+    pub in_sync: bool,
+    /// Why not, if it is not.
+    pub error: Option<String>,
+    /// Operations applied by the last change to it.
+    pub last_operations: usize,
+    /// Unix time of the last change to it (0: never).
+    pub last_change: u64,
+}
+
+/// A label vipd refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelProblem {
+    pub container: String,
+    pub label: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// The services part of the status, from what the agent knows: the containers, the
+/// services their labels define, the allocations, and errors per service.
+pub fn services(
+    containers: &[Container],
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    allocs: &Allocations,
+    errors: &BTreeMap<ServiceName, Vec<String>>,
+) -> Vec<ServiceStatus> {
+    let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
+    defs.values()
+        .map(|def| {
+            let (vip, fwmark) = match (def.mode, allocs.services.get(&def.name)) {
+                (EndpointMode::Vip, Some(a)) => (Some(a.vip), Some(a.fwmark)),
+                _ => (None, None),
+            };
+            let tasks = def
+                .tasks
+                .iter()
+                .filter_map(|(id, weight)| by_id.get(id).map(|c| (c, *weight)))
+                .map(|(c, weight)| TaskStatus {
+                    container: c.id.short().to_owned(),
+                    name: c.name.clone(),
+                    addresses: c.attachments.iter().map(|a| a.ip).collect(),
+                    state: match (c.running, c.health) {
+                        (false, _) => "stopped",
+                        (true, None) => "running",
+                        (true, Some(Health::Healthy)) => "healthy",
+                        (true, Some(Health::Starting)) => "starting",
+                        (true, Some(Health::Unhealthy)) => "unhealthy",
+                    }
+                    .to_owned(),
+                    serving: c.serving(),
+                    weight,
+                })
+                .collect();
+            ServiceStatus {
+                name: def.name.to_string(),
+                mode: match def.mode {
+                    EndpointMode::Vip => "vip",
+                    EndpointMode::Dnsrr => "dnsrr",
+                }
+                .to_owned(),
+                vip,
+                fwmark,
+                scheduler: def.scheduler.to_string(),
+                tasks,
+                errors: errors.get(&def.name).cloned().unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// The refused labels, for the status.
+pub fn label_problems(errors: &[LabelError]) -> Vec<LabelProblem> {
+    errors
+        .iter()
+        .map(|e| LabelProblem {
+            container: format!("{} ({})", e.name, e.container.short()),
+            label: e.label.clone(),
+            value: e.value.clone(),
+            reason: e.reason.clone(),
+        })
+        .collect()
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// The services as `vipd status` prints them.
+pub fn render_services(s: &Status) -> String {
+    let mut out = String::new();
+    if !s.docker.connected {
+        let _ = writeln!(
+            out,
+            "docker: not connected ({})",
+            s.docker.error.as_deref().unwrap_or("not listed yet")
+        );
+    }
+    if s.services.is_empty() {
+        out.push_str("no services\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<6} {:<16} {:<8} {:<6} TASKS",
+            "SERVICE", "MODE", "VIP", "FWMARK", "SCHED"
+        );
+    }
+    for svc in &s.services {
+        let serving = svc.tasks.iter().filter(|t| t.serving).count();
+        let _ = writeln!(
+            out,
+            "{:<24} {:<6} {:<16} {:<8} {:<6} {serving}/{}",
+            svc.name,
+            svc.mode,
+            or_dash(svc.vip),
+            or_dash(svc.fwmark),
+            svc.scheduler,
+            svc.tasks.len()
+        );
+        for t in &svc.tasks {
+            let addrs: Vec<String> = t.addresses.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "  {} {:<22} {:<10} w={:<3} {}",
+                t.container,
+                t.name,
+                t.state,
+                t.weight,
+                if addrs.is_empty() {
+                    "-".into()
+                } else {
+                    addrs.join(",")
+                }
+            );
+        }
+        for e in &svc.errors {
+            let _ = writeln!(out, "  error: {e}");
+        }
+    }
+    for p in &s.label_errors {
+        let _ = writeln!(
+            out,
+            "label refused: container {} label {}={:?}: {}",
+            p.container, p.label, p.value, p.reason
+        );
+    }
+    out
+}
+
+/// The sandboxes as `vipd status --sandboxes` prints them.
+pub fn render_sandboxes(s: &Status) -> String {
+    let mut out = String::new();
+    if s.sandboxes.is_empty() {
+        out.push_str("no sandboxes\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<24} {:<8} {:<9} SANDBOX",
+        "CONTAINER", "IN SYNC", "SERVICES"
+    );
+    for sb in &s.sandboxes {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<8} {:<9} {}",
+            sb.container,
+            if sb.in_sync { "yes" } else { "no" },
+            sb.services.len(),
+            sb.path.display()
+        );
+        if let Some(e) = &sb.error {
+            let _ = writeln!(out, "  error: {e}");
+        }
+    }
+    let synced = s.sandboxes.iter().filter(|s| s.in_sync).count();
+    let _ = writeln!(out, "{synced} of {} sandboxes in sync", s.sandboxes.len());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            docker: EngineState {
+                connected: true,
+                error: None,
+            },
+            last_sync: 1,
+            last_resync: 1,
+            services: vec![
+                ServiceStatus {
+                    name: "web".into(),
+                    mode: "vip".into(),
+                    vip: Some(Ipv4Addr::new(10, 253, 0, 1)),
+                    fwmark: Some(256),
+                    scheduler: "rr".into(),
+                    tasks: vec![
+                        TaskStatus {
+                            container: "0123456789ab".into(),
+                            name: "web-1".into(),
+                            addresses: vec![Ipv4Addr::new(172, 18, 0, 2)],
+                            state: "running".into(),
+                            serving: true,
+                            weight: 1,
+                        },
+                        TaskStatus {
+                            container: "ba9876543210".into(),
+                            name: "web-2".into(),
+                            addresses: vec![Ipv4Addr::new(172, 18, 0, 3)],
+                            state: "unhealthy".into(),
+                            serving: false,
+                            weight: 1,
+                        },
+                    ],
+                    errors: vec![],
+                },
+                ServiceStatus {
+                    name: "db".into(),
+                    mode: "dnsrr".into(),
+                    vip: None,
+                    fwmark: None,
+                    scheduler: "rr".into(),
+                    tasks: vec![],
+                    errors: vec!["no VIP: the pool is exhausted".into()],
+                },
+            ],
+            sandboxes: vec![SandboxStatus {
+                path: "/run/docker/netns/abc".into(),
+                container: "client".into(),
+                services: vec!["web".into()],
+                in_sync: false,
+                error: Some("this kernel has no IPVS".into()),
+                last_operations: 0,
+                last_change: 0,
+            }],
+            label_errors: vec![LabelProblem {
+                container: "bad".into(),
+                label: "vipd.weight".into(),
+                value: "heavy".into(),
+                reason: "not a number".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn services_show_vip_mark_tasks_and_every_error() {
+        let text = render_services(&sample());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("SERVICE"), "{text}");
+        assert!(
+            lines[1].starts_with("web ") && lines[1].contains("10.253.0.1") && lines[1].ends_with("1/2"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("web-1") && lines[2].contains("running") && lines[2].contains("172.18.0.2"),
+            "{text}"
+        );
+        assert!(lines[3].contains("unhealthy"), "{text}");
+        assert!(lines[4].starts_with("db ") && lines[4].contains(" - "), "{text}");
+        assert_eq!(lines[5], "  error: no VIP: the pool is exhausted");
+        assert_eq!(
+            lines[6],
+            "label refused: container bad label vipd.weight=\"heavy\": not a number"
+        );
+    }
+
+    #[test]
+    fn sandboxes_say_whether_each_is_in_sync_and_why_not() {
+        let text = render_sandboxes(&sample());
+        assert!(text.contains("client") && text.contains(" no "), "{text}");
+        assert!(text.contains("  error: this kernel has no IPVS"), "{text}");
+        assert!(text.ends_with("0 of 1 sandboxes in sync\n"), "{text}");
+    }
+
+    #[test]
+    fn status_survives_json() {
+        let s = sample();
+        let back: Status = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn nothing_yet_is_said_plainly() {
+        let s = Status::default();
+        assert_eq!(
+            render_services(&s),
+            "docker: not connected (not listed yet)\nno services\n"
+        );
+        assert_eq!(render_sandboxes(&s), "no sandboxes\n");
+    }
+}
