@@ -25,7 +25,7 @@ use crate::core::spec::SandboxSpec;
 use crate::core::status::{self, EngineState, SandboxStatus, Status};
 use crate::core::topology;
 use crate::dns::server::CatalogHandle;
-use crate::docker::{ContainerInfo, Engine, EngineError, EngineEvent};
+use crate::docker::{ContainerInfo, Engine, EngineError, EngineEvent, NetworkInfo};
 use crate::netns::NetnsPath;
 use crate::reconcile;
 use crate::state::{StateError, StateStore};
@@ -142,6 +142,7 @@ pub struct Agent {
     engine_state: EngineState,
     last_resync: u64,
     status: tokio::sync::watch::Sender<Status>,
+    networks: tokio::sync::watch::Sender<Vec<NetworkInfo>>,
 }
 
 fn now_secs() -> u64 {
@@ -209,6 +210,7 @@ impl Agent {
             engine_state: EngineState::default(),
             last_resync: 0,
             status: tokio::sync::watch::Sender::new(Status::default()),
+            networks: tokio::sync::watch::Sender::new(Vec::new()),
         })
     }
 
@@ -220,6 +222,25 @@ impl Agent {
     /// What `vipd status` shows, updated after every sync.
     pub fn status(&self) -> tokio::sync::watch::Receiver<Status> {
         self.status.subscribe()
+    }
+
+    /// The Docker networks, updated on every listing and when one is created or removed
+    /// (the DNS listeners on their gateways follow it).
+    pub fn networks(&self) -> tokio::sync::watch::Receiver<Vec<NetworkInfo>> {
+        self.networks.subscribe()
+    }
+
+    async fn refresh_networks(&mut self) -> Result<(), EngineError> {
+        let mut list = self.engine.networks().await?;
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        self.networks.send_if_modified(|old| {
+            let changed = *old != list;
+            if changed {
+                *old = list;
+            }
+            changed
+        });
+        Ok(())
     }
 
     /// Replace what vipd knows with a full listing.
@@ -241,7 +262,7 @@ impl Agent {
         };
         self.containers = all.iter().map(|i| (i.id.clone(), container_from(i))).collect();
         info!(containers = self.containers.len(), "listed containers");
-        Ok(())
+        self.refresh_networks().await
     }
 
     /// Look at the container an event is about again.
@@ -251,6 +272,11 @@ impl Agent {
             EngineEvent::Network {
                 container: Some(id), ..
             } => id,
+            EngineEvent::Network { action, .. }
+                if matches!(action.as_str(), "create" | "destroy" | "remove") =>
+            {
+                return self.refresh_networks().await;
+            }
             _ => return Ok(()),
         };
         match self.engine.inspect(id).await? {

@@ -61,9 +61,17 @@ enum Command {
         /// Seconds between full re-lists and re-reads of every sandbox.
         #[arg(long, default_value_t = 30)]
         resync_interval: u64,
-        /// Serve DNS on ADDR:PORT (UDP and TCP). Repeatable.
-        #[arg(long = "dns-listen", value_name = "ADDR:PORT")]
+        /// Serve DNS on ADDR:PORT (UDP and TCP) instead of the Docker networks' gateways.
+        /// Repeatable.
+        #[arg(long = "dns-listen", value_name = "ADDR:PORT", conflicts_with = "no_dns")]
         dns_listen: Vec<std::net::SocketAddr>,
+        /// The port DNS is served on at each Docker bridge network's gateway address
+        /// (the default when no --dns-listen is given).
+        #[arg(long, default_value_t = 53)]
+        dns_port: u16,
+        /// Serve no DNS.
+        #[arg(long)]
+        no_dns: bool,
         /// Also answer `<service>.<domain>`.
         #[arg(long)]
         dns_domain: Option<String>,
@@ -142,13 +150,22 @@ fn parse_net(text: &str, flag: &str) -> Result<vipd::core::model::Ipv4Net> {
         .with_context(|| format!("{flag} {text:?}: the prefix length must be 0-30"))
 }
 
+/// Where `vipd run` serves DNS.
+enum DnsMode {
+    Off,
+    /// Each Docker bridge network's gateway, on this port.
+    Gateways(u16),
+    /// These addresses.
+    Listen(Vec<std::net::SocketAddr>),
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_agent(
     pool: vipd::core::model::Ipv4Net,
     state_dir: PathBuf,
     grace: u64,
     resync: u64,
-    dns_listen: Vec<std::net::SocketAddr>,
+    dns_mode: DnsMode,
     dns_domain: Option<String>,
     dns_ttl: u32,
     sysctls: SysctlSettings,
@@ -169,23 +186,27 @@ async fn run_agent(
         .collect();
     vipd::core::alloc::check_pool(pool, &others)?;
 
-    let dns = if dns_listen.is_empty() {
-        None
-    } else {
-        let handle = vipd::dns::server::CatalogHandle::new(vipd::dns::catalog::Catalog::empty());
-        let mut allowed = vipd::dns::server::loopback_networks();
-        for (_, net) in &others {
-            allowed.push(format!("{}/{}", net.network().addr, net.prefix).parse()?);
-        }
-        let config = vipd::dns::server::DnsConfig::new(dns_listen, allowed);
-        let server = vipd::dns::server::DnsServer::bind(config, handle.clone()).await?;
-        tracing::info!(listen = ?server.local_addrs(), "DNS serving");
-        tokio::spawn(async move {
-            if let Err(e) = server.run(std::future::pending()).await {
-                tracing::error!(error = %e, "DNS server stopped");
+    let dns = match &dns_mode {
+        DnsMode::Off => None,
+        DnsMode::Gateways(_) => Some(vipd::dns::server::CatalogHandle::new(
+            vipd::dns::catalog::Catalog::empty(),
+        )),
+        DnsMode::Listen(dns_listen) => {
+            let handle = vipd::dns::server::CatalogHandle::new(vipd::dns::catalog::Catalog::empty());
+            let mut allowed = vipd::dns::server::loopback_networks();
+            for (_, net) in &others {
+                allowed.push(format!("{}/{}", net.network().addr, net.prefix).parse()?);
             }
-        });
-        Some(handle)
+            let config = vipd::dns::server::DnsConfig::new(dns_listen.clone(), allowed);
+            let server = vipd::dns::server::DnsServer::bind(config, handle.clone()).await?;
+            tracing::info!(listen = ?server.local_addrs(), "DNS serving");
+            tokio::spawn(async move {
+                if let Err(e) = server.run(std::future::pending()).await {
+                    tracing::error!(error = %e, "DNS server stopped");
+                }
+            });
+            Some(handle)
+        }
     };
 
     let cfg = vipd::agent::AgentConfig {
@@ -202,8 +223,21 @@ async fn run_agent(
         engine,
         Arc::new(vipd::agent::KernelProgrammer::default()),
         cfg,
-        dns,
+        dns.clone(),
     )?;
+    if let (DnsMode::Gateways(port), Some(catalog)) = (dns_mode, dns) {
+        let mut networks = agent.networks();
+        tokio::spawn(async move {
+            let mut listeners = vipd::dns::gateways::GatewayDns::new(catalog, None);
+            loop {
+                let plan = vipd::dns::gateways::plan(&networks.borrow_and_update(), port);
+                listeners.update(plan).await;
+                if networks.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let admin = vipd::admin::bind(&admin_socket)?;
     tracing::info!(socket = %admin_socket.display(), "admin socket ready");
     tokio::spawn(vipd::admin::serve(
@@ -234,11 +268,20 @@ fn run(cli: Cli) -> Result<()> {
             grace,
             resync_interval,
             dns_listen,
+            dns_port,
+            no_dns,
             dns_domain,
             dns_ttl,
             sysctls,
             admin_socket,
         } => {
+            let dns = if no_dns {
+                DnsMode::Off
+            } else if dns_listen.is_empty() {
+                DnsMode::Gateways(dns_port)
+            } else {
+                DnsMode::Listen(dns_listen)
+            };
             let pool = parse_net(&vip_pool, "--vip-pool")?;
             let sysctls = parse_sysctls(&sysctls)?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -249,7 +292,7 @@ fn run(cli: Cli) -> Result<()> {
                 state_dir,
                 grace,
                 resync_interval,
-                dns_listen,
+                dns,
                 dns_domain,
                 dns_ttl,
                 sysctls,

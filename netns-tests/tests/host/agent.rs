@@ -3,14 +3,13 @@
 //! names over DNS (asked with `dig`), reports it all through `vipd status`, and keeps its
 //! VIPs across a restart. That it cannot program IPVS here is reported, not fatal.
 
-use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::docker::{dockerd, IMAGE};
+use crate::common::docker::{dockerd, Dockerd, IMAGE};
 use crate::common::*;
 
 /// `vipd run` in the background, stopped with SIGTERM when dropped (its log shown if the
@@ -22,18 +21,21 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(docker_host: &str, state: &Path, dns: SocketAddr) -> Self {
+    /// Started in dockerd's network namespace, as on a Docker host, where the networks'
+    /// gateways (vipd's default DNS addresses) are.
+    fn start(d: &Dockerd, state: &Path) -> Self {
         let log = state.with_extension(format!("{}.log", unique("run")));
         let out = std::fs::File::create(&log).expect("log file");
         let socket = state.join("vipd.sock");
-        let child = Command::new(vipd())
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", d.netns))
+            .arg(vipd())
             .args(["run", "--resync-interval", "5", "--dns-ttl", "7"])
             .arg("--state-dir")
             .arg(state)
             .arg("--admin-socket")
             .arg(&socket)
-            .args(["--dns-listen", &dns.to_string()])
-            .env("DOCKER_HOST", docker_host)
+            .env("DOCKER_HOST", &d.host)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -82,14 +84,6 @@ impl Drop for Agent {
     }
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -108,17 +102,32 @@ fn service<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
     status["services"].as_array()?.iter().find(|s| s["name"] == name)
 }
 
-fn dig_short(server: SocketAddr, args: &[&str]) -> Vec<String> {
-    let port = server.port().to_string();
-    let at = format!("@{}", server.ip());
-    let mut all = vec!["dig", &at, "-p", &port, "+tries=1", "+time=5", "+short"];
+/// `dig @server +short ARGS` from inside a container's sandbox, sorted lines.
+fn dig_short(sandbox: &str, server: &str, args: &[&str]) -> Vec<String> {
+    let net = format!("--net={sandbox}");
+    let at = format!("@{server}");
+    let mut all = vec!["nsenter", &net, "dig", &at, "+tries=1", "+time=5", "+short"];
     all.extend_from_slice(args);
     let mut lines: Vec<String> = run(&all).lines().map(str::to_owned).collect();
     lines.sort();
     lines
 }
 
-fn task_ip(d: &crate::common::docker::Dockerd, id: &str) -> String {
+fn gateway(d: &Dockerd, network: &str) -> String {
+    d.docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+        network,
+    ])
+}
+
+fn sandbox_of(d: &Dockerd, id: &str) -> String {
+    d.docker(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", id])
+}
+
+fn task_ip(d: &Dockerd, id: &str) -> String {
     d.docker(&[
         "inspect",
         "-f",
@@ -133,8 +142,7 @@ fn vipd_run_finds_labelled_and_compose_tasks_answers_dns_and_reports_status() {
     let d = dockerd();
     let net = d.network("vhost", &[]);
     let state = std::env::temp_dir().join(unique("vipd-host-agent-"));
-    let dns: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let agent = Agent::start(&d.host, &state, dns);
+    let agent = Agent::start(d, &state);
 
     let sleeper = |labels: &[&str], name: &str| {
         let mut args = vec!["--network", &net.name, "--name", name];
@@ -160,7 +168,9 @@ fn vipd_run_finds_labelled_and_compose_tasks_answers_dns_and_reports_status() {
     let api = [sleeper(&compose, &names[2]), sleeper(&compose, &names[3])];
     let _opted_out = sleeper(&[compose[0], compose[1], "vipd.enable=false"], &names[4]);
     let _bad = sleeper(&["vipd.service=web", "vipd.weight=heavy"], &names[5]);
-    let _client = sleeper(&[], &names[6]);
+    let client = sleeper(&[], &names[6]);
+    let client_sb = sandbox_of(d, &client.id);
+    let gw = gateway(d, &net.name);
 
     let status = wait_for(
         "web and api with 2 tasks each in vipd status",
@@ -241,13 +251,18 @@ fn vipd_run_finds_labelled_and_compose_tasks_answers_dns_and_reports_status() {
     ]);
     assert!(text.0 && text.1.contains("sandboxes in sync"), "{}", text.1);
 
-    // DNS, asked with dig: VIPs, task addresses, SRV, container names.
-    assert_eq!(dig_short(dns, &["web"]), [web_vip.clone()]);
-    assert_eq!(dig_short(dns, &["api"]), [api_vip.clone()]);
-    assert_eq!(dig_short(dns, &["tasks.web"]), web_ips);
-    assert_eq!(dig_short(dns, &["_http._tcp.web", "SRV"]).len(), 2);
+    // DNS on the network's gateway (the default), asked with dig from the client
+    // container: VIPs, task addresses, SRV, container names.
+    let dig = |args: &[&str]| dig_short(&client_sb, &gw, args);
+    wait_for("DNS on the gateway", Duration::from_secs(20), || {
+        (dig(&["web"]) == [web_vip.clone()]).then_some(())
+    });
+    assert_eq!(dig(&["web"]), [web_vip.clone()]);
+    assert_eq!(dig(&["api"]), [api_vip.clone()]);
+    assert_eq!(dig(&["tasks.web"]), web_ips);
+    assert_eq!(dig(&["_http._tcp.web", "SRV"]).len(), 2);
     assert_eq!(
-        dig_short(dns, &[&names[2]]),
+        dig(&[&names[2]]),
         [task_ip(d, &api[0].id)],
         "a container name resolves to its address"
     );
@@ -259,14 +274,31 @@ fn vipd_run_finds_labelled_and_compose_tasks_answers_dns_and_reports_status() {
         !state.join("vipd.sock").exists(),
         "the admin socket is removed on stop"
     );
-    let again = Agent::start(&d.host, &state, dns);
+    let again = Agent::start(d, &state);
     let status = wait_for("vipd status after a restart", Duration::from_secs(60), || {
         let s = again.status()?;
         service(&s, "web").is_some().then_some(s)
     });
     assert_eq!(service(&status, "web").unwrap()["vip"], web_vip.as_str());
     assert_eq!(service(&status, "api").unwrap()["vip"], api_vip.as_str());
-    assert_eq!(dig_short(dns, &["web"]), [web_vip]);
+    wait_for("DNS after the restart", Duration::from_secs(20), || {
+        (dig_short(&client_sb, &gw, &["web"]) == [web_vip.clone()]).then_some(())
+    });
+
+    // A network made while vipd runs gets a listener on its gateway too.
+    let late = d.network("vlate", &[]);
+    let late_client = d.run(&["--network", &late.name, IMAGE, "sleep", "1000"]);
+    let late_sb = sandbox_of(d, &late_client.id);
+    let late_gw = gateway(d, &late.name);
+    let net_arg = format!("--net={late_sb}");
+    let at = format!("@{late_gw}");
+    wait_for("DNS on a new network's gateway", Duration::from_secs(30), || {
+        let out = output(&[
+            "nsenter", &net_arg, "dig", &at, "+tries=1", "+time=2", "+short", "web",
+        ]);
+        (String::from_utf8_lossy(&out.stdout).trim() == web_vip).then_some(())
+    });
+    drop(late_client);
     drop(again);
     let _ = std::fs::remove_dir_all(&state);
 }

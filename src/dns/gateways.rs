@@ -1,0 +1,186 @@
+//! DNS on the gateway address of each Docker bridge network, the default when no
+//! `--dns-listen` is given: containers use it with `--dns <gateway>`, or daemon-wide with
+//! `"dns": [...]` in daemon.json. The listeners follow the networks as they come and go.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use ipnet::IpNet;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::dns::server::{loopback_networks, CatalogHandle, DnsConfig, DnsServer};
+use crate::docker::NetworkInfo;
+
+/// Where to listen and whom to answer, for a set of networks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GatewayPlan {
+    pub listen: BTreeSet<SocketAddr>,
+    pub allowed: Vec<IpNet>,
+}
+
+/// The plan for `networks`: port `port` on the IPv4 gateway of each bridge network (the
+/// subnet's first address when Docker records none, as for its default `bridge`); clients
+/// from any Docker network and the host itself.
+pub fn plan(networks: &[NetworkInfo], port: u16) -> GatewayPlan {
+    let mut listen = BTreeSet::new();
+    let mut allowed = loopback_networks();
+    for n in networks {
+        for (addr, prefix) in &n.subnets {
+            if let Ok(net) = ipnet::Ipv4Net::new(*addr, *prefix) {
+                allowed.push(IpNet::V4(net.trunc()));
+            }
+        }
+        if n.driver != "bridge" {
+            continue;
+        }
+        let gateways: Vec<Ipv4Addr> = if n.gateways.is_empty() {
+            n.subnets
+                .iter()
+                .filter(|(_, prefix)| *prefix < 31)
+                .map(|(addr, prefix)| {
+                    let net = ipnet::Ipv4Net::new(*addr, *prefix)
+                        .map(|n| n.network())
+                        .unwrap_or(*addr);
+                    Ipv4Addr::from(u32::from(net) + 1)
+                })
+                .collect()
+        } else {
+            n.gateways.clone()
+        };
+        listen.extend(gateways.into_iter().map(|g| SocketAddr::new(IpAddr::V4(g), port)));
+    }
+    allowed.sort();
+    allowed.dedup();
+    GatewayPlan { listen, allowed }
+}
+
+/// The running listeners, one server per address, so that one address that cannot be
+/// bound does not keep the others from serving.
+pub struct GatewayDns {
+    catalog: CatalogHandle,
+    upstreams: Option<Vec<SocketAddr>>,
+    current: GatewayPlan,
+    running: Vec<(SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+}
+
+impl GatewayDns {
+    /// Nothing served yet; `upstreams` as in [`DnsConfig::upstreams`].
+    pub fn new(catalog: CatalogHandle, upstreams: Option<Vec<SocketAddr>>) -> Self {
+        GatewayDns {
+            catalog,
+            upstreams,
+            current: GatewayPlan::default(),
+            running: Vec::new(),
+        }
+    }
+
+    /// The addresses being served.
+    pub fn serving(&self) -> Vec<SocketAddr> {
+        self.running.iter().map(|(a, _, _)| *a).collect()
+    }
+
+    /// Serve `plan`: when it differs from what is served, every listener is replaced
+    /// (the allowed networks are part of each). An address that cannot be bound is
+    /// reported and left out.
+    pub async fn update(&mut self, plan: GatewayPlan) {
+        if plan == self.current {
+            return;
+        }
+        for (addr, stop, task) in self.running.drain(..) {
+            let _ = stop.send(());
+            let _ = task.await;
+            tracing::debug!(%addr, "DNS listener stopped");
+        }
+        for addr in &plan.listen {
+            let mut config = DnsConfig::new(vec![*addr], plan.allowed.clone());
+            config.upstreams = self.upstreams.clone();
+            match DnsServer::bind(config, self.catalog.clone()).await {
+                Ok(server) => {
+                    let (stop, stopped) = oneshot::channel();
+                    let a = *addr;
+                    let task = tokio::spawn(async move {
+                        if let Err(e) = server
+                            .run(async {
+                                let _ = stopped.await;
+                            })
+                            .await
+                        {
+                            warn!(addr = %a, error = %e, "DNS listener failed");
+                        }
+                    });
+                    self.running.push((*addr, stop, task));
+                }
+                Err(e) => warn!(error = %e, "DNS not served on this address"),
+            }
+        }
+        info!(listen = ?self.serving(), "DNS serving on the Docker networks' gateways");
+        self.current = plan;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::cluster::NetworkId;
+
+    fn net(name: &str, driver: &str, subnet: &str, gateway: Option<&str>) -> NetworkInfo {
+        let (a, p) = subnet.split_once('/').unwrap();
+        NetworkInfo {
+            id: NetworkId(name.into()),
+            name: name.into(),
+            driver: driver.into(),
+            subnets: vec![(a.parse().unwrap(), p.parse().unwrap())],
+            gateways: gateway.map(|g| vec![g.parse().unwrap()]).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn each_bridge_gateway_is_served_and_every_docker_network_may_ask() {
+        let p = plan(
+            &[
+                net("bridge", "bridge", "172.17.0.0/16", None),
+                net("front", "bridge", "10.1.0.0/24", Some("10.1.0.254")),
+                net("over", "overlay", "10.9.0.0/24", Some("10.9.0.1")),
+            ],
+            53,
+        );
+        let listen: Vec<String> = p.listen.iter().map(|a| a.to_string()).collect();
+        assert_eq!(listen, ["10.1.0.254:53", "172.17.0.1:53"]);
+        let allowed: Vec<String> = p.allowed.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            allowed,
+            [
+                "10.1.0.0/24",
+                "10.9.0.0/24",
+                "127.0.0.0/8",
+                "172.17.0.0/16",
+                "::1/128"
+            ]
+        );
+    }
+
+    #[test]
+    fn no_networks_no_listeners_but_the_host_may_ask() {
+        let p = plan(&[], 53);
+        assert!(p.listen.is_empty());
+        assert_eq!(p.allowed, loopback_networks());
+    }
+
+    #[tokio::test]
+    async fn listeners_follow_the_plan_and_a_bad_address_does_not_stop_the_others() {
+        let mut dns = GatewayDns::new(CatalogHandle::default(), Some(vec![]));
+        let mut plan = GatewayPlan {
+            listen: BTreeSet::from(["127.0.0.1:0".parse().unwrap()]),
+            allowed: loopback_networks(),
+        };
+        dns.update(plan.clone()).await;
+        assert_eq!(dns.serving().len(), 1);
+        // 192.0.2.1 (TEST-NET-1) is no address of this host: it cannot be bound.
+        plan.listen.insert("192.0.2.1:0".parse().unwrap());
+        dns.update(plan.clone()).await;
+        assert_eq!(dns.serving(), vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()]);
+        dns.update(GatewayPlan::default()).await;
+        assert!(dns.serving().is_empty());
+    }
+}
