@@ -68,3 +68,36 @@ impl Addresses for FakeAddrs {
         Ok(self.0.clone())
     }
 }
+
+/// The destinations of the calling thread's namespace's IPv4 routes, every table, the
+/// default route left out: a VIP pool must not overlap any of them.
+pub fn ipv4_routes() -> Result<Vec<Ipv4Net>, AddrsError> {
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+    let err = |e: &dyn std::fmt::Display| AddrsError::Netlink(e.to_string());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| err(&e))?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| err(&e))?;
+        let task = tokio::spawn(conn);
+        let query = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build();
+        let mut stream = handle.route().get(query).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(|e| err(&e))? {
+            let prefix = msg.header.destination_prefix_length;
+            if prefix == 0 {
+                continue;
+            }
+            for attr in &msg.attributes {
+                if let RouteAttribute::Destination(RouteAddress::Inet(a)) = attr {
+                    out.extend(Ipv4Net::new(*a, prefix));
+                }
+            }
+        }
+        task.abort();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    })
+}

@@ -185,6 +185,16 @@ async fn run_agent(
         })
         .collect();
     vipd::core::alloc::check_pool(pool, &others)?;
+    // Docker's bridges have routes too; those were named as networks above.
+    let routes: Vec<(String, vipd::core::model::Ipv4Net)> =
+        tokio::task::spawn_blocking(vipd::addrs::ipv4_routes)
+            .await?
+            .context("listing the host's routes")?
+            .into_iter()
+            .filter(|r| !others.iter().any(|(_, n)| n == r))
+            .map(|r| ("a route of this host to".to_owned(), r))
+            .collect();
+    vipd::core::alloc::check_pool(pool, &routes)?;
 
     let dns = match &dns_mode {
         DnsMode::Off => None,

@@ -310,3 +310,37 @@ fn vipd_status_without_a_running_vipd_says_so() {
     assert!(!ok);
     assert!(stderr.contains("no vipd is running"), "{stderr}");
 }
+
+#[test]
+fn a_vip_pool_that_overlaps_a_docker_network_or_a_host_route_is_a_startup_error() {
+    require_root();
+    let d = dockerd();
+    let ns = Netns::new("vpool");
+    ns.exec(&["ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"]);
+    ns.exec(&["ip", "link", "set", "lan0", "up"]);
+    ns.exec(&["ip", "link", "set", "lan1", "up"]);
+    ns.exec(&["ip", "route", "add", "10.99.5.0/24", "dev", "lan0"]);
+    let state = std::env::temp_dir().join(unique("vipd-pool-"));
+    let start = |pool: &str| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path()))
+            .arg(vipd())
+            .args(["run", "--no-dns", "--vip-pool", pool])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--admin-socket")
+            .arg(state.join("vipd.sock"))
+            .env("DOCKER_HOST", &d.host)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vipd");
+        assert!(!out.status.success(), "vipd run started with the pool {pool}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = start("10.99.0.0/16");
+    assert!(e.contains("overlaps a route of this host to 10.99.5.0/24"), "{e}");
+    // The private dockerd's address pool is 10.210.0.0/16; its default bridge takes a /24.
+    let e = start("10.210.0.0/16");
+    assert!(e.contains("overlaps Docker network"), "{e}");
+    let _ = std::fs::remove_dir_all(&state);
+}
