@@ -37,7 +37,7 @@ fi
 
 [[ -x "$BUSYBOX" ]] || { log "$BUSYBOX not found: apt-get install busybox-static"; exit 1; }
 # A dynamically linked busybox would need its libraries in the image too.
-if ! "$BUSYBOX" --list | grep -qx sh; then
+if ! "$BUSYBOX" --list | grep -x sh >/dev/null; then
   log "$BUSYBOX has no sh applet"
   exit 1
 fi

@@ -192,7 +192,7 @@ for attempt in 1 2 3; do
   # Do not leave a half-started daemon behind: we started it, so we stop it.
   kill "$pid" 2>/dev/null || true
   if ((attempt < 3)) && ! pid_alive "$pid" &&
-    tail -n 5 "$DOCKER_LOG" | grep -q "timeout waiting for containerd"; then
+    tail -n 5 "$DOCKER_LOG" | grep "timeout waiting for containerd" >/dev/null; then
     cpid=$(cat "$DOCKER_EXEC/containerd/containerd.pid" 2>/dev/null || true)
     if [[ -n "$cpid" ]]; then kill "$cpid" 2>/dev/null || true; fi
     sleep 1

@@ -39,7 +39,7 @@ static DOCKERD: OnceLock<Result<Dockerd, String>> = OnceLock::new();
 
 /// The shared dockerd, started on first use. Panics (fails the test) if it cannot run.
 pub fn dockerd() -> &'static Dockerd {
-    match DOCKERD.get_or_init(start) {
+    match DOCKERD.get_or_init(|| start(true)) {
         Ok(d) => d,
         Err(e) => panic!("the private dockerd for the Docker tests could not start:\n{e}"),
     }
@@ -60,7 +60,43 @@ fn describe(out: &Output) -> String {
     )
 }
 
-fn start() -> Result<Dockerd, String> {
+/// A dockerd of the caller's own (not the shared one), for a test that stops and starts
+/// it; everything of it is removed when it is dropped.
+pub fn private_dockerd() -> Dockerd {
+    start(false).unwrap_or_else(|e| panic!("a private dockerd could not start:\n{e}"))
+}
+
+impl Dockerd {
+    /// Stop the daemon (SIGTERM, as a host shutdown or `systemctl restart` would); its
+    /// containers stop with it. [`Dockerd::start_again`] brings it back on the same state.
+    pub fn stop_daemon(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("dockerd.pid")).expect("dockerd.pid");
+        let pid = pid.trim().to_owned();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let proc = Path::new("/proc").join(&pid);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while proc.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(!proc.exists(), "dockerd {pid} still runs 60 s after SIGTERM");
+    }
+
+    /// Start the daemon again on its state, after [`Dockerd::stop_daemon`].
+    pub fn start_again(&self) {
+        let out = Command::new(script("dockerd-start.sh"))
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dockerd-start.sh");
+        assert!(out.status.success(), "dockerd-start.sh: {}", describe(&out));
+    }
+}
+
+fn start(shared: bool) -> Result<Dockerd, String> {
     require_root();
     let t0 = std::time::Instant::now();
     let ensure = Command::new(script("ensure-docker.sh"))
@@ -113,7 +149,9 @@ fn start() -> Result<Dockerd, String> {
     let host = value("DOCKER_HOST=")?;
     let netns = value("VIPD_DOCKER_NETNS=")?;
     // DockerEngine::connect() reads it; set once, before any test uses the engine.
-    std::env::set_var("DOCKER_HOST", &host);
+    if shared {
+        std::env::set_var("DOCKER_HOST", &host);
+    }
     let t_daemon = t0.elapsed();
 
     let image = Command::new(script("busybox-image.sh"))
@@ -223,4 +261,13 @@ impl Drop for TestContainer<'_> {
     fn drop(&mut self) {
         let _ = self.dockerd.docker_output(&["rm", "-f", &self.id]);
     }
+}
+
+/// Held by every test that runs `vipd run` against the shared dockerd. One `vipd run`
+/// programs every sandbox of its engine (and serves one admin socket), so two at once
+/// would fight over the same sandboxes: such tests take turns. Other tests still run
+/// alongside them.
+pub fn one_vipd_run_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

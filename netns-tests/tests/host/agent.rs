@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::docker::{dockerd, Dockerd, IMAGE};
+use crate::common::docker::{dockerd, private_dockerd, Dockerd, IMAGE};
 use crate::common::*;
 
 /// `vipd run` in the background, stopped with SIGTERM when dropped (its log shown if the
@@ -316,7 +316,9 @@ fn a_vip_pool_that_overlaps_a_docker_network_or_a_host_route_is_a_startup_error(
     require_root();
     let d = dockerd();
     let ns = Netns::new("vpool");
-    ns.exec(&["ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"]);
+    ns.exec(&[
+        "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+    ]);
     ns.exec(&["ip", "link", "set", "lan0", "up"]);
     ns.exec(&["ip", "link", "set", "lan1", "up"]);
     ns.exec(&["ip", "route", "add", "10.99.5.0/24", "dev", "lan0"]);
@@ -342,5 +344,85 @@ fn a_vip_pool_that_overlaps_a_docker_network_or_a_host_route_is_a_startup_error(
     // The private dockerd's address pool is 10.210.0.0/16; its default bridge takes a /24.
     let e = start("10.210.0.0/16");
     assert!(e.contains("overlaps Docker network"), "{e}");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// dockerd stops (its containers with it) and starts again, bringing back only the task
+/// with a restart policy: vipd says the engine is gone, reconnects by itself, and lists
+/// the task that stayed down as stopped, not as a backend.
+#[test]
+fn vipd_run_follows_a_dockerd_restart_and_keeps_no_stale_task() {
+    require_root();
+    let d = private_dockerd();
+    let net = d.network("vrestart", &[]);
+    let state = std::env::temp_dir().join(unique("vipd-dockerd-restart-"));
+    let agent = Agent::start(&d, &state);
+    let back = d.run(&[
+        "--network",
+        &net.name,
+        "--restart",
+        "always",
+        "--label",
+        "vipd.service=web",
+        IMAGE,
+        "sleep",
+        "1000",
+    ]);
+    let gone = d.run(&[
+        "--network",
+        &net.name,
+        "--label",
+        "vipd.service=web",
+        IMAGE,
+        "sleep",
+        "1000",
+    ]);
+    let serving = |s: &Value| -> Vec<String> {
+        service(s, "web")
+            .and_then(|w| w["tasks"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|t| t["serving"] == true)
+            .map(|t| t["container"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    wait_for("2 serving web tasks", Duration::from_secs(60), || {
+        agent.status().filter(|s| serving(s).len() == 2)
+    });
+    let vip = service(&agent.status().unwrap(), "web").unwrap()["vip"].clone();
+
+    d.stop_daemon();
+    let down = wait_for(
+        "status to say the engine is gone",
+        Duration::from_secs(60),
+        || agent.status().filter(|s| s["docker"]["connected"] == false),
+    );
+    assert!(
+        down["docker"]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{down:#}"
+    );
+
+    d.start_again();
+    let s = wait_for("only the restarted task serving", Duration::from_secs(90), || {
+        agent
+            .status()
+            .filter(|s| s["docker"]["connected"] == true && serving(s) == [back.id[..12].to_owned()])
+    });
+    let tasks = service(&s, "web").unwrap()["tasks"].as_array().unwrap().clone();
+    let stale = tasks
+        .iter()
+        .find(|t| t["container"] == gone.id[..12])
+        .expect("the stopped task listed");
+    assert_eq!(
+        (stale["state"].as_str(), stale["serving"].as_bool()),
+        (Some("stopped"), Some(false))
+    );
+    assert_eq!(service(&s, "web").unwrap()["vip"], vip, "the VIP stays");
+    let log = agent.log();
+    assert!(
+        log.contains("not reachable") || log.contains("event stream"),
+        "{log}"
+    );
+    drop(agent);
     let _ = std::fs::remove_dir_all(&state);
 }
