@@ -31,7 +31,7 @@ vm_bin=$(cargo test --locked --test vm --no-run --message-format=json 2>/dev/nul
   jq -r 'select(.reason=="compiler-artifact" and .target.name=="vm" and .executable!=null) | .executable' | tail -n1)
 [[ -x "$vm_bin" ]] || { echo "cannot find the vm test binary" >&2; exit 1; }
 # VM tests set up topologies with many short processes; two at a time suits 2 vCPUs.
-scripts/vm/run.sh --timeout "${VIPD_VM_TIMEOUT:-1500}" -- "$vm_bin" --test-threads=2 2>&1 | tr -d '\r' | tee -a "$log"
+scripts/vm/run.sh --timeout "${VIPD_VM_TIMEOUT:-2400}" -- "$vm_bin" --test-threads=2 2>&1 | tr -d '\r' | tee -a "$log"
 
 # One closing line for the whole suite.
 passed=$(grep -oE 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')

@@ -21,7 +21,9 @@ use super::{require_root, unique};
 pub const IMAGE: &str = "vipd-test/busybox:latest";
 
 /// Seconds any one docker CLI call may take (a hung daemon fails the test, not hangs it).
-const CLI_TIMEOUT_S: &str = "60";
+/// `docker run` takes 11-15 s in the emulated VM, and several times that when the
+/// machine is loaded.
+const CLI_TIMEOUT_S: &str = "180";
 
 /// The running private dockerd.
 pub struct Dockerd {
@@ -225,6 +227,17 @@ impl Dockerd {
             name,
             id,
         }
+    }
+
+    /// `docker create ARGS` (image and command included in ARGS), not started; the
+    /// container is removed when dropped. Start it with `docker start`: a start that
+    /// outlasts the CLI timeout on a loaded machine still leaves a container to remove.
+    pub fn create(&self, args: &[&str]) -> TestContainer<'_> {
+        let mut full = vec!["create"];
+        full.extend_from_slice(args);
+        let id = self.docker(&full);
+        assert_eq!(id.len(), 64, "docker create printed no full id: {id:?}");
+        TestContainer { dockerd: self, id }
     }
 
     /// `docker run -d ARGS` (image and command included in ARGS); the container is
