@@ -3,11 +3,13 @@
 //! names go to the upstream resolvers.
 //!
 //! - [`catalog`]: the pure part — what vipd knows and how one question is answered.
+//! - [`fast`]: the UDP fast path — owned names answered from pre-encoded records.
 //! - [`gateways`]: by default, a listener on each Docker bridge network's gateway.
 //! - [`server`]: the hickory-server adapter — UDP and TCP listeners, the client ACL,
 //!   forwarding to upstreams with bounded time and concurrency.
 
 pub mod catalog;
 pub mod cluster;
+pub mod fast;
 pub mod gateways;
 pub mod server;

@@ -1,6 +1,7 @@
-//! The DNS server: hickory-server's UDP and TCP listeners around [`catalog::answer`].
+//! The DNS server: UDP loops of vipd's own ([`fast`]) and hickory-server's TCP listeners
+//! around [`catalog::answer`].
 //!
-//! Every query goes through one [`RequestHandler`]:
+//! Every query the fast path does not answer goes through one [`RequestHandler`]:
 //!
 //! 1. a source outside the allowed networks ([`DnsConfig::allowed`]) gets REFUSED: this is
 //!    not an open resolver;
@@ -13,8 +14,12 @@
 //!    [`DnsConfig::upstream_timeout`]; SERVFAIL when none answers. At most
 //!    [`DnsConfig::max_in_flight`] relayed queries at once: beyond, REFUSED.
 //!
-//! Each query runs in a `dns_query` tracing span at debug level. hickory-server itself logs
-//! one line per query at info level (target `hickory_server`).
+//! UDP queries for names vipd owns usually take the fast path of [`fast`] instead: the same
+//! answer, from records encoded once per catalog snapshot, without a task per query.
+//!
+//! Each query the handler answers runs in a `dns_query` tracing span at debug level.
+//! hickory-server itself logs one line per TCP query at info level (target
+//! `hickory_server`).
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;
@@ -40,9 +45,11 @@ use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tracing::{debug, debug_span, Instrument};
 
 use super::catalog::{self, Answer, Catalog, Query, QueryType, RecordData};
+use super::fast;
 
 /// Where the system's resolvers are listed; the default upstreams.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -65,21 +72,43 @@ const PORT_ATTEMPTS: usize = 16;
 /// The catalog the server answers from, shared with the daemon: reads are lock-free and
 /// cheap; [`CatalogHandle::store`] swaps in a new snapshot, seen by the next query.
 #[derive(Debug, Clone)]
-pub struct CatalogHandle(Arc<ArcSwap<Catalog>>);
+pub struct CatalogHandle(Arc<ArcSwap<Snapshot>>);
+
+/// One catalog and the fast path's table of its answers.
+#[derive(Debug)]
+struct Snapshot {
+    catalog: Arc<Catalog>,
+    table: fast::Table,
+}
+
+impl Snapshot {
+    fn new(catalog: Catalog) -> Self {
+        Snapshot {
+            table: fast::Table::build(&catalog),
+            catalog: Arc::new(catalog),
+        }
+    }
+}
 
 impl CatalogHandle {
     pub fn new(catalog: Catalog) -> Self {
-        CatalogHandle(Arc::new(ArcSwap::from_pointee(catalog)))
+        CatalogHandle(Arc::new(ArcSwap::from_pointee(Snapshot::new(catalog))))
     }
 
-    /// Replace the catalog; queries already being answered finish with the old one.
+    /// Replace the catalog (and encode the fast path's answers); queries already being
+    /// answered finish with the old one.
     pub fn store(&self, catalog: Catalog) {
-        self.0.store(Arc::new(catalog));
+        self.0.store(Arc::new(Snapshot::new(catalog)));
     }
 
     /// The current catalog.
     pub fn load(&self) -> Arc<Catalog> {
-        self.0.load_full()
+        self.0.load().catalog.clone()
+    }
+
+    /// Run `f` on the current catalog's fast path table.
+    pub(super) fn with_table<R>(&self, f: impl FnOnce(&fast::Table) -> R) -> R {
+        f(&self.0.load().table)
     }
 }
 
@@ -203,7 +232,10 @@ pub fn system_upstreams() -> Result<Vec<SocketAddr>, DnsError> {
 
 /// A bound DNS server, not yet serving: [`DnsServer::run`] serves until shut down.
 pub struct DnsServer {
-    server: Server<Handler>,
+    /// hickory-server: the TCP listeners.
+    server: Server<SharedHandler>,
+    /// The UDP loops ([`fast::serve_udp`]), one per listen address.
+    udp: JoinSet<Result<(), NetError>>,
     local: Vec<SocketAddr>,
     upstreams: Vec<SocketAddr>,
 }
@@ -224,15 +256,18 @@ impl DnsServer {
         }
         let local: Vec<SocketAddr> = sockets.iter().map(|(_, _, addr)| *addr).collect();
         let upstreams: Vec<SocketAddr> = upstreams.into_iter().filter(|u| !local.contains(u)).collect();
-        let handler = Handler::new(&config, catalog, upstreams.clone());
-        let mut server = Server::new(handler);
+        let handler = Arc::new(Handler::new(&config, catalog.clone(), upstreams.clone()));
+        let mut server = Server::new(SharedHandler(handler.clone()));
+        let mut udp_loops = JoinSet::new();
         for (udp, tcp, _) in sockets {
-            server.register_socket(udp);
+            let acl = handler.acl.clone();
+            udp_loops.spawn(fast::serve_udp(udp, catalog.clone(), acl, handler.clone()));
             server.register_listener(tcp, config.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
         }
         debug!(?local, ?upstreams, "DNS server bound");
         Ok(DnsServer {
             server,
+            udp: udp_loops,
             local,
             upstreams,
         })
@@ -249,15 +284,28 @@ impl DnsServer {
     }
 
     /// Serve until `shutdown` completes (then stop gracefully) or a listener fails.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
-        let token = self.server.shutdown_token().clone();
-        let done = self.server.block_until_done();
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
+        let DnsServer {
+            mut server, mut udp, ..
+        } = self;
+        let token = server.shutdown_token().clone();
+        let done = server.block_until_done();
         tokio::pin!(done);
         tokio::pin!(shutdown);
         tokio::select! {
             result = &mut done => return result.map_err(DnsError::Serve),
+            Some(ended) = udp.join_next() => {
+                let error = match ended {
+                    Ok(Err(error)) => error,
+                    Ok(Ok(())) => NetError::from("the UDP listener stopped"),
+                    Err(error) => NetError::from(format!("the UDP listener failed: {error}")),
+                };
+                return Err(DnsError::Serve(error));
+            }
             () = &mut shutdown => token.cancel(),
         }
+        // Queries being answered over UDP end with their loop, as in hickory-server.
+        udp.shutdown().await;
         done.await.map_err(DnsError::Serve)
     }
 }
@@ -290,7 +338,7 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAd
 }
 
 /// Answers from the catalog, relays the rest.
-struct Handler {
+pub(super) struct Handler {
     catalog: CatalogHandle,
     acl: Acl,
     forwarder: Forwarder,
@@ -300,7 +348,7 @@ struct Handler {
 }
 
 impl Handler {
-    fn new(config: &DnsConfig, catalog: CatalogHandle, upstreams: Vec<SocketAddr>) -> Self {
+    pub(super) fn new(config: &DnsConfig, catalog: CatalogHandle, upstreams: Vec<SocketAddr>) -> Self {
         Handler {
             catalog,
             acl: Acl::new(config.allowed.iter().copied()),
@@ -340,7 +388,7 @@ impl Handler {
             qtype: QueryType::from(u16::from(query.query_type())),
             qclass: u16::from(query.query_class()),
         };
-        let answer = catalog::answer(&self.catalog.0.load(), &question, self.next_random());
+        let answer = catalog::answer(&self.catalog.0.load().catalog, &question, self.next_random());
         let qtype = query.query_type();
         match answer {
             Answer::Records { answers, additionals } => {
@@ -381,6 +429,20 @@ impl Handler {
                 send_code(request, ResponseCode::ServFail, false, response).await
             }
         }
+    }
+}
+
+/// The handler shared by hickory-server's TCP listeners and the UDP loops.
+struct SharedHandler(Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for SharedHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        self.0.handle_request::<R, T>(request, response).await
     }
 }
 

@@ -442,6 +442,81 @@ fn dns_tcp_answers_like_udp() {
     );
 }
 
+/// What must be equal between two answers to one question: status, header flags and
+/// counts, the EDNS line, the records (sorted: DNSRR and SRV orders vary).
+fn comparable(d: &Dig) -> (String, Vec<String>, Vec<String>, Vec<String>) {
+    let header = d
+        .raw
+        .lines()
+        .filter(|l| l.starts_with(";; flags:") || l.starts_with("; EDNS:"))
+        .map(str::to_owned)
+        .collect();
+    let sorted = |rrs: &[Rr]| {
+        let mut v: Vec<String> = rrs.iter().map(|r| format!("{r:?}")).collect();
+        v.sort();
+        v
+    };
+    (
+        d.status.clone(),
+        header,
+        sorted(&d.answers),
+        sorted(&d.additionals),
+    )
+}
+
+/// UDP queries for owned names take vipd's fast path; TCP ones always hickory-server's:
+/// the same answers, in any case, with and without EDNS, whatever the header bits.
+#[test]
+fn dns_udp_fast_path_answers_like_tcp() {
+    require_root();
+    let (main, _up) = pair();
+    let questions: [&[&str]; 17] = [
+        &["web", "A"],
+        &["WeB.VipD.TeSt", "A"],
+        &["db", "A"],
+        &["TASKS.web", "A"],
+        &["tasks.db.vipd.test", "A"],
+        &["10-10-0-8.db", "A"],
+        &["_pg._tcp.db", "SRV"],
+        &["_METRICS._udp.db.vipd.test", "SRV"],
+        &["web.1.abc", "A"],
+        &["Redis", "A"],
+        &["-x", "10.10.0.100"],
+        &["-x", "10.10.0.7"],
+        &["-x", "10.10.0.20"],
+        &["web", "AAAA"],
+        &["cache", "MX"],
+        &["tasks.nothing", "A"],
+        &["ext.example", "A"],
+    ];
+    let options: [&[&str]; 4] = [
+        &[],
+        &["+noedns"],
+        &["+bufsize=1232", "+dnssec"],
+        &["+cdflag", "+norecurse", "+noadflag", "+nocookie"],
+    ];
+    for question in questions {
+        for opts in options {
+            let udp_args: Vec<&str> = opts.iter().chain(question).copied().collect();
+            let tcp_args: Vec<&str> = ["+tcp"].iter().chain(&udp_args).copied().collect();
+            let udp = dig(main.addr, &udp_args);
+            let tcp = dig(main.addr, &tcp_args);
+            assert_eq!(
+                comparable(&udp),
+                comparable(&tcp),
+                "{udp_args:?}\n{}\n{}",
+                udp.raw,
+                tcp.raw
+            );
+            let edns = !opts.contains(&"+noedns");
+            assert_eq!(comparable(&udp).1.len(), 1 + usize::from(edns), "{}", udp.raw);
+            if question[0] == "WeB.VipD.TeSt" {
+                assert_eq!(udp.answers[0].name, "WeB.VipD.TeSt.", "{}", udp.raw);
+            }
+        }
+    }
+}
+
 #[test]
 fn dns_foreign_names_are_relayed_to_the_upstream() {
     require_root();
