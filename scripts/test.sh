@@ -18,6 +18,8 @@ scripts/setup.sh --deps
 stage "fmt + clippy"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+# The host and vm suites are `test = false` targets, which --all-targets leaves out.
+cargo clippy --test host --test vm --locked -- -D warnings
 
 stage "unit tests"
 cargo test --locked 2>&1 | tee -a "$log"

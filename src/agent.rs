@@ -481,6 +481,8 @@ impl Agent {
                 "resynced"
             );
             let mut tick = tokio::time::interval(self.cfg.resync);
+            // After a stall, one resync, not one per interval missed in a burst.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tokio::select! {

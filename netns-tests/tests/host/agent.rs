@@ -257,8 +257,8 @@ fn vipd_run_finds_labelled_and_compose_tasks_answers_dns_and_reports_status() {
     wait_for("DNS on the gateway", Duration::from_secs(20), || {
         (dig(&["web"]) == [web_vip.clone()]).then_some(())
     });
-    assert_eq!(dig(&["web"]), [web_vip.clone()]);
-    assert_eq!(dig(&["api"]), [api_vip.clone()]);
+    assert_eq!(dig(&["web"]), std::slice::from_ref(&web_vip));
+    assert_eq!(dig(&["api"]), std::slice::from_ref(&api_vip));
     assert_eq!(dig(&["tasks.web"]), web_ips);
     assert_eq!(dig(&["_http._tcp.web", "SRV"]).len(), 2);
     assert_eq!(

@@ -1,28 +1,57 @@
 //! `vipd run` against a real dockerd in a kernel with IPVS: a labelled service's tasks
-//! become a VIP in every container on their network, and a stopped task leaves it.
+//! become a VIP in every container on their network; a started task is a backend at once
+//! and a stopped one leaves; a dnsrr service is answered by the embedded DNS server with
+//! its tasks and gets no VIP; a container on another network gets nothing; a restarted
+//! vipd keeps the VIP, changes nothing, and open connections through the VIP live on.
+//!
+//! The tests share the one private dockerd and take turns running `vipd run` (see
+//! `one_vipd_run_at_a_time`); they print what they measure.
 
-use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::common::docker::{dockerd, IMAGE};
+use vipd::netns::{run_in, NetnsPath};
+
+use crate::common::docker::{dockerd, one_vipd_run_at_a_time, Dockerd, TestContainer, IMAGE};
 use crate::common::*;
+
+/// Fail (never skip) outside a root VM with IPVS.
+fn require_ipvs_vm() {
+    require_root();
+    assert!(
+        kernel_has_ipvs(),
+        "the VM suite needs a kernel with IPVS (run it with scripts/vm/run.sh)"
+    );
+}
 
 /// `vipd run` in the background, killed (and its log shown) when dropped.
 struct Agent {
     child: Child,
-    log: std::path::PathBuf,
+    log: PathBuf,
 }
 
 impl Agent {
-    fn start(docker_host: &str, state_dir: &str) -> Self {
+    /// `vipd run` in dockerd's network namespace, where its bridges and their gateways
+    /// are (the host's namespace, for a system dockerd); sandbox paths work from there.
+    /// `extra` goes to `vipd run`; the resync interval is 5 s unless `extra` sets it.
+    fn start(d: &Dockerd, state_dir: &Path, extra: &[&str]) -> Self {
         let log = std::env::temp_dir()
             .join(unique("vipd-run-"))
             .with_extension("log");
         let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(vipd())
-            .args(["run", "--state-dir", state_dir, "--resync-interval", "5"])
-            .env("DOCKER_HOST", docker_host)
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", d.netns)).arg(vipd());
+        cmd.arg("run").arg("--state-dir").arg(state_dir);
+        if !extra.contains(&"--resync-interval") {
+            cmd.args(["--resync-interval", "5"]);
+        }
+        let child = cmd
+            .args(extra)
+            .env("DOCKER_HOST", &d.host)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -33,6 +62,37 @@ impl Agent {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Each `resynced` line's (sandboxes, operations, errors), in order.
+    fn resyncs(&self) -> Vec<(usize, usize, usize)> {
+        let field = |line: &str, key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {key}= in the log line {line:?}"))
+        };
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" resynced"))
+            .map(|l| (field(l, "sandboxes"), field(l, "operations"), field(l, "errors")))
+            .collect()
+    }
+
+    /// SIGTERM; its exit status, which must come within `limit`.
+    fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        run(&["kill", "-TERM", &self.child.id().to_string()]);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for vipd") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "vipd did not stop within {limit:?} of SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -46,6 +106,26 @@ impl Drop for Agent {
     }
 }
 
+/// Prints how long a test took once it had its turn, when it ends.
+struct Took(Instant);
+
+impl Took {
+    fn new() -> Self {
+        Took(Instant::now())
+    }
+}
+
+impl Drop for Took {
+    fn drop(&mut self) {
+        let name = std::thread::current().name().unwrap_or("test").to_owned();
+        eprintln!("{name}: {:.0} s", self.0.elapsed().as_secs_f64());
+    }
+}
+
+fn state_dir() -> PathBuf {
+    std::env::temp_dir().join(unique("vipd-state-"))
+}
+
 fn in_sandbox(sandbox: &str, args: &[&str]) -> std::process::Output {
     let net = format!("--net={sandbox}");
     let mut full = vec!["nsenter", net.as_str()];
@@ -53,29 +133,136 @@ fn in_sandbox(sandbox: &str, args: &[&str]) -> std::process::Output {
     output(&full)
 }
 
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+fn stdout_in(sandbox: &str, args: &[&str]) -> String {
+    String::from_utf8_lossy(&in_sandbox(sandbox, args).stdout).into_owned()
+}
+
+fn wait_for(what: &str, limit: Duration, ok: impl FnMut() -> bool) -> Duration {
+    wait_for_every(what, limit, Duration::from_millis(100), ok)
+}
+
+fn wait_for_every(what: &str, limit: Duration, every: Duration, mut ok: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !ok() {
         assert!(
             start.elapsed() < limit,
             "timed out after {limit:?} waiting for {what}"
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(every);
     }
     start.elapsed()
 }
 
+/// IPVS destinations in a sandbox, by `ipvsadm -Ln`.
 fn dests(sandbox: &str) -> usize {
-    let out = in_sandbox(sandbox, &["ipvsadm", "-Ln"]);
-    String::from_utf8_lossy(&out.stdout).matches("Masq").count()
+    stdout_in(sandbox, &["ipvsadm", "-Ln"]).matches("Masq").count()
+}
+
+/// The kernel's IPVS table as seen from inside a sandbox (its `/proc/net/ip_vs`). No
+/// process is started, so it can be polled often.
+fn ipvs_table(sandbox: &str) -> String {
+    run_in(&NetnsPath::from_arg(sandbox), || {
+        std::fs::read_to_string("/proc/thread-self/net/ip_vs")
+    })
+    .expect("enter the sandbox")
+    .expect("read /proc/net/ip_vs in the sandbox")
+}
+
+/// The VIP vipd marks for `service` in a sandbox (its mangle rule), if any.
+fn vip_of(sandbox: &str, service: &str) -> Option<String> {
+    let rules = stdout_in(sandbox, &["iptables", "-t", "mangle", "-S", "VIPD-OUTPUT"]);
+    let tag = format!("vipd:{service}:");
+    let line = rules.lines().find(|l| l.contains(&tag))?;
+    line.split_whitespace()
+        .skip_while(|w| *w != "-d")
+        .nth(1)
+        .and_then(|a| a.strip_suffix("/32"))
+        .map(str::to_owned)
+}
+
+fn sandbox_of(d: &Dockerd, id: &str) -> String {
+    d.docker(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", id])
+}
+
+fn ip_of(d: &Dockerd, id: &str) -> String {
+    d.docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        id,
+    ])
+}
+
+/// `docker run` arguments of a web task: busybox httpd answering its NAME.
+fn web_task(network: &str, service: &str, name: &str) -> Vec<String> {
+    let script = "echo $NAME > /www/index.html && exec httpd -f -p 80 -h /www";
+    [
+        "--network",
+        network,
+        "--label",
+        &format!("vipd.service={service}"),
+        "-e",
+        &format!("NAME={name}"),
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// `docker run` arguments of a container that only sleeps.
+fn sleeper(network: &str, labels: &[&str]) -> Vec<String> {
+    let mut args = vec!["--network".to_owned(), network.to_owned()];
+    for l in labels {
+        args.extend(["--label".to_owned(), (*l).to_owned()]);
+    }
+    args.extend([IMAGE, "sleep", "1000"].map(str::to_owned));
+    args
+}
+
+/// [`run_one`] each, one after the other (concurrent starts overload the emulated VM's
+/// dockerd); in order.
+fn run_all<'a>(d: &'a Dockerd, runs: &[Vec<String>]) -> Vec<TestContainer<'a>> {
+    runs.iter().map(|args| run_one(d, args)).collect()
+}
+
+/// `docker create` and `docker start`: running when this returns. On the loaded emulated
+/// VM a start can outlast the CLI's timeout; then it is waited for.
+fn run_one<'a>(d: &'a Dockerd, args: &[String]) -> TestContainer<'a> {
+    let t0 = Instant::now();
+    let c = d.create(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = d.docker_output(&["start", &c.id]);
+    if !out.status.success() {
+        assert_eq!(
+            out.status.code(),
+            Some(124),
+            "`docker start` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for(
+            "a slow `docker start` to finish",
+            Duration::from_secs(300),
+            || {
+                let out = d.docker_output(&["inspect", "-f", "{{.State.Running}}", &c.id]);
+                String::from_utf8_lossy(&out.stdout).trim() == "true"
+            },
+        );
+    }
+    eprintln!(
+        "container {} running {:.1} s after `docker create`",
+        &c.id[..12],
+        t0.elapsed().as_secs_f64()
+    );
+    c
 }
 
 fn requests(sandbox: &str, vip: &str, count: usize) -> BTreeMap<String, usize> {
     let url = format!("http://{vip}/");
     let mut args = vec!["curl", "-s", "--max-time", "5", "-H", "Connection: close"];
     args.extend(std::iter::repeat_n(url.as_str(), count));
-    let out = in_sandbox(sandbox, &args);
-    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    let body = stdout_in(sandbox, &args);
     let mut seen = BTreeMap::new();
     for line in body.lines() {
         *seen.entry(line.to_owned()).or_insert(0) += 1;
@@ -88,53 +275,84 @@ fn requests(sandbox: &str, vip: &str, count: usize) -> BTreeMap<String, usize> {
     seen
 }
 
+/// Seconds since the epoch of an RFC 3339 UTC time as Docker prints it
+/// (`2024-05-01T12:34:56.123456789Z`).
+fn unix_time(text: &str) -> f64 {
+    fn bad<T>(text: &str) -> T {
+        panic!("not an RFC 3339 UTC time: {text:?}")
+    }
+    let (date, time) = text.trim().split_once('T').unwrap_or_else(|| bad(text));
+    let time = time.strip_suffix('Z').unwrap_or_else(|| bad(text));
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|p| p.parse().unwrap_or_else(|_| bad(text)))
+        .collect();
+    let t: Vec<f64> = time
+        .split(':')
+        .map(|p| p.parse().unwrap_or_else(|_| bad(text)))
+        .collect();
+    let (&[y, m, day], &[h, min, s]) = (&d[..], &t[..]) else {
+        bad(text)
+    };
+    // Days from 1970-01-01 in the proleptic Gregorian calendar (eras of 400 years).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+#[test]
+fn unix_time_reads_docker_timestamps() {
+    assert_eq!(unix_time("1970-01-01T00:00:00Z"), 0.0);
+    assert_eq!(unix_time("2000-03-01T00:00:00Z"), 951_868_800.0);
+    assert_eq!(unix_time("2024-02-29T23:59:59.5Z"), 1_709_251_199.5);
+}
+
 #[test]
 fn vipd_run_gives_a_docker_service_a_vip_in_every_sandbox_and_follows_a_stop() {
-    require_root();
-    assert!(
-        kernel_has_ipvs(),
-        "the VM suite needs a kernel with IPVS (run it with scripts/vm/run.sh)"
-    );
+    let _turn = one_vipd_run_at_a_time();
+    let _took = Took::new();
+    require_ipvs_vm();
     let d = dockerd();
     let net = d.network("vfront", &[]);
-    let state = std::env::temp_dir().join(unique("vipd-state-"));
-    let agent = Agent::start(&d.host, &state.display().to_string());
+    let state = state_dir();
+    let agent = Agent::start(d, &state, &[]);
 
-    let web: Vec<_> = (1..=3)
-        .map(|i| {
-            d.run(&[
-                "--network",
-                &net.name,
-                "--label",
-                "vipd.service=web",
-                "-e",
-                &format!("NAME=w{i}"),
-                IMAGE,
-                "sh",
-                "-c",
-                "echo $NAME > /www/index.html && exec httpd -f -p 80 -h /www",
-            ])
-        })
-        .collect();
-    let client = d.run(&["--network", &net.name, IMAGE, "sleep", "1000"]);
-    let sandbox = d.docker(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &client.id]);
+    let mut started = run_all(
+        d,
+        &[
+            web_task(&net.name, "web", "w1"),
+            web_task(&net.name, "web", "w2"),
+            web_task(&net.name, "web", "w3"),
+            sleeper(&net.name, &[]),
+        ],
+    );
+    let client = started.pop().expect("client");
+    let web = started;
+    let sandbox = sandbox_of(d, &client.id);
 
     wait_for(
         "3 backends in the client's sandbox",
         Duration::from_secs(90),
         || dests(&sandbox) == 3,
     );
-    let mangle = String::from_utf8_lossy(
-        &in_sandbox(&sandbox, &["iptables", "-t", "mangle", "-S", "VIPD-OUTPUT"]).stdout,
-    )
-    .into_owned();
-    let vip = mangle
-        .split_whitespace()
-        .skip_while(|w| *w != "-d")
-        .nth(1)
-        .and_then(|a| a.strip_suffix("/32"))
-        .unwrap_or_else(|| panic!("no VIP rule in the client's sandbox:\n{mangle}\n{}", agent.log()))
-        .to_owned();
+    let vip = vip_of(&sandbox, "web").unwrap_or_else(|| {
+        panic!(
+            "no VIP rule in the client's sandbox:\n{}",
+            stdout_in(&sandbox, &["iptables", "-t", "mangle", "-S"])
+        )
+    });
     assert!(
         vip.starts_with("10.253."),
         "VIP {vip} is not from the default pool"
@@ -149,7 +367,7 @@ fn vipd_run_gives_a_docker_service_a_vip_in_every_sandbox_and_follows_a_stop() {
     assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["w1", "w2", "w3"]);
 
     // A task also reaches its own service.
-    let w1_sandbox = d.docker(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &web[0].id]);
+    let w1_sandbox = sandbox_of(d, &web[0].id);
     wait_for("3 backends in a task's sandbox", Duration::from_secs(30), || {
         dests(&w1_sandbox) == 3
     });
@@ -166,4 +384,341 @@ fn vipd_run_gives_a_docker_service_a_vip_in_every_sandbox_and_follows_a_stop() {
     let saved = std::fs::read_to_string(state.join("allocations.json")).expect("allocations saved");
     assert!(saved.contains(&vip), "{saved}");
     drop(agent);
+}
+
+#[test]
+fn vipd_run_makes_a_started_task_a_backend_at_once_and_balances_over_it() {
+    let _turn = one_vipd_run_at_a_time();
+    let _took = Took::new();
+    require_ipvs_vm();
+    let d = dockerd();
+    let net = d.network("vstart", &[]);
+    let state = state_dir();
+    // The default interval: what is measured is the event path, not a resync's.
+    let agent = Agent::start(d, &state, &["--resync-interval", "30"]);
+
+    let mut started = run_all(
+        d,
+        &[
+            web_task(&net.name, "web", "w1"),
+            web_task(&net.name, "web", "w2"),
+            web_task(&net.name, "web", "w3"),
+            sleeper(&net.name, &[]),
+        ],
+    );
+    let client = started.pop().expect("client");
+    let sandbox = sandbox_of(d, &client.id);
+    wait_for(
+        "3 backends in the client's sandbox",
+        Duration::from_secs(120),
+        || dests(&sandbox) == 3,
+    );
+    let vip = vip_of(&sandbox, "web").expect("web's VIP in the client's sandbox");
+
+    // `docker start` returns once the container has started.
+    let w4 = run_one(d, &web_task(&net.name, "web", "w4"));
+    let since_returned = wait_for_every(
+        "the started task to be a backend in the client's sandbox",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || ipvs_table(&sandbox).matches("Masq").count() == 4,
+    );
+    let seen_at = now_unix();
+    let started_at = unix_time(&d.docker(&["inspect", "-f", "{{.State.StartedAt}}", &w4.id]));
+    let since_started = seen_at - started_at;
+    eprintln!(
+        "started task a backend in the client's sandbox {since_started:.3} s after its \
+         StartedAt, {:.3} s after `docker start` returned (polled every 20 ms)",
+        since_returned.as_secs_f64()
+    );
+    // What vipd did meanwhile (timestamps compare as text to the second).
+    let created = d.docker(&["inspect", "-f", "{{.Created}}", &w4.id]);
+    let from = created.get(..19).unwrap_or_default();
+    let log = agent.log();
+    let window: Vec<&str> = log
+        .lines()
+        .filter(|l| l.get(..19).is_some_and(|t| t >= from))
+        .collect();
+    eprintln!("vipd's log from the task's creation on:\n{}", window.join("\n"));
+    assert!(
+        since_started < 10.0,
+        "the started task took {since_started:.3} s to become a backend"
+    );
+
+    // Every sandbox on the network: a task's too.
+    let w1_sandbox = sandbox_of(d, &started[0].id);
+    wait_for("4 backends in a task's sandbox", Duration::from_secs(30), || {
+        ipvs_table(&w1_sandbox).matches("Masq").count() == 4
+    });
+
+    let seen = requests(&sandbox, &vip, 40);
+    let want: BTreeMap<String, usize> = ["w1", "w2", "w3", "w4"].map(|w| (w.to_owned(), 10)).into();
+    assert_eq!(seen, want);
+    drop(agent);
+}
+
+#[test]
+fn vipd_dns_answers_a_dnsrr_service_with_its_tasks_and_a_vip_service_with_its_vip() {
+    let _turn = one_vipd_run_at_a_time();
+    let _took = Took::new();
+    require_ipvs_vm();
+    let d = dockerd();
+    let state = state_dir();
+    // DNS by default: on each bridge network's gateway, following networks as they come;
+    // this one is created after vipd started.
+    let agent = Agent::start(d, &state, &[]);
+    let net = d.network("vdns", &[]);
+    let gateway = d.docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+        &net.name,
+    ]);
+
+    // A task of db asks: it shares the network with both services.
+    let dnsrr = ["vipd.service=db", "vipd.endpoint-mode=dnsrr"];
+    let db = run_all(
+        d,
+        &[
+            sleeper(&net.name, &dnsrr),
+            sleeper(&net.name, &dnsrr),
+            sleeper(&net.name, &dnsrr),
+        ],
+    );
+    let _web = run_one(d, &web_task(&net.name, "web", "w1"));
+    let db_ips: BTreeSet<String> = db.iter().map(|c| ip_of(d, &c.id)).collect();
+    assert_eq!(db_ips.len(), 3, "{db_ips:?}");
+    let sandbox = sandbox_of(d, &db[0].id);
+
+    wait_for(
+        "web's backend in a db task's sandbox",
+        Duration::from_secs(120),
+        || dests(&sandbox) == 1,
+    );
+    let vip = vip_of(&sandbox, "web").expect("web's VIP in a db task's sandbox");
+
+    let server = format!("@{gateway}");
+    let dig = |name: &str| stdout_in(&sandbox, &["dig", &server, name, "+short", "+time=2", "+tries=1"]);
+    let addresses = |answer: &str| -> Vec<String> {
+        answer
+            .lines()
+            .filter(|l| l.trim().parse::<Ipv4Addr>().is_ok())
+            .map(|l| l.trim().to_owned())
+            .collect()
+    };
+    let took = wait_for(
+        "`dig db` from a db task to answer db's 3 tasks",
+        Duration::from_secs(60),
+        || addresses(&dig("db")).into_iter().collect::<BTreeSet<_>>() == db_ips,
+    );
+    eprintln!("DNS answered the dnsrr service's tasks {took:?} after the VIP service was programmed");
+
+    let mut orders = BTreeSet::new();
+    for _ in 0..10 {
+        let answer = dig("db");
+        let got = addresses(&answer);
+        assert_eq!(
+            (got.len(), got.iter().cloned().collect::<BTreeSet<_>>()),
+            (3, db_ips.clone()),
+            "dig db answered:\n{answer}"
+        );
+        orders.insert(got);
+    }
+    eprintln!("10 answers for the dnsrr service came in {} orders", orders.len());
+    assert!(
+        orders.len() >= 2,
+        "10 answers, always in the same order: {orders:?}"
+    );
+    let answer = dig("web");
+    assert_eq!(addresses(&answer), [vip], "dig web answered:\n{answer}");
+
+    // A dnsrr service has no VIP: no IPVS service, no mark rule, no allocation.
+    let ipvs = stdout_in(&sandbox, &["ipvsadm", "-Ln"]);
+    assert_eq!(ipvs.matches("FWM").count(), 1, "only web's service:\n{ipvs}");
+    let mangle = stdout_in(&sandbox, &["iptables", "-t", "mangle", "-S"]);
+    assert!(!mangle.contains("vipd:db:"), "{mangle}");
+    let saved = std::fs::read_to_string(state.join("allocations.json")).expect("allocations saved");
+    assert!(!saved.contains("\"db\""), "{saved}");
+    drop(agent);
+}
+
+#[test]
+fn vipd_run_gives_nothing_to_a_container_on_another_network() {
+    let _turn = one_vipd_run_at_a_time();
+    let _took = Took::new();
+    require_ipvs_vm();
+    let d = dockerd();
+    let front = d.network("vfront", &[]);
+    let back = d.network("vback", &[]);
+    let state = state_dir();
+    let agent = Agent::start(d, &state, &["--resync-interval", "2"]);
+
+    // First, so that vipd knows it before the service appears.
+    let other = run_one(d, &sleeper(&back.name, &[]));
+    let mut started = run_all(
+        d,
+        &[web_task(&front.name, "web", "w1"), sleeper(&front.name, &[])],
+    );
+    let client = started.pop().expect("client");
+    let sandbox = sandbox_of(d, &client.id);
+    wait_for(
+        "web's backend in the client's sandbox",
+        Duration::from_secs(120),
+        || dests(&sandbox) == 1,
+    );
+    let vip = vip_of(&sandbox, "web").expect("web's VIP in the client's sandbox");
+    // And a periodic resync after that (a full re-list and re-read of every sandbox).
+    let listed = agent.log().matches("listed containers").count();
+    wait_for("a periodic resync", Duration::from_secs(60), || {
+        agent.log().matches("listed containers").count() >= listed + 2
+    });
+
+    let other_sandbox = sandbox_of(d, &other.id);
+    let table = ipvs_table(&other_sandbox);
+    assert!(
+        !table.contains("FWM"),
+        "IPVS in the other network's container:\n{table}"
+    );
+    let ipvs = stdout_in(&other_sandbox, &["ipvsadm", "-Ln"]);
+    assert!(!ipvs.contains("FWM"), "{ipvs}");
+    let rules = stdout_in(&other_sandbox, &["iptables-save"]);
+    assert!(!rules.contains(&vip) && !rules.contains("vipd"), "{rules}");
+
+    let url = format!("http://{vip}/");
+    let start = Instant::now();
+    let out = in_sandbox(&other_sandbox, &["curl", "-s", "--max-time", "3", &url]);
+    eprintln!(
+        "a request to the VIP from another network: {} after {:.1} s",
+        out.status,
+        start.elapsed().as_secs_f64()
+    );
+    assert!(
+        !out.status.success(),
+        "the VIP answered a container on another network: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The VIP works where it should.
+    let seen = requests(&sandbox, &vip, 2);
+    assert_eq!(seen.values().sum::<usize>(), 2);
+    drop(agent);
+}
+
+/// Send one line on an open connection to an echo server and read it back.
+fn echo(stream: &mut TcpStream, line: &str) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while got.last() != Some(&b'\n') {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed after {:?}", String::from_utf8_lossy(&got)),
+            ));
+        }
+        got.push(byte[0]);
+    }
+    let got = String::from_utf8_lossy(&got);
+    if got.trim_end() == line {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("sent {line:?}, got back {got:?}")))
+    }
+}
+
+#[test]
+fn a_restarted_vipd_keeps_the_vip_changes_nothing_and_open_connections_live_on() {
+    let _turn = one_vipd_run_at_a_time();
+    let _took = Took::new();
+    require_ipvs_vm();
+    let d = dockerd();
+    let net = d.network("vecho", &[]);
+    let state = state_dir();
+    let mut first = Agent::start(d, &state, &[]);
+
+    // Echo tasks: busybox nc, one `cat` per connection, listening again after each.
+    let echo_task = || {
+        [
+            "--network",
+            &net.name,
+            "--label",
+            "vipd.service=echo",
+            IMAGE,
+            "nc",
+            "-ll",
+            "-p",
+            "9000",
+            "-e",
+            "cat",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let mut started = run_all(d, &[echo_task(), echo_task(), sleeper(&net.name, &[])]);
+    let client = started.pop().expect("client");
+    let sandbox = sandbox_of(d, &client.id);
+    wait_for(
+        "2 backends in the client's sandbox",
+        Duration::from_secs(120),
+        || dests(&sandbox) == 2,
+    );
+    let vip = vip_of(&sandbox, "echo").expect("echo's VIP in the client's sandbox");
+
+    // A connection made in the client's sandbox stays there, whatever thread uses it.
+    let addr: SocketAddr = format!("{vip}:9000").parse().expect("VIP:port");
+    let mut open = None;
+    wait_for("an echo through the VIP", Duration::from_secs(60), || {
+        let ns = NetnsPath::from_arg(&sandbox);
+        let conn = run_in(&ns, || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .expect("enter the client's sandbox");
+        match conn.and_then(|mut s| echo(&mut s, "first").map(|()| s)) {
+            Ok(s) => {
+                open = Some(s);
+                true
+            }
+            Err(e) => {
+                eprintln!("echo through {addr} not yet: {e}");
+                false
+            }
+        }
+    });
+    let mut stream = open.expect("connected");
+
+    let status = first.terminate(Duration::from_secs(30));
+    let first_log = first.log();
+    assert!(
+        status.success(),
+        "vipd exited with {status} on SIGTERM:\n{first_log}"
+    );
+    assert!(
+        first_log.contains("stopping; the kernel state stays as it is"),
+        "{first_log}"
+    );
+    echo(&mut stream, "while vipd is stopped").expect("the connection works while vipd is stopped");
+    assert_eq!(dests(&sandbox), 2, "the kernel state stays while vipd is stopped");
+
+    let second = Agent::start(d, &state, &[]);
+    let took = wait_for(
+        "the restarted vipd's first resync",
+        Duration::from_secs(120),
+        || !second.resyncs().is_empty(),
+    );
+    let (sandboxes, operations, errors) = second.resyncs()[0];
+    eprintln!(
+        "restarted vipd: first resync after {:.1} s: sandboxes={sandboxes} \
+         operations={operations} errors={errors}",
+        took.as_secs_f64()
+    );
+    assert!(sandboxes >= 3, "the client and both tasks:\n{}", second.log());
+    assert_eq!(
+        (operations, errors),
+        (0, 0),
+        "a restarted vipd changed the kernel:\n{}",
+        second.log()
+    );
+    assert_eq!(vip_of(&sandbox, "echo").as_deref(), Some(vip.as_str()));
+    assert_eq!(dests(&sandbox), 2);
+    echo(&mut stream, "after the restart").expect("the connection works after the restart");
+    drop(second);
 }

@@ -11,7 +11,8 @@ use crate::common::*;
 pub struct Lan {
     pub net: u8,
     pub client: Netns,
-    pub backends: Vec<Netns>,
+    /// Kept so the backends' namespaces live as long as the LAN.
+    _backends: Vec<Netns>,
     httpds: Vec<Child>,
     _switch: Netns,
 }
@@ -52,7 +53,7 @@ impl Lan {
         let lan = Lan {
             net,
             client,
-            backends,
+            _backends: backends,
             httpds,
             _switch: switch,
         };
