@@ -8,9 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Runtime: iptables-restore/-save, ip. Inspection: ipvsadm. Tests: curl, ping, busybox
-# (httpd backends), the VM (qemu, kmod for depmod/modprobe, cpio for the initramfs).
+# (httpd backends), the VM (qemu, kmod for depmod/modprobe, cpio for the initramfs),
+# systemd-analyze (the unit in scripts/ is verified).
 PACKAGES=(iptables iproute2 ipvsadm curl iputils-ping busybox-static dnsutils procps
-  qemu-system-x86 kmod cpio strace)
+  qemu-system-x86 kmod cpio strace systemd)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -14,6 +14,9 @@ stage() { echo; echo "=== $* ==="; }
 
 stage "dependencies"
 scripts/setup.sh --deps
+# The VM shares this root read-only: what its tests run (dockerd, docker-compose) must be
+# installed here first.
+scripts/docker/ensure-docker.sh
 
 stage "fmt + clippy"
 cargo fmt --check

@@ -17,8 +17,11 @@ use futures::StreamExt;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::core::alloc::Allocations;
-use crate::core::cluster::{Attachment, Container, ContainerId};
+use crate::core::cluster::{Attachment, Container, ContainerId, Drain, Health};
+use crate::core::firewall::{MarkedService, Rule};
+use crate::core::ipvs::Timeouts;
 use crate::core::labels::{self, EndpointMode};
+use crate::core::mesh::{self, IngressLink, PortKey};
 use crate::core::model::{Ipv4Net, ServiceName};
 use crate::core::plan::SysctlSettings;
 use crate::core::spec::SandboxSpec;
@@ -26,6 +29,9 @@ use crate::core::status::{self, EngineState, SandboxStatus, Status};
 use crate::core::topology;
 use crate::dns::server::CatalogHandle;
 use crate::docker::{ContainerInfo, Engine, EngineError, EngineEvent, NetworkInfo};
+
+/// Container inspects of one batch of events that may be in flight at once.
+const INSPECTS_IN_FLIGHT: usize = 16;
 use crate::netns::NetnsPath;
 use crate::reconcile;
 use crate::state::{StateError, StateStore};
@@ -44,6 +50,41 @@ pub struct AgentConfig {
     pub sysctls: SysctlSettings,
     pub dns_domain: Option<String>,
     pub dns_ttl: u32,
+    /// The routing mesh's ingress namespace; `None`: no port is published.
+    pub ingress: Option<IngressTarget>,
+    /// How long a task that is being stopped, or turned unhealthy, stays a backend at
+    /// weight 0 while it still runs (its open connections finish); then it is removed.
+    /// A task that dies first is removed at once.
+    pub drain_grace: Duration,
+    /// The IPVS connection timeouts of every namespace vipd programs; `None`: the
+    /// kernel's (tcp 900 s, tcpfin 120 s, udp 300 s).
+    pub timeouts: Option<Timeouts>,
+}
+
+/// Why a task is leaving its services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Leaving {
+    /// The engine sent it this signal (`docker stop`, `docker kill`).
+    Signal(String),
+    /// Its health check failed.
+    Unhealthy,
+}
+
+/// Whether a kill event's signal (a number, as Docker 20.10 sends it, or a name) asks the
+/// task to stop. SIGHUP, SIGUSR1 and SIGUSR2 are taken to ask for a reload, a log rotation
+/// or a report, not an exit; a task sent one of them stays a backend.
+pub fn signal_stops(signal: &str) -> bool {
+    let name = signal.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    !matches!(name, "1" | "10" | "12" | "HUP" | "USR1" | "USR2")
+}
+
+/// The ingress namespace the routing mesh programs, and its link to the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressTarget {
+    /// The namespace (`/run/netns/NAME`).
+    pub netns: PathBuf,
+    pub link: IngressLink,
 }
 
 /// Why the agent stopped.
@@ -68,6 +109,17 @@ pub trait SandboxProgrammer: Send + Sync {
 
     /// The sandbox is gone (its container stopped): forget what is kept of it.
     fn forget(&self, _sandbox: &Path) {}
+
+    /// Bring vipd's chains in the host's own namespace (the routing mesh's DNAT,
+    /// masquerade and forward rules) to `rules`; returns how many operations were applied.
+    fn program_host(&self, rules: &[Rule]) -> Result<usize, String>;
+
+    /// The ports with a socket bound on the host (they cannot be published).
+    fn bound_ports(&self) -> Result<BTreeSet<PortKey>, String>;
+
+    /// The services vipd's rules in `sandbox` describe (name, VIP, fwmark): what the
+    /// kernel says was allocated, when the saved allocations are lost.
+    fn marked_services(&self, sandbox: &Path) -> Result<Vec<MarkedService>, String>;
 }
 
 /// The real kernel. A full program reads the namespace and reconciles it
@@ -109,10 +161,42 @@ impl SandboxProgrammer for KernelProgrammer {
         }
     }
 
+    fn marked_services(&self, sandbox: &Path) -> Result<Vec<MarkedService>, String> {
+        use crate::firewall::Firewall as _;
+        let ns = NetnsPath::from_arg(&sandbox.display().to_string());
+        let text = crate::netns::run_in(&ns, || crate::firewall::Iptables::default().save())
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(crate::core::firewall::parse_save(&text).marked_services())
+    }
+
     fn forget(&self, sandbox: &Path) {
         if let Ok(mut k) = self.kept.lock() {
             k.remove(sandbox);
         }
+    }
+
+    fn program_host(&self, rules: &[Rule]) -> Result<usize, String> {
+        let ops = reconcile::host_firewall(&mut crate::firewall::Iptables::default(), rules)
+            .map_err(|e| e.to_string())?;
+        for op in &ops {
+            info!(op = %op, "host rule changed");
+        }
+        Ok(ops.len())
+    }
+
+    fn bound_ports(&self) -> Result<BTreeSet<PortKey>, String> {
+        let ports = crate::ingress::bound_ports().map_err(|e| e.to_string())?;
+        Ok(ports
+            .into_iter()
+            .map(|(proto, port)| {
+                let protocol = match proto {
+                    crate::ingress::Proto::Tcp => labels::PortProtocol::Tcp,
+                    crate::ingress::Proto::Udp => labels::PortProtocol::Udp,
+                };
+                (protocol, port)
+            })
+            .collect())
     }
 }
 
@@ -143,6 +227,15 @@ pub struct Agent {
     last_resync: u64,
     status: tokio::sync::watch::Sender<Status>,
     networks: tokio::sync::watch::Sender<Vec<NetworkInfo>>,
+    /// Which service holds each published port.
+    holders: BTreeMap<PortKey, ServiceName>,
+    /// The host rules last applied; `None` until they are (or after an error).
+    host_applied: Option<Vec<Rule>>,
+    /// Tasks on their way out: since when, and why (see [`AgentConfig::drain_grace`]).
+    leaving: BTreeMap<ContainerId, (tokio::time::Instant, Leaving)>,
+    /// The saved allocations were missing or unreadable: the first full sync takes the
+    /// VIPs and fwmarks vipd's rules show in the sandboxes before allocating new ones.
+    recover: bool,
 }
 
 fn now_secs() -> u64 {
@@ -172,6 +265,7 @@ pub fn container_from(info: &ContainerInfo) -> Container {
                 })
             })
             .collect(),
+        drain: Drain::No,
     }
 }
 
@@ -185,11 +279,12 @@ impl Agent {
         dns: Option<CatalogHandle>,
     ) -> Result<Self, AgentError> {
         let store = StateStore::open(&cfg.state_dir)?;
-        let mut allocs = match store.load() {
-            Ok(a) => a.unwrap_or_default(),
+        let (mut allocs, recover) = match store.load() {
+            Ok(Some(a)) => (a, false),
+            Ok(None) => (Allocations::default(), true),
             Err(e @ StateError::Corrupt { .. }) => {
-                warn!(error = %e, "starting with no saved allocations");
-                Allocations::default()
+                warn!(error = %e, "starting with no saved allocations: the VIPs in use are read back from the sandboxes");
+                (Allocations::default(), true)
             }
             Err(e) => return Err(e.into()),
         };
@@ -211,6 +306,10 @@ impl Agent {
             last_resync: 0,
             status: tokio::sync::watch::Sender::new(Status::default()),
             networks: tokio::sync::watch::Sender::new(Vec::new()),
+            holders: BTreeMap::new(),
+            host_applied: None,
+            leaving: BTreeMap::new(),
+            recover,
         })
     }
 
@@ -267,33 +366,209 @@ impl Agent {
 
     /// Look at the container an event is about again.
     pub async fn on_event(&mut self, event: &EngineEvent) -> Result<(), EngineError> {
-        let id = match event {
-            EngineEvent::Container { id, action, .. } if !action.starts_with("exec_") => id,
-            EngineEvent::Network {
-                container: Some(id), ..
-            } => id,
-            EngineEvent::Network { action, .. }
-                if matches!(action.as_str(), "create" | "destroy" | "remove") =>
+        self.on_events(std::slice::from_ref(event)).await
+    }
+
+    /// Look again at every container a batch of events is about, each once and all at
+    /// the same time (at most [`INSPECTS_IN_FLIGHT`]), so one slow answer delays the
+    /// batch by its own time, not by the sum. Every inspect that succeeded is kept; the
+    /// first failure is returned (the caller then re-lists).
+    pub async fn on_events(&mut self, events: &[EngineEvent]) -> Result<(), EngineError> {
+        let mut ids: Vec<&ContainerId> = Vec::new();
+        let mut networks_changed = false;
+        for event in events {
+            if let EngineEvent::Container {
+                id,
+                action,
+                attributes,
+            } = event
             {
-                return self.refresh_networks().await;
+                self.note_leaving(id, action, attributes);
             }
-            _ => return Ok(()),
-        };
-        match self.engine.inspect(id).await? {
-            Some(info) => {
-                self.containers.insert(id.clone(), container_from(&info));
-            }
-            None => {
-                self.containers.remove(id);
+            match event {
+                // A kill event changes nothing Docker would show (the task still runs):
+                // its drain is noted above, and the sync goes ahead without waiting for
+                // an inspect, which a busy engine answers slowly.
+                EngineEvent::Container { id, action, .. }
+                    if !action.starts_with("exec_") && action != "kill" =>
+                {
+                    ids.push(id)
+                }
+                EngineEvent::Network {
+                    container: Some(id), ..
+                } => ids.push(id),
+                EngineEvent::Network { action, .. }
+                    if matches!(action.as_str(), "create" | "destroy" | "remove") =>
+                {
+                    networks_changed = true
+                }
+                _ => {}
             }
         }
-        Ok(())
+        let mut seen = BTreeSet::new();
+        ids.retain(|id| seen.insert(*id));
+        let engine = Arc::clone(&self.engine);
+        let answers: Vec<(ContainerId, Result<Option<ContainerInfo>, EngineError>)> =
+            futures::stream::iter(ids)
+                .map(|id| {
+                    let engine = Arc::clone(&engine);
+                    async move { (id.clone(), engine.inspect(id).await) }
+                })
+                .buffer_unordered(INSPECTS_IN_FLIGHT)
+                .collect()
+                .await;
+        let mut first_error = None;
+        for (id, answer) in answers {
+            match answer {
+                Ok(Some(info)) => {
+                    let c = container_from(&info);
+                    let was_serving = self
+                        .containers
+                        .get(&id)
+                        .is_some_and(|old| old.serving() && !self.leaving.contains_key(&old.id));
+                    if was_serving && c.running && c.health == Some(Health::Unhealthy) {
+                        info!(container = %c.name, grace = ?self.cfg.drain_grace, "task unhealthy: draining (weight 0 everywhere)");
+                        self.leaving
+                            .insert(id.clone(), (tokio::time::Instant::now(), Leaving::Unhealthy));
+                    }
+                    self.containers.insert(id, c);
+                }
+                Ok(None) => {
+                    self.containers.remove(&id);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if networks_changed {
+            if let Err(e) = self.refresh_networks().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A kill event whose signal asks a running task to stop starts its drain; a start
+    /// event ends it (`docker restart`, or a task that came back).
+    fn note_leaving(&mut self, id: &ContainerId, action: &str, attributes: &BTreeMap<String, String>) {
+        match action {
+            "kill" => {
+                let signal = attributes.get("signal").map(String::as_str).unwrap_or("");
+                let serving = self.containers.get(id).is_some_and(Container::serving);
+                if serving && signal_stops(signal) && !self.leaving.contains_key(id) {
+                    let name = self.containers.get(id).map(|c| c.name.as_str()).unwrap_or("");
+                    info!(container = %name, signal, grace = ?self.cfg.drain_grace, "task being stopped: draining (weight 0 everywhere)");
+                    self.leaving.insert(
+                        id.clone(),
+                        (tokio::time::Instant::now(), Leaving::Signal(signal.to_owned())),
+                    );
+                }
+            }
+            "start" => {
+                self.leaving.remove(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Each known container, with where it stands in its drain. A drain ends when the
+    /// task stops running, comes back healthy (if it was unhealthy), or is over.
+    fn containers_now(&mut self) -> Vec<Container> {
+        let now = tokio::time::Instant::now();
+        let grace = self.cfg.drain_grace;
+        let containers = &self.containers;
+        self.leaving.retain(|id, (_, why)| {
+            containers.get(id).is_some_and(|c| {
+                c.running && (*why != Leaving::Unhealthy || c.health == Some(Health::Unhealthy))
+            })
+        });
+        containers
+            .values()
+            .map(|c| {
+                let mut c = c.clone();
+                if let Some((since, why)) = self.leaving.get(&c.id) {
+                    c.drain = if now < *since + grace {
+                        Drain::Draining
+                    } else {
+                        if self.reported.insert(format!("drained {} {:?}", c.id, since)) {
+                            info!(container = %c.name, reason = ?why, grace = ?grace, "task still running after its drain grace: no longer a backend");
+                        }
+                        Drain::Drained
+                    };
+                }
+                c
+            })
+            .collect()
+    }
+
+    /// Take back the VIPs and fwmarks vipd's rules show in the running containers'
+    /// sandboxes, for the VIP services that have none, reading sandboxes (tasks first)
+    /// until every such service is found or none is left to read.
+    async fn recover_allocations(
+        &mut self,
+        containers: &[Container],
+        defs: &BTreeMap<ServiceName, labels::ServiceDef>,
+    ) {
+        self.recover = false;
+        let mut missing: BTreeSet<ServiceName> = defs
+            .values()
+            .filter(|d| d.mode == EndpointMode::Vip && self.allocs.get(&d.name).is_none())
+            .map(|d| d.name.clone())
+            .collect();
+        let is_task = |c: &Container| defs.values().any(|d| d.tasks.contains_key(&c.id));
+        let mut sandboxes: Vec<(bool, PathBuf)> = containers
+            .iter()
+            .filter(|c| c.running)
+            .filter_map(|c| c.sandbox.clone().map(|sb| (!is_task(c), sb)))
+            .collect();
+        sandboxes.sort();
+        let mut adopted = 0;
+        for (_, sandbox) in sandboxes {
+            if missing.is_empty() {
+                break;
+            }
+            let programmer = Arc::clone(&self.programmer);
+            let read = sandbox.clone();
+            let found = match tokio::task::spawn_blocking(move || programmer.marked_services(&read)).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(e)) => {
+                    warn!(sandbox = %sandbox.display(), error = %e, "cannot read the VIPs in use");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for m in found {
+                let std::net::IpAddr::V4(vip) = m.vip.addr() else {
+                    continue;
+                };
+                if missing.contains(&m.name) && self.allocs.adopt(&m.name, vip, m.fwmark.get(), self.cfg.pool)
+                {
+                    info!(service = %m.name, vip = %vip, fwmark = m.fwmark.get(), sandbox = %sandbox.display(), "VIP recovered from the kernel");
+                    missing.remove(&m.name);
+                    adopted += 1;
+                }
+            }
+        }
+        if adopted > 0 {
+            info!(services = adopted, "allocations recovered from the sandboxes");
+        }
+    }
+
+    /// When the next drain grace ends (a sync then removes that task), if any.
+    pub fn next_drain_deadline(&self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        self.leaving
+            .values()
+            .map(|(since, _)| *since + self.cfg.drain_grace)
+            .filter(|end| *end > now)
+            .min()
     }
 
     /// Bring every sandbox to what the known containers call for. With `full`, every
     /// sandbox is re-read from the kernel, changed or not.
     pub async fn sync(&mut self, full: bool) -> SyncReport {
-        let containers: Vec<Container> = self.containers.values().cloned().collect();
+        let containers: Vec<Container> = self.containers_now();
         let (defs, label_errors) = labels::services(&containers);
         for e in &label_errors {
             if self.reported.insert(e.to_string()) {
@@ -302,6 +577,9 @@ impl Agent {
         }
         let mut report = SyncReport::default();
         let before = self.allocs.clone();
+        if full && self.recover {
+            self.recover_allocations(&containers, &defs).await;
+        }
         let now = now_secs();
         let mut service_errors: BTreeMap<ServiceName, Vec<String>> = BTreeMap::new();
         for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
@@ -352,7 +630,53 @@ impl Agent {
             dns.store(catalog);
         }
 
-        let desired = topology::desired(&containers, &defs, &self.allocs);
+        let mut desired = topology::desired(&containers, &defs, &self.allocs);
+        let mut host_rules = Vec::new();
+        if let Some(ingress) = &self.cfg.ingress {
+            // The host's bound ports matter only for a port not published yet.
+            let new_claim = defs.values().any(|d| {
+                d.publish
+                    .iter()
+                    .any(|p| self.holders.get(&(p.protocol, p.published)) != Some(&d.name))
+            });
+            let bound = if new_claim {
+                self.programmer.bound_ports().unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot tell which ports are bound on the host");
+                    report.errors.push(e);
+                    BTreeSet::new()
+                })
+            } else {
+                BTreeSet::new()
+            };
+            let m = mesh::plan(&containers, &defs, &self.holders, &bound, &ingress.link);
+            for (key, name) in &m.holders {
+                if self.holders.get(key) != Some(name) {
+                    info!(service = %name, port = %format!("{}/{}", key.1, key.0), "port published");
+                }
+            }
+            for (key, name) in &self.holders {
+                if !m.holders.contains_key(key) {
+                    info!(service = %name, port = %format!("{}/{}", key.1, key.0), "port no longer published");
+                }
+            }
+            for (name, errors) in m.errors {
+                for e in errors {
+                    if self.reported.insert(format!("{name}: {e}")) {
+                        warn!(service = %name, error = %e, "port not published");
+                    }
+                    report.errors.push(format!("service {name}: {e}"));
+                    service_errors.entry(name.clone()).or_default().push(e);
+                }
+            }
+            self.holders = m.holders;
+            host_rules = m.host_rules;
+            desired.insert(ingress.netns.clone(), m.ingress);
+        }
+        if let Some(t) = self.cfg.timeouts {
+            for spec in desired.values_mut() {
+                spec.timeouts = Some(t);
+            }
+        }
         let gone: Vec<PathBuf> = self
             .applied
             .keys()
@@ -381,7 +705,13 @@ impl Agent {
                     last_operations: 0,
                     last_change: 0,
                 });
-            entry.container = names.get(sandbox).map(|n| n.to_string()).unwrap_or_default();
+            entry.container = match names.get(sandbox) {
+                Some(n) => n.to_string(),
+                None if self.cfg.ingress.as_ref().is_some_and(|i| i.netns == *sandbox) => {
+                    "(ingress)".to_owned()
+                }
+                None => String::new(),
+            };
             entry.services = spec.services.iter().map(|s| s.name.to_string()).collect();
         }
         let own: BTreeMap<&PathBuf, &Vec<Attachment>> = containers
@@ -441,6 +771,28 @@ impl Agent {
                 }
             }
         }
+        if self.cfg.ingress.is_some() && (full || self.host_applied.as_ref() != Some(&host_rules)) {
+            let programmer = Arc::clone(&self.programmer);
+            let span = info_span!("program_host");
+            let rules = host_rules.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let _enter = span.enter();
+                programmer.program_host(&rules)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("host rules task failed: {e}")));
+            match result {
+                Ok(ops) => {
+                    report.operations += ops;
+                    self.host_applied = Some(host_rules);
+                }
+                Err(e) => {
+                    warn!(error = %e, "host rules not programmed");
+                    report.errors.push(format!("host rules: {e}"));
+                    self.host_applied = None;
+                }
+            }
+        }
         if full {
             self.last_resync = now;
         }
@@ -448,7 +800,7 @@ impl Agent {
             docker: self.engine_state.clone(),
             last_sync: now,
             last_resync: self.last_resync,
-            services: status::services(&containers, &defs, &self.allocs, &service_errors),
+            services: status::services(&containers, &defs, &self.allocs, &self.holders, &service_errors),
             sandboxes: self.sandboxes.values().cloned().collect(),
             label_errors: status::label_problems(&label_errors),
         };
@@ -485,8 +837,12 @@ impl Agent {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
+                let drain_end = self.next_drain_deadline();
                 tokio::select! {
                     _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep_until(drain_end.unwrap_or_else(tokio::time::Instant::now)), if drain_end.is_some() => {
+                        self.sync(false).instrument(info_span!("drain_over")).await;
+                    }
                     next = events.next() => match next {
                         Some(Ok(event)) => {
                             let mut batch = vec![event];
@@ -494,14 +850,8 @@ impl Agent {
                             while let Ok(Some(Ok(more))) = tokio::time::timeout(self.cfg.debounce, events.next()).await {
                                 batch.push(more);
                             }
-                            let mut failed = false;
-                            for event in &batch {
-                                if let Err(e) = self.on_event(event).await {
-                                    warn!(error = %e, "inspect failed; re-listing");
-                                    failed = true;
-                                }
-                            }
-                            if failed {
+                            if let Err(e) = self.on_events(&batch).await {
+                                warn!(error = %e, "inspect failed; re-listing");
                                 break;
                             }
                             self.sync(false).instrument(info_span!("sync", events = batch.len())).await;
@@ -544,6 +894,10 @@ mod tests {
         Mutex<BTreeMap<PathBuf, SandboxSpec>>,
         Mutex<usize>,
         Mutex<BTreeMap<PathBuf, bool>>,
+        /// The host rules last programmed.
+        Mutex<Option<Vec<Rule>>>,
+        /// The ports it says are bound on the host.
+        Mutex<BTreeSet<PortKey>>,
     );
 
     impl SandboxProgrammer for Recorder {
@@ -558,6 +912,33 @@ mod tests {
             self.2.lock().unwrap().insert(sandbox.to_owned(), full);
             self.0.lock().unwrap().insert(sandbox.to_owned(), spec.clone());
             Ok(1)
+        }
+
+        fn program_host(&self, rules: &[Rule]) -> Result<usize, String> {
+            *self.3.lock().unwrap() = Some(rules.to_vec());
+            Ok(rules.len())
+        }
+
+        fn bound_ports(&self) -> Result<BTreeSet<PortKey>, String> {
+            Ok(self.4.lock().unwrap().clone())
+        }
+
+        /// As the kernel would show them: the services last programmed in `sandbox`.
+        fn marked_services(&self, sandbox: &Path) -> Result<Vec<MarkedService>, String> {
+            let map = self.0.lock().unwrap();
+            Ok(map
+                .get(sandbox)
+                .map(|spec| {
+                    spec.services
+                        .iter()
+                        .map(|s| MarkedService {
+                            name: s.name.clone(),
+                            vip: s.vip,
+                            fwmark: s.fwmark,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default())
         }
     }
 
@@ -577,6 +958,229 @@ mod tests {
         fn calls(&self) -> usize {
             *self.1.lock().unwrap()
         }
+
+        /// Each backend of `service` in `sandbox` with its weight.
+        fn weights(&self, sandbox: &str, service: &str) -> Vec<(String, u32)> {
+            let map = self.0.lock().unwrap();
+            map.get(Path::new(sandbox))
+                .and_then(|spec| spec.services.iter().find(|s| s.name.as_str() == service))
+                .map(|s| {
+                    s.backends
+                        .iter()
+                        .map(|b| (b.addr.to_string(), b.weight))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+    }
+
+    /// Tasks w1 (10.1.0.3) and w2 (10.1.0.4) of service web and a client (10.1.0.9) on
+    /// one network, listed by an agent that has not synced yet.
+    async fn two_tasks_and_a_client(tag: &str) -> (FakeEngine, Arc<Recorder>, Agent) {
+        let engine = FakeEngine::new();
+        let web = [(labels::SERVICE, "web")];
+        engine.upsert_container(on_net("w1aaaaaaaaaa", "w1", "10.1.0.3", &web));
+        engine.upsert_container(on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web));
+        engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
+        let rec = Arc::new(Recorder::default());
+        let mut agent =
+            Agent::new(Arc::new(engine.clone()), rec.clone(), config(&tempdir(tag)), None).unwrap();
+        agent.relist().await.unwrap();
+        (engine, rec, agent)
+    }
+
+    fn event(id: &str, action: &str, attributes: &[(&str, &str)]) -> EngineEvent {
+        EngineEvent::Container {
+            id: ContainerId(id.into()),
+            action: action.into(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn task_state(agent: &Agent, name: &str) -> String {
+        let status = agent.status().borrow().clone();
+        status.services[0]
+            .tasks
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.state.clone())
+            .unwrap_or_else(|| panic!("no task {name} in {status:?}"))
+    }
+
+    fn w(pairs: &[(&str, u32)]) -> Vec<(String, u32)> {
+        pairs.iter().map(|(a, w)| ((*a).to_owned(), *w)).collect()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn configured_ipvs_timeouts_go_to_every_sandbox() {
+        let engine = FakeEngine::new();
+        engine.upsert_container(on_net(
+            "w1aaaaaaaaaa",
+            "w1",
+            "10.1.0.3",
+            &[(labels::SERVICE, "web")],
+        ));
+        engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
+        let rec = Arc::new(Recorder::default());
+        let dir = tempdir("timeouts");
+        let mut cfg = config(&dir);
+        let t = Timeouts {
+            tcp: 3600,
+            tcp_fin: 30,
+            udp: 60,
+        };
+        cfg.timeouts = Some(t);
+        let mut agent = Agent::new(Arc::new(engine), rec.clone(), cfg, None).unwrap();
+        agent.relist().await.unwrap();
+        agent.sync(true).await;
+        let specs = rec.0.lock().unwrap();
+        assert_eq!(specs.len(), 2);
+        assert!(specs.values().all(|s| s.timeouts == Some(t)), "{specs:?}");
+    }
+
+    #[test]
+    fn reload_signals_do_not_stop_a_task_and_the_others_do() {
+        for s in ["1", "10", "12", "SIGHUP", "hup", "USR1", "SIGUSR2"] {
+            assert!(!signal_stops(s), "{s}");
+        }
+        for s in ["15", "9", "2", "3", "28", "SIGTERM", "KILL", "SIGWINCH", ""] {
+            assert!(signal_stops(s), "{s}");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_task_being_stopped_drains_at_weight_0_and_leaves_when_it_dies_or_its_grace_ends() {
+        let web = [(labels::SERVICE, "web")];
+        let (engine, rec, mut agent) = two_tasks_and_a_client("drain").await;
+        agent.sync(true).await;
+        let client = "/run/docker/netns/claaaaaaaaaa";
+        let both = w(&[("10.1.0.3", 1), ("10.1.0.4", 1)]);
+        assert_eq!(rec.weights(client, "web"), both);
+
+        // A reload signal changes nothing.
+        agent
+            .on_event(&event("w2aaaaaaaaaa", "kill", &[("signal", "1")]))
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        assert_eq!(
+            (rec.weights(client, "web"), agent.next_drain_deadline()),
+            (both.clone(), None)
+        );
+
+        // `docker stop`: SIGTERM, and w2 still runs: weight 0 in every sandbox, with no
+        // inspect asked of the engine.
+        let inspects = engine.calls();
+        agent
+            .on_event(&event("w2aaaaaaaaaa", "kill", &[("signal", "15")]))
+            .await
+            .unwrap();
+        assert_eq!(engine.calls(), inspects, "a kill event needs no inspect");
+        agent.sync(false).await;
+        let draining = w(&[("10.1.0.3", 1), ("10.1.0.4", 0)]);
+        assert_eq!(rec.weights(client, "web"), draining);
+        assert_eq!(rec.weights("/run/docker/netns/w1aaaaaaaaaa", "web"), draining);
+        assert_eq!(task_state(&agent, "w2"), "draining");
+        let end = tokio::time::Instant::now() + Duration::from_secs(30);
+        assert_eq!(agent.next_drain_deadline(), Some(end));
+
+        // It dies: gone at once.
+        let mut dead = on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web);
+        dead.running = false;
+        engine.upsert_container(dead);
+        agent
+            .on_event(&event("w2aaaaaaaaaa", "die", &[("exitCode", "0")]))
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), w(&[("10.1.0.3", 1)]));
+        assert_eq!(agent.next_drain_deadline(), None);
+
+        // Started again: a backend again, at its weight.
+        engine.upsert_container(on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web));
+        agent
+            .on_event(&event("w2aaaaaaaaaa", "start", &[]))
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), both);
+
+        // A task that does not exit when told: at weight 0 for the grace, then removed
+        // though it still runs.
+        agent
+            .on_event(&event("w2aaaaaaaaaa", "kill", &[("signal", "SIGTERM")]))
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        tokio::time::advance(Duration::from_secs(29)).await;
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), draining);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(agent.next_drain_deadline(), None, "the grace is over");
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), w(&[("10.1.0.3", 1)]));
+        assert_eq!(task_state(&agent, "w2"), "drained");
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_unhealthy_task_drains_then_leaves_and_is_back_when_healthy() {
+        let engine = FakeEngine::new();
+        let web = [(labels::SERVICE, "web")];
+        let health = |id: &str, ip: &str, h: Health| {
+            let mut c = on_net(id, id, ip, &web);
+            c.health = Some(h);
+            c
+        };
+        engine.upsert_container(health("w1aaaaaaaaaa", "10.1.0.3", Health::Healthy));
+        engine.upsert_container(health("w2aaaaaaaaaa", "10.1.0.4", Health::Healthy));
+        engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
+        let rec = Arc::new(Recorder::default());
+        let dir = tempdir("unhealthy");
+        let mut agent = Agent::new(Arc::new(engine.clone()), rec.clone(), config(&dir), None).unwrap();
+        agent.relist().await.unwrap();
+        agent.sync(true).await;
+        let client = "/run/docker/netns/claaaaaaaaaa";
+        let both = w(&[("10.1.0.3", 1), ("10.1.0.4", 1)]);
+        assert_eq!(rec.weights(client, "web"), both);
+
+        engine.upsert_container(health("w2aaaaaaaaaa", "10.1.0.4", Health::Unhealthy));
+        agent
+            .on_event(&event("w2aaaaaaaaaa", "health_status: unhealthy", &[]))
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), w(&[("10.1.0.3", 1), ("10.1.0.4", 0)]));
+        assert_eq!(task_state(&agent, "w2aaaaaaaaaa"), "draining");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), w(&[("10.1.0.3", 1)]));
+
+        engine.upsert_container(health("w2aaaaaaaaaa", "10.1.0.4", Health::Healthy));
+        agent
+            .on_event(&event("w2aaaaaaaaaa", "health_status: healthy", &[]))
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), both);
+        assert_eq!(task_state(&agent, "w2aaaaaaaaaa"), "healthy");
+
+        // A task never healthy yet (starting, then unhealthy) was never a backend: it
+        // does not come in at weight 0.
+        engine.upsert_container(health("w3aaaaaaaaaa", "10.1.0.5", Health::Starting));
+        agent
+            .on_event(&event("w3aaaaaaaaaa", "start", &[]))
+            .await
+            .unwrap();
+        engine.upsert_container(health("w3aaaaaaaaaa", "10.1.0.5", Health::Unhealthy));
+        agent
+            .on_event(&event("w3aaaaaaaaaa", "health_status: unhealthy", &[]))
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), both);
     }
 
     fn on_net(id: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerInfo {
@@ -604,6 +1208,9 @@ mod tests {
             sysctls: SysctlSettings::default(),
             dns_domain: None,
             dns_ttl: 5,
+            ingress: None,
+            drain_grace: Duration::from_secs(30),
+            timeouts: None,
         }
     }
 
@@ -614,16 +1221,176 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn tasks_become_backends_everywhere_and_leave_on_their_die_event() {
+    async fn published_ports_program_the_ingress_and_the_host_and_a_bound_port_is_refused() {
         let engine = FakeEngine::new();
-        let web = [(labels::SERVICE, "web")];
+        let web = [(labels::SERVICE, "web"), (labels::PUBLISH, "8080:80")];
         engine.upsert_container(on_net("w1aaaaaaaaaa", "w1", "10.1.0.3", &web));
         engine.upsert_container(on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web));
-        engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
+        let api = [(labels::SERVICE, "api"), (labels::PUBLISH, "9090:90")];
+        engine.upsert_container(on_net("a1aaaaaaaaaa", "a1", "10.1.0.5", &api));
         let rec = Arc::new(Recorder::default());
-        let dir = tempdir("die");
-        let mut agent = Agent::new(Arc::new(engine.clone()), rec.clone(), config(&dir), None).unwrap();
+        rec.4.lock().unwrap().insert((labels::PortProtocol::Tcp, 9090));
+        let dir = tempdir("mesh");
+        let mut cfg = config(&dir);
+        let ingress = PathBuf::from("/run/netns/vipd_ingress_test");
+        cfg.ingress = Some(IngressTarget {
+            netns: ingress.clone(),
+            link: IngressLink {
+                addr: "10.254.255.2".parse().unwrap(),
+                host_iface: "vipd-ingress".into(),
+            },
+        });
+        let mut agent = Agent::new(Arc::new(engine.clone()), rec.clone(), cfg, None).unwrap();
         agent.relist().await.unwrap();
+        let r = agent.sync(true).await;
+        assert_eq!(
+            r.errors,
+            ["service api: port 9090/tcp not published: it is already in use on the host (a socket is bound to it)"]
+        );
+        assert_eq!(
+            rec.backends(ingress.to_str().unwrap(), "web"),
+            ["10.1.0.3", "10.1.0.4"]
+        );
+        assert_eq!(
+            rec.backends(ingress.to_str().unwrap(), "api"),
+            Vec::<String>::new()
+        );
+        let host = rec.3.lock().unwrap().clone().expect("host rules programmed");
+        assert_eq!(host.len(), 5, "2 DNAT, 1 masquerade, 2 forward: {host:#?}");
+        let status = agent.status().borrow().clone();
+        let api_status = status.services.iter().find(|s| s.name == "api").unwrap();
+        assert!(
+            api_status.errors[0].contains("already in use on the host"),
+            "{api_status:?}"
+        );
+        assert!(api_status.published.is_empty(), "{api_status:?}");
+        let web_status = status.services.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web_status.published, ["8080:80/tcp"]);
+        let ingress_sb = status.sandboxes.iter().find(|s| s.path == ingress).unwrap();
+        assert_eq!(ingress_sb.container, "(ingress)");
+
+        // Nothing changed: neither the ingress nor the host is programmed again.
+        *rec.3.lock().unwrap() = None;
+        let calls = rec.calls();
+        agent.sync(false).await;
+        assert_eq!((rec.calls(), rec.3.lock().unwrap().is_none()), (calls, true));
+
+        // The tasks lose the label: the ingress and the host lose everything.
+        for (id, name, ip) in [
+            ("w1aaaaaaaaaa", "w1", "10.1.0.3"),
+            ("w2aaaaaaaaaa", "w2", "10.1.0.4"),
+        ] {
+            engine.upsert_container(on_net(id, name, ip, &[(labels::SERVICE, "web")]));
+        }
+        engine.remove_container(&ContainerId("a1aaaaaaaaaa".into()));
+        agent.relist().await.unwrap();
+        agent.sync(false).await;
+        assert!(rec.0.lock().unwrap()[&ingress].services.is_empty());
+        assert_eq!(rec.3.lock().unwrap().as_deref(), Some(&[][..]));
+    }
+
+    /// An engine whose inspects each take `delay` and fail for one container; it counts
+    /// the inspects in flight at once.
+    struct SlowEngine {
+        inner: FakeEngine,
+        delay: Duration,
+        failing: ContainerId,
+        in_flight: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Engine for SlowEngine {
+        fn containers(&self) -> futures::future::BoxFuture<'_, Result<Vec<ContainerInfo>, EngineError>> {
+            self.inner.containers()
+        }
+        fn inspect<'a>(
+            &'a self,
+            id: &'a ContainerId,
+        ) -> futures::future::BoxFuture<'a, Result<Option<ContainerInfo>, EngineError>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            Box::pin(async move {
+                let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+                self.most.fetch_max(now, SeqCst);
+                tokio::time::sleep(self.delay).await;
+                self.in_flight.fetch_sub(1, SeqCst);
+                if *id == self.failing {
+                    return Err(EngineError::Timeout {
+                        endpoint: "fake".into(),
+                        operation: format!("inspect container {}", id.0),
+                        after: self.delay,
+                    });
+                }
+                self.inner.inspect(id).await
+            })
+        }
+        fn networks(&self) -> futures::future::BoxFuture<'_, Result<Vec<NetworkInfo>, EngineError>> {
+            self.inner.networks()
+        }
+        fn events(&self) -> futures::stream::BoxStream<'static, Result<EngineEvent, EngineError>> {
+            self.inner.events()
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_batch_inspects_each_container_once_and_all_at_once_and_keeps_what_answered() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let fake = FakeEngine::new();
+        let web = [(labels::SERVICE, "web")];
+        fake.upsert_container(on_net("w1aaaaaaaaaa", "w1", "10.1.0.3", &web));
+        let engine = Arc::new(SlowEngine {
+            inner: fake.clone(),
+            delay: Duration::from_secs(10),
+            failing: ContainerId("slowaaaaaaaa".into()),
+            in_flight: Default::default(),
+            most: Default::default(),
+        });
+        let rec = Arc::new(Recorder::default());
+        let dir = tempdir("batch");
+        let mut agent = Agent::new(engine.clone(), rec.clone(), config(&dir), None).unwrap();
+        agent.relist().await.unwrap();
+        agent.sync(true).await;
+
+        // Three new tasks, each with a start and a health event, and one container whose
+        // inspect times out.
+        let mut batch = Vec::new();
+        for (id, ip) in [
+            ("w2aaaaaaaaaa", "10.1.0.4"),
+            ("w3aaaaaaaaaa", "10.1.0.5"),
+            ("w4aaaaaaaaaa", "10.1.0.6"),
+        ] {
+            fake.upsert_container(on_net(id, id, ip, &web));
+            for action in ["start", "health_status: healthy"] {
+                batch.push(EngineEvent::Container {
+                    id: ContainerId(id.into()),
+                    action: action.into(),
+                    attributes: BTreeMap::new(),
+                });
+            }
+        }
+        batch.push(EngineEvent::Container {
+            id: ContainerId("slowaaaaaaaa".into()),
+            action: "start".into(),
+            attributes: BTreeMap::new(),
+        });
+        let calls = fake.calls();
+        let started = tokio::time::Instant::now();
+        let err = agent.on_events(&batch).await.unwrap_err();
+        assert!(err.to_string().contains("timed out after 10s"), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_secs(10), "one delay, not five");
+        assert_eq!(engine.most.load(SeqCst), 4, "the four containers at once");
+        assert_eq!(fake.calls() - calls, 3, "each answering container once");
+        agent.sync(false).await;
+        assert_eq!(
+            rec.backends("/run/docker/netns/w1aaaaaaaaaa", "web"),
+            ["10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6"],
+            "what answered is kept"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn tasks_become_backends_everywhere_and_leave_on_their_die_event() {
+        let web = [(labels::SERVICE, "web")];
+        let (engine, rec, mut agent) = two_tasks_and_a_client("die").await;
         let r = agent.sync(true).await;
         assert_eq!((r.sandboxes_programmed, r.errors.len()), (3, 0));
         assert_eq!(
@@ -687,7 +1454,7 @@ mod tests {
             rec.2.lock().unwrap()[&client],
             "changed own addresses: read again"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(tempdir("die")).ok();
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -775,6 +1542,70 @@ mod tests {
             }
             self.1.program(sb, spec, sys, full)
         }
+
+        fn program_host(&self, rules: &[Rule]) -> Result<usize, String> {
+            self.1.program_host(rules)
+        }
+
+        fn bound_ports(&self) -> Result<BTreeSet<PortKey>, String> {
+            self.1.bound_ports()
+        }
+
+        fn marked_services(&self, sb: &Path) -> Result<Vec<MarkedService>, String> {
+            self.1.marked_services(sb)
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn lost_allocations_are_read_back_from_the_sandboxes() {
+        let engine = FakeEngine::new();
+        for (id, svc, ip) in [
+            ("w1aaaaaaaaaa", "web", "10.1.0.3"),
+            ("a1aaaaaaaaaa", "api", "10.1.0.4"),
+            ("d1aaaaaaaaaa", "db", "10.1.0.5"),
+        ] {
+            engine.upsert_container(on_net(id, id, ip, &[(labels::SERVICE, svc)]));
+        }
+        let rec = Arc::new(Recorder::default());
+        let dir = tempdir("recover");
+        let vips = |agent: &Agent| -> Vec<(String, std::net::Ipv4Addr, u32)> {
+            agent
+                .allocations()
+                .services
+                .iter()
+                .map(|(n, a)| (n.to_string(), a.vip, a.fwmark))
+                .collect()
+        };
+        // A first vipd allocates (api, db, web: .1 .2 .3), then db goes and comes back
+        // with another VIP, so the allocations are not simply the first ones again.
+        let mut first = Agent::new(Arc::new(engine.clone()), rec.clone(), config(&dir), None).unwrap();
+        first.relist().await.unwrap();
+        first.sync(true).await;
+        first.allocs.services.clear();
+        first.allocs.next_fwmark = 300;
+        first
+            .allocs
+            .ensure(&ServiceName::new("zzz").unwrap(), first.cfg.pool)
+            .unwrap();
+        first.sync(true).await;
+        let before = vips(&first);
+        assert_eq!(before.len(), 4, "{before:?}");
+
+        for lost in ["{\"services\": 3", ""] {
+            let file = dir.join("allocations.json");
+            if lost.is_empty() {
+                std::fs::remove_file(&file).unwrap();
+            } else {
+                std::fs::write(&file, lost).unwrap();
+            }
+            let mut second = Agent::new(Arc::new(engine.clone()), rec.clone(), config(&dir), None).unwrap();
+            second.relist().await.unwrap();
+            second.sync(true).await;
+            let after: Vec<_> = vips(&second).into_iter().filter(|(n, ..)| n != "zzz").collect();
+            let want: Vec<_> = before.iter().filter(|(n, ..)| n != "zzz").cloned().collect();
+            assert_eq!(after, want, "the VIPs in use are kept ({lost:?})");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -240,7 +240,7 @@ impl DockerEngine {
                 reason: "expected unix:///path/to/docker.sock or tcp://host:port".to_owned(),
             });
         }
-        .map_err(|e| classify(endpoint, "connect", e))?;
+        .map_err(|e| classify(endpoint, "connect", timeout, e))?;
 
         let docker = run_with_timeout(endpoint, "negotiate the API version", timeout, async {
             docker.negotiate_version().await
@@ -300,7 +300,7 @@ async fn run_with_timeout<T>(
     let operation = operation.into();
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(classify(endpoint, &operation, e)),
+        Ok(Err(e)) => Err(classify(endpoint, &operation, timeout, e)),
         Err(_) => Err(EngineError::Timeout {
             endpoint: endpoint.to_owned(),
             operation,
@@ -311,7 +311,7 @@ async fn run_with_timeout<T>(
 
 /// A bollard error as an [`EngineError`]: transport failures mean the engine is
 /// unavailable, responses are API errors.
-fn classify(endpoint: &str, operation: &str, e: bollard::errors::Error) -> EngineError {
+fn classify(endpoint: &str, operation: &str, timeout: Duration, e: bollard::errors::Error) -> EngineError {
     use bollard::errors::Error as B;
     let endpoint = endpoint.to_owned();
     match e {
@@ -319,10 +319,11 @@ fn classify(endpoint: &str, operation: &str, e: bollard::errors::Error) -> Engin
             endpoint,
             reason: format!("no socket at {path}"),
         },
+        // bollard's own limit (the call timeout, in whole seconds) ran out first.
         B::RequestTimeoutError => EngineError::Timeout {
             endpoint,
             operation: operation.to_owned(),
-            after: Duration::ZERO,
+            after: timeout,
         },
         B::DockerResponseServerError { status_code, message } => EngineError::Api {
             endpoint,
@@ -422,12 +423,13 @@ impl Engine for DockerEngine {
             )])),
         };
         let endpoint = self.endpoint.clone();
+        let timeout = self.timeout;
         // No timeout here: an idle engine sends nothing for as long as nothing happens.
         self.docker
             .events(Some(options))
             .map(move |item| match item {
                 Ok(message) => Ok(event_from_message(message)),
-                Err(e) => Err(classify(&endpoint, "events", e)),
+                Err(e) => Err(classify(&endpoint, "events", timeout, e)),
             })
             .boxed()
     }

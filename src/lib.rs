@@ -11,14 +11,18 @@
 //! - [`state`]: allocations on disk, written atomically.
 //! - [`netns`]: entering a network namespace on a dedicated thread.
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
+//! - [`ingress`]: the routing mesh's ingress namespace and its veth link to the host.
+//! - [`config`]: the `vipd run` config file, turned into the flags it stands for.
 
 pub mod addrs;
 pub mod admin;
 pub mod agent;
+pub mod config;
 pub mod core;
 pub mod dns;
 pub mod docker;
 pub mod firewall;
+pub mod ingress;
 pub mod ipvs;
 pub mod netns;
 pub mod reconcile;

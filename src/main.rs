@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use vipd::core::plan::SysctlSettings;
@@ -49,6 +49,11 @@ enum Command {
     /// Follow the Docker engine (DOCKER_HOST, or the default socket) and give every
     /// service a VIP in every container that shares a network with it.
     Run {
+        /// A file of `vipd run` settings (TOML, each a flag's long name; see
+        /// scripts/vipd.toml); a flag given here wins. Default: /etc/vipd/vipd.toml, when
+        /// it exists.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Where VIPs come from; must not overlap a Docker network.
         #[arg(long, default_value = vipd::core::alloc::DEFAULT_POOL)]
         vip_pool: String,
@@ -58,6 +63,21 @@ enum Command {
         /// Seconds a service with no task keeps its VIP.
         #[arg(long, default_value_t = 300)]
         grace: u64,
+        /// Seconds a task that is being stopped (a kill event) or turned unhealthy stays
+        /// a backend at weight 0 while it still runs, so its open connections finish;
+        /// then it is removed. A task that dies is removed at once.
+        #[arg(long, default_value_t = 30)]
+        drain_grace: u64,
+        /// IPVS idle timeout of established TCP connections, in seconds, in every
+        /// namespace vipd programs (0: the kernel's, 900).
+        #[arg(long, default_value_t = 0)]
+        ipvs_tcp_timeout: u32,
+        /// IPVS timeout of TCP connections after a FIN, in seconds (0: the kernel's, 120).
+        #[arg(long, default_value_t = 0)]
+        ipvs_tcpfin_timeout: u32,
+        /// IPVS timeout of UDP flows, in seconds (0: the kernel's, 300).
+        #[arg(long, default_value_t = 0)]
+        ipvs_udp_timeout: u32,
         /// Seconds between full re-lists and re-reads of every sandbox.
         #[arg(long, default_value_t = 30)]
         resync_interval: u64,
@@ -84,6 +104,19 @@ enum Command {
         /// The admin socket `vipd status` asks (root only).
         #[arg(long, default_value = vipd::admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
+        /// The routing mesh's ingress namespace, a name under /run/netns that vipd
+        /// creates and owns.
+        #[arg(long, default_value = vipd::ingress::DEFAULT_NETNS_NAME)]
+        ingress_netns: String,
+        /// The small subnet of the link between the host and the ingress namespace (host
+        /// end: its first address, ingress end: its second); must not overlap a Docker
+        /// network, a route of this host or the VIP pool.
+        #[arg(long, default_value = DEFAULT_INGRESS_SUBNET)]
+        ingress_subnet: String,
+        /// No routing mesh: `vipd.publish` labels are ignored and no ingress namespace
+        /// is made.
+        #[arg(long)]
+        no_ingress: bool,
     },
     /// What the running `vipd run` knows: services, their VIPs, fwmarks, tasks and
     /// errors; with --sandboxes, each sandbox and whether it is in sync.
@@ -150,6 +183,27 @@ fn parse_net(text: &str, flag: &str) -> Result<vipd::core::model::Ipv4Net> {
         .with_context(|| format!("{flag} {text:?}: the prefix length must be 0-30"))
 }
 
+/// The default subnet of the link to the ingress namespace: next to the default VIP pool,
+/// away from Docker's default address pools.
+const DEFAULT_INGRESS_SUBNET: &str = "10.254.255.0/30";
+
+/// What `vipd run` was asked to do.
+struct RunOptions {
+    pool: vipd::core::model::Ipv4Net,
+    state_dir: PathBuf,
+    grace: u64,
+    drain_grace: u64,
+    timeouts: Option<vipd::core::ipvs::Timeouts>,
+    resync: u64,
+    dns_mode: DnsMode,
+    dns_domain: Option<String>,
+    dns_ttl: u32,
+    sysctls: SysctlSettings,
+    admin_socket: PathBuf,
+    /// The ingress namespace's name and link subnet; `None` without a routing mesh.
+    ingress: Option<(String, vipd::core::model::Ipv4Net)>,
+}
+
 /// Where `vipd run` serves DNS.
 enum DnsMode {
     Off,
@@ -159,23 +213,71 @@ enum DnsMode {
     Listen(Vec<std::net::SocketAddr>),
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_agent(
-    pool: vipd::core::model::Ipv4Net,
-    state_dir: PathBuf,
-    grace: u64,
-    resync: u64,
-    dns_mode: DnsMode,
-    dns_domain: Option<String>,
-    dns_ttl: u32,
-    sysctls: SysctlSettings,
-    admin_socket: PathBuf,
-) -> Result<()> {
-    use std::sync::Arc;
-    use vipd::docker::Engine;
+/// Resolves on SIGTERM or ^C.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
+}
 
-    let engine = Arc::new(vipd::docker::DockerEngine::connect().await?);
-    let networks = engine.networks().await.context("listing Docker networks")?;
+/// The Docker engine and its networks. An engine that does not answer yet (vipd started
+/// before dockerd, or dockerd restarting) is asked again with a growing delay, up to 30 s,
+/// and each failure is logged; `None` when SIGTERM or ^C comes first. An endpoint this
+/// client cannot use (a bad `DOCKER_HOST`) is an error at once.
+async fn wait_for_engine() -> Result<
+    Option<(
+        std::sync::Arc<vipd::docker::DockerEngine>,
+        Vec<vipd::docker::NetworkInfo>,
+    )>,
+> {
+    use vipd::docker::{DockerEngine, Engine, EngineError};
+    let mut delay = std::time::Duration::from_millis(500);
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        let attempt = async {
+            let engine = DockerEngine::connect().await?;
+            let networks = engine.networks().await?;
+            Ok::<_, EngineError>((engine, networks))
+        };
+        match attempt.await {
+            Ok((engine, networks)) => return Ok(Some((std::sync::Arc::new(engine), networks))),
+            Err(e @ EngineError::BadEndpoint { .. }) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "Docker engine not reachable; waiting for it");
+                tokio::select! {
+                    _ = &mut stop => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn run_agent(opts: RunOptions) -> Result<()> {
+    let RunOptions {
+        pool,
+        state_dir,
+        grace,
+        drain_grace,
+        timeouts,
+        resync,
+        dns_mode,
+        dns_domain,
+        dns_ttl,
+        sysctls,
+        admin_socket,
+        ingress,
+    } = opts;
+    use std::sync::Arc;
+
+    let Some((engine, networks)) = wait_for_engine().await? else {
+        tracing::info!("stopping before the Docker engine answered");
+        return Ok(());
+    };
     let others: Vec<(String, vipd::core::model::Ipv4Net)> = networks
         .iter()
         .flat_map(|n| {
@@ -195,6 +297,61 @@ async fn run_agent(
             .map(|r| ("a route of this host to".to_owned(), r))
             .collect();
     vipd::core::alloc::check_pool(pool, &routes)?;
+
+    let ingress = match ingress {
+        None => None,
+        Some((name, subnet)) => {
+            let overlap = |what: &str, net: vipd::core::model::Ipv4Net| {
+                vipd::core::alloc::overlaps(subnet, net).then(|| {
+                    anyhow::anyhow!(
+                        "the ingress subnet {subnet} overlaps {what} {net}; choose one that does not (--ingress-subnet)"
+                    )
+                })
+            };
+            if let Some(e) = overlap("the VIP pool", pool) {
+                return Err(e);
+            }
+            for (what, net) in &others {
+                if let Some(e) = overlap(what, *net) {
+                    return Err(e);
+                }
+            }
+            // Routes inside the subnet through the link vipd made on an earlier run (its
+            // connected and local routes) are its own.
+            let link_exists = nix::net::if_::if_nametoindex(vipd::ingress::DEFAULT_HOST_IFACE).is_ok();
+            let own = |r: &vipd::core::model::Ipv4Net| {
+                link_exists && r.prefix >= subnet.prefix && subnet.contains(r.addr)
+            };
+            for (what, net) in routes.iter().filter(|(_, r)| !own(r)) {
+                if let Some(e) = overlap(what, *net) {
+                    return Err(e);
+                }
+            }
+            let cfg = vipd::ingress::IngressConfig {
+                netns_name: name,
+                subnet,
+                host_iface: vipd::ingress::DEFAULT_HOST_IFACE.to_owned(),
+                ingress_iface: vipd::ingress::DEFAULT_INGRESS_IFACE.to_owned(),
+            };
+            let (ingress, changes) = tokio::task::spawn_blocking(move || vipd::ingress::ensure(&cfg))
+                .await?
+                .context("setting up the ingress namespace")?;
+            for change in changes {
+                tracing::info!(change = %change, "ingress namespace");
+            }
+            if !ingress.host_forwarding {
+                tracing::warn!("net.ipv4.ip_forward is 0 on this host: published ports cannot reach the tasks until it is 1 (dockerd normally sets it)");
+            }
+            tracing::info!(netns = %ingress.netns, address = %ingress.ingress_addr, "routing mesh ready");
+            Some(vipd::agent::IngressTarget {
+                netns: ingress.netns.path().to_owned(),
+                link: vipd::core::mesh::IngressLink {
+                    addr: ingress.ingress_addr,
+                    host_iface: ingress.host_iface.clone(),
+                },
+            })
+        }
+    };
 
     let dns = match &dns_mode {
         DnsMode::Off => None,
@@ -228,6 +385,9 @@ async fn run_agent(
         sysctls,
         dns_domain,
         dns_ttl,
+        ingress,
+        drain_grace: std::time::Duration::from_secs(drain_grace),
+        timeouts,
     };
     let agent = vipd::agent::Agent::new(
         engine,
@@ -257,11 +417,7 @@ async fn run_agent(
         std::future::pending(),
     ));
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-        }
+        stop_signal().await;
         tracing::info!("stopping; the kernel state stays as it is");
     };
     let result = agent.run(shutdown).await;
@@ -273,9 +429,14 @@ async fn run_agent(
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
+            config: _,
             vip_pool,
             state_dir,
             grace,
+            drain_grace,
+            ipvs_tcp_timeout,
+            ipvs_tcpfin_timeout,
+            ipvs_udp_timeout,
             resync_interval,
             dns_listen,
             dns_port,
@@ -284,6 +445,9 @@ fn run(cli: Cli) -> Result<()> {
             dns_ttl,
             sysctls,
             admin_socket,
+            ingress_netns,
+            ingress_subnet,
+            no_ingress,
         } => {
             let dns = if no_dns {
                 DnsMode::Off
@@ -297,17 +461,37 @@ fn run(cli: Cli) -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run_agent(
+            let ingress = if no_ingress {
+                None
+            } else {
+                if ingress_netns.is_empty() || ingress_netns.contains('/') || ingress_netns.starts_with('.') {
+                    bail!("--ingress-netns {ingress_netns:?}: expected a name for /run/netns, e.g. vipd_ingress");
+                }
+                let subnet = parse_net(&ingress_subnet, "--ingress-subnet")?;
+                if subnet.addr != subnet.network().addr {
+                    bail!("--ingress-subnet {ingress_subnet:?}: expected a network address, e.g. {DEFAULT_INGRESS_SUBNET}");
+                }
+                Some((ingress_netns, subnet))
+            };
+            let timeouts = vipd::core::ipvs::Timeouts {
+                tcp: ipvs_tcp_timeout,
+                tcp_fin: ipvs_tcpfin_timeout,
+                udp: ipvs_udp_timeout,
+            };
+            rt.block_on(run_agent(RunOptions {
                 pool,
                 state_dir,
                 grace,
-                resync_interval,
-                dns,
+                drain_grace,
+                timeouts: (timeouts != vipd::core::ipvs::Timeouts::default()).then_some(timeouts),
+                resync: resync_interval,
+                dns_mode: dns,
                 dns_domain,
                 dns_ttl,
                 sysctls,
                 admin_socket,
-            ))?;
+                ingress,
+            }))?;
         }
         Command::Status {
             sandboxes,
@@ -363,8 +547,60 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// The settings a config file may hold: every long flag of `vipd run` but `--config`.
+fn run_settings() -> Vec<vipd::config::Setting> {
+    let cli = Cli::command();
+    let run = cli.find_subcommand("run").expect("the run subcommand");
+    run.get_arguments()
+        .filter_map(|a| {
+            let long = a.get_long()?;
+            (!matches!(long, "config" | "help" | "verbose" | "version")).then(|| vipd::config::Setting {
+                name: long.to_owned(),
+                takes_value: a.get_action().takes_values(),
+            })
+        })
+        .collect()
+}
+
+/// The command line with the config file's settings added after `run` (for `vipd run`
+/// only): `--config FILE`, or the default file when it exists.
+fn with_config_file(mut args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>> {
+    let text = |a: &std::ffi::OsString| a.to_string_lossy().into_owned();
+    let Some(at) = args
+        .iter()
+        .skip(1)
+        .position(|a| !text(a).starts_with('-'))
+        .map(|p| p + 1)
+        .filter(|p| args[*p] == "run")
+    else {
+        return Ok(args);
+    };
+    let after: Vec<String> = args[at + 1..].iter().map(text).collect();
+    let (path, required) = match after.iter().position(|a| a == "--config") {
+        Some(i) => match after.get(i + 1) {
+            Some(p) => (p.clone(), true),
+            None => return Ok(args), // clap says what is missing
+        },
+        None => match after.iter().find_map(|a| a.strip_prefix("--config=")) {
+            Some(p) => (p.to_owned(), true),
+            None => (vipd::config::DEFAULT_PATH.to_owned(), false),
+        },
+    };
+    let extra =
+        vipd::config::flags_from_file(std::path::Path::new(&path), required, &run_settings(), &after)?;
+    args.splice(at + 1..at + 1, extra.into_iter().map(Into::into));
+    Ok(args)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match with_config_file(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("vipd: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     let default = match cli.verbose {
         0 if matches!(cli.command, Command::Run { .. }) => "info,hickory_server=warn",
         0 => "warn",
@@ -382,5 +618,103 @@ fn main() -> ExitCode {
             eprintln!("vipd: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// scripts/vipd.toml names every setting, with the flag's default where it has one,
+    /// and is a valid config file once uncommented.
+    #[test]
+    fn the_example_config_lists_every_setting_with_its_default() {
+        let example = include_str!("../scripts/vipd.toml");
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let mut uncommented = String::new();
+        for s in run_settings() {
+            let prefix = format!("# {} = ", s.name);
+            let line = example
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("scripts/vipd.toml does not show {}", s.name));
+            let value = &line[prefix.len()..];
+            let arg = run
+                .get_arguments()
+                .find(|a| a.get_long() == Some(&s.name))
+                .unwrap();
+            match arg.get_default_values() {
+                [d] if s.takes_value => {
+                    let d = d.to_string_lossy();
+                    assert!(
+                        value == d || value == format!("{d:?}"),
+                        "{}: the example says {value}, the default is {d}",
+                        s.name
+                    );
+                }
+                _ if !s.takes_value => assert_eq!(value, "false", "{}", s.name),
+                _ => {}
+            }
+            uncommented.push_str(&line[2..]);
+            uncommented.push('\n');
+        }
+        let flags =
+            vipd::config::flags_from_text(&uncommented, "scripts/vipd.toml", &run_settings(), &[]).unwrap();
+        // The flags it stands for parse (the three DNS ones conflict with each other).
+        let mut args = vec!["vipd".to_owned(), "run".to_owned()];
+        let mut skip = false;
+        for f in flags {
+            if f == "--dns-listen" || f == "--no-dns" {
+                skip = f == "--dns-listen";
+                continue;
+            }
+            if std::mem::take(&mut skip) {
+                continue;
+            }
+            args.push(f);
+        }
+        Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+
+    #[test]
+    fn a_config_file_adds_only_what_the_command_line_does_not_say() {
+        let dir = std::env::temp_dir().join(format!("vipd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vipd.toml");
+        std::fs::write(&file, "grace = 60\nno-dns = true\nvip-pool = \"10.9.0.0/16\"\n").unwrap();
+        let args = |a: &[&str]| -> Vec<std::ffi::OsString> { a.iter().map(Into::into).collect() };
+        let f = file.to_str().unwrap();
+        let got = with_config_file(args(&["vipd", "-v", "run", "--config", f, "--grace", "5"])).unwrap();
+        assert_eq!(
+            got,
+            args(&[
+                "vipd",
+                "-v",
+                "run",
+                "--no-dns",
+                "--vip-pool",
+                "10.9.0.0/16",
+                "--config",
+                f,
+                "--grace",
+                "5"
+            ])
+        );
+        let cli = Cli::try_parse_from(got).unwrap();
+        let Command::Run { grace, no_dns, .. } = cli.command else {
+            panic!("run")
+        };
+        assert_eq!((grace, no_dns), (5, true));
+        // Other commands do not read it; a missing file asked for is an error.
+        let status = args(&["vipd", "status", "--config", f]);
+        assert_eq!(with_config_file(status.clone()).unwrap(), status);
+        let e = with_config_file(args(&["vipd", "run", "--config", "/nonexistent-vipd.toml"])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cannot read the config file /nonexistent-vipd.toml"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -248,6 +248,22 @@ pub fn reconcile_netns(
     with_sandbox(ns, None, |sb| reconcile(sb, spec, sysctls, dry_run))
 }
 
+/// Bring vipd's chains in the host's namespace ([`firewall::HOST_CHAINS`]: the routing
+/// mesh) to `want`, with `fw` (the calling thread's namespace): one `iptables-save`, and
+/// one `iptables-restore --noflush` only if something differs. Rules and chains of
+/// others are never touched. Returns the operations applied.
+pub fn host_firewall(
+    fw: &mut dyn Firewall,
+    want: &[firewall::Rule],
+) -> Result<Vec<firewall::FwOp>, ReconcileError> {
+    let seen = firewall::parse_save(&fw.save()?);
+    let ops = firewall::plan_chains(&firewall::HOST_CHAINS, want, &seen);
+    if !ops.is_empty() {
+        fw.restore(&firewall::render_restore(&ops))?;
+    }
+    Ok(ops)
+}
+
 /// One of vipd's services in a namespace, as the kernel has it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceView {

@@ -23,10 +23,11 @@
 # Usage: scripts/docker/ensure-docker.sh
 set -euo pipefail
 
-readonly PACKAGES=(docker.io containerd runc tini iptables)
+readonly PACKAGES=(docker.io containerd runc tini iptables docker-compose)
 # What a private dockerd runs: the daemon, its containerd and shim, runc, the init for
-# `docker run --init` (tini), iptables, and a client.
-readonly COMMANDS=(dockerd containerd containerd-shim-runc-v2 runc docker-init iptables docker)
+# `docker run --init` (tini), iptables, a client, and docker-compose (the README's
+# compose quick start, tested in the VM).
+readonly COMMANDS=(dockerd containerd containerd-shim-runc-v2 runc docker-init iptables docker docker-compose)
 readonly POLICY=/usr/sbin/policy-rc.d
 
 log() { echo "ensure-docker: $*" >&2; }

@@ -145,6 +145,31 @@ impl Allocations {
         Some((Vip::new(a.vip.into()), FwMark::new(a.fwmark)?))
     }
 
+    /// Take the VIP and fwmark the kernel shows for `service` (its rules in a sandbox, when
+    /// the saved allocations were lost), if the service has none yet, the VIP is in the
+    /// pool and neither is another service's. Returns whether it was taken.
+    pub fn adopt(&mut self, service: &ServiceName, vip: Ipv4Addr, fwmark: u32, pool: Ipv4Net) -> bool {
+        let (first, last) = pool_range(pool);
+        let taken = self.services.values().any(|a| a.vip == vip || a.fwmark == fwmark);
+        if self.services.contains_key(service)
+            || taken
+            || !(first..=last).contains(&u32::from(vip))
+            || fwmark < FIRST_FWMARK
+        {
+            return false;
+        }
+        self.services.insert(
+            service.clone(),
+            Allocation {
+                vip,
+                fwmark,
+                idle_since: None,
+            },
+        );
+        self.next_fwmark = self.next_fwmark.max(fwmark.saturating_add(1));
+        true
+    }
+
     /// Allocations read from disk may be outside the pool now (the pool was changed):
     /// those are dropped so the services get new VIPs from the current pool.
     pub fn retain_pool(&mut self, pool: Ipv4Net) -> Vec<ServiceName> {
@@ -233,6 +258,38 @@ mod tests {
             "service c: the VIP pool 10.9.0.0/30 is exhausted (2 addresses, all allocated)"
         );
         assert!(t.get(&name("a")).is_some());
+    }
+
+    #[test]
+    fn what_the_kernel_shows_is_adopted_unless_it_clashes() {
+        let pool = net("10.9.0.0/24");
+        let mut t = Allocations::default();
+        assert!(t.adopt(&name("web"), "10.9.0.7".parse().unwrap(), 300, pool));
+        assert_eq!(t.next_fwmark, 301, "new marks come after adopted ones");
+        assert!(
+            !t.adopt(&name("web"), "10.9.0.8".parse().unwrap(), 302, pool),
+            "has one"
+        );
+        assert!(
+            !t.adopt(&name("db"), "10.9.0.7".parse().unwrap(), 302, pool),
+            "VIP taken"
+        );
+        assert!(
+            !t.adopt(&name("db"), "10.9.0.8".parse().unwrap(), 300, pool),
+            "mark taken"
+        );
+        assert!(
+            !t.adopt(&name("db"), "10.8.0.8".parse().unwrap(), 302, pool),
+            "outside the pool"
+        );
+        assert!(
+            !t.adopt(&name("db"), "10.9.0.0".parse().unwrap(), 302, pool),
+            "the network address"
+        );
+        assert!(t.adopt(&name("db"), "10.9.0.1".parse().unwrap(), 256, pool));
+        assert_eq!(t.next_fwmark, 301);
+        let new = t.ensure(&name("api"), pool).unwrap();
+        assert_eq!((new.vip, new.fwmark), ("10.9.0.2".parse().unwrap(), 301));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! vipd's iptables rules in a sandbox: rendering, reading back, and the difference.
 //!
-//! vipd owns three chains and one jump into each from a built-in chain. Rules are rendered
+//! In a sandbox (and in the ingress namespace) vipd owns the chains of
+//! [`SANDBOX_CHAINS`]; in the host's namespace those of [`HOST_CHAINS`] (the routing mesh).
+//! Each has one jump into it from a built-in chain. Rules are rendered
 //! in exactly the form `iptables-save` prints them, so what is read back compares equal to
 //! what was written and a second run changes nothing. Rules in any other chain are never
 //! touched; in a built-in chain vipd touches only its own jump.
@@ -11,6 +13,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use super::labels::Publish;
 use super::model::{FwMark, Ipv4Net, ServiceName, Vip};
 
 /// The prefix of every comment vipd puts on its rules.
@@ -22,6 +25,7 @@ pub const COMMENT_PREFIX: &str = "vipd:";
 pub enum Table {
     Mangle,
     Nat,
+    Filter,
 }
 
 impl Table {
@@ -29,6 +33,7 @@ impl Table {
         match self {
             Table::Mangle => "mangle",
             Table::Nat => "nat",
+            Table::Filter => "filter",
         }
     }
 }
@@ -39,6 +44,20 @@ pub struct OwnedChain {
     pub table: Table,
     pub name: &'static str,
     pub hook: &'static str,
+    /// Matches on the jump before `-j NAME`, as `iptables-save` prints them; empty for an
+    /// unconditional jump.
+    pub jump_match: &'static str,
+}
+
+impl OwnedChain {
+    /// The jump rule in the hook, after `-A HOOK `, as `iptables-save` prints it.
+    pub fn jump(&self) -> String {
+        if self.jump_match.is_empty() {
+            format!("-j {}", self.name)
+        } else {
+            format!("{} -j {}", self.jump_match, self.name)
+        }
+    }
 }
 
 /// mangle: marks packets to a VIP with the service's fwmark.
@@ -46,22 +65,84 @@ pub const MANGLE_OUTPUT: OwnedChain = OwnedChain {
     table: Table::Mangle,
     name: "VIPD-OUTPUT",
     hook: "OUTPUT",
+    jump_match: "",
+};
+/// mangle: marks packets to a published port of the ingress namespace with the port's
+/// fwmark.
+pub const MANGLE_PREROUTING: OwnedChain = OwnedChain {
+    table: Table::Mangle,
+    name: "VIPD-PREROUTING",
+    hook: "PREROUTING",
+    jump_match: "",
 };
 /// nat: answers `ping VIP` locally.
 pub const NAT_OUTPUT: OwnedChain = OwnedChain {
     table: Table::Nat,
     name: "VIPD-OUTPUT",
     hook: "OUTPUT",
+    jump_match: "",
 };
 /// nat: source-NATs IPVS-forwarded packets to the sandbox's own address on the backends' network.
 pub const NAT_POSTROUTING: OwnedChain = OwnedChain {
     table: Table::Nat,
     name: "VIPD-POSTROUTING",
     hook: "POSTROUTING",
+    jump_match: "",
 };
 
-/// Every chain vipd owns in a sandbox, in the order their rules are written.
-pub const OWNED_CHAINS: [OwnedChain; 3] = [NAT_OUTPUT, NAT_POSTROUTING, MANGLE_OUTPUT];
+/// Every chain vipd owns in a sandbox or the ingress namespace.
+pub const SANDBOX_CHAINS: [OwnedChain; 4] = [NAT_OUTPUT, NAT_POSTROUTING, MANGLE_OUTPUT, MANGLE_PREROUTING];
+
+/// Host, nat: DNATs published ports arriving for a local address to the ingress namespace.
+pub const HOST_NAT_PREROUTING: OwnedChain = OwnedChain {
+    table: Table::Nat,
+    name: "VIPD-INGRESS",
+    hook: "PREROUTING",
+    jump_match: "-m addrtype --dst-type LOCAL",
+};
+/// Host, nat: the same for connections the host itself opens (`127.0.0.1:<published>`).
+pub const HOST_NAT_OUTPUT: OwnedChain = OwnedChain {
+    table: Table::Nat,
+    name: "VIPD-INGRESS-OUT",
+    hook: "OUTPUT",
+    jump_match: "-m addrtype --dst-type LOCAL",
+};
+/// Host, nat: connections the host opens leave towards the ingress namespace with the
+/// host's address on the link (never 127.0.0.1).
+pub const HOST_NAT_POSTROUTING: OwnedChain = OwnedChain {
+    table: Table::Nat,
+    name: "VIPD-INGRESS-POST",
+    hook: "POSTROUTING",
+    jump_match: "",
+};
+/// Host, filter: lets traffic to and from the ingress namespace through FORWARD, whatever
+/// Docker's own chains drop.
+pub const HOST_FILTER_FORWARD: OwnedChain = OwnedChain {
+    table: Table::Filter,
+    name: "VIPD-FORWARD",
+    hook: "FORWARD",
+    jump_match: "",
+};
+
+/// Every chain vipd owns in the host's namespace.
+pub const HOST_CHAINS: [OwnedChain; 4] = [
+    HOST_NAT_PREROUTING,
+    HOST_NAT_OUTPUT,
+    HOST_NAT_POSTROUTING,
+    HOST_FILTER_FORWARD,
+];
+
+/// Every chain vipd owns anywhere: what is read back from `iptables-save`.
+pub const OWNED_CHAINS: [OwnedChain; 8] = [
+    NAT_OUTPUT,
+    NAT_POSTROUTING,
+    MANGLE_OUTPUT,
+    MANGLE_PREROUTING,
+    HOST_NAT_PREROUTING,
+    HOST_NAT_OUTPUT,
+    HOST_NAT_POSTROUTING,
+    HOST_FILTER_FORWARD,
+];
 
 /// One rule in an owned chain: the text after `-A CHAIN `, exactly as `iptables-save` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -111,6 +192,72 @@ pub fn snat_rule(net: Ipv4Net, source: std::net::Ipv4Addr) -> Rule {
     }
 }
 
+/// The rule that marks packets to a published port of the ingress namespace (`addr`)
+/// with `mark`.
+pub fn ingress_mark_rule(name: &ServiceName, addr: Vip, publish: &Publish, mark: FwMark) -> Rule {
+    let proto = publish.protocol.label();
+    Rule {
+        chain: MANGLE_PREROUTING,
+        spec: format!(
+            "-d {addr}/32 -p {proto} -m {proto} --dport {} -m comment --comment {} -j MARK --set-xmark {:#x}/0xffffffff",
+            publish.published,
+            service_comment(name, mark),
+            mark.get()
+        ),
+    }
+}
+
+/// The rule that makes every IPVS-forwarded packet leave with `source`: the ingress
+/// namespace's one address, so the tasks' replies come back through it.
+pub fn snat_all_rule(source: std::net::Ipv4Addr) -> Rule {
+    Rule {
+        chain: NAT_POSTROUTING,
+        spec: format!(
+            "-m ipvs --ipvs -m comment --comment {COMMENT_PREFIX}snat -j SNAT --to-source {source}"
+        ),
+    }
+}
+
+/// The host's DNAT of one published port to the ingress namespace, for arriving packets
+/// and for the host's own connections.
+pub fn host_dnat_rules(name: &ServiceName, publish: &Publish, ingress: std::net::Ipv4Addr) -> [Rule; 2] {
+    let proto = publish.protocol.label();
+    let spec = format!(
+        "-p {proto} -m {proto} --dport {port} -m comment --comment {COMMENT_PREFIX}{name} -j DNAT --to-destination {ingress}:{port}",
+        port = publish.published
+    );
+    [
+        Rule {
+            chain: HOST_NAT_PREROUTING,
+            spec: spec.clone(),
+        },
+        Rule {
+            chain: HOST_NAT_OUTPUT,
+            spec,
+        },
+    ]
+}
+
+/// The host's rules for the link to the ingress namespace `iface` (its host end): the
+/// host's own connections leave with its address on the link, and forwarding to and from
+/// the ingress namespace is allowed.
+pub fn host_link_rules(iface: &str) -> [Rule; 3] {
+    [
+        Rule {
+            chain: HOST_NAT_POSTROUTING,
+            spec: format!("-o {iface} -m addrtype --src-type LOCAL -m comment --comment {COMMENT_PREFIX}mesh -j MASQUERADE"),
+        },
+        Rule {
+            chain: HOST_FILTER_FORWARD,
+            spec: format!("-o {iface} -m comment --comment {COMMENT_PREFIX}mesh -j ACCEPT"),
+        },
+        Rule {
+            chain: HOST_FILTER_FORWARD,
+            spec: format!("-i {iface} -m comment --comment {COMMENT_PREFIX}mesh -j ACCEPT"),
+        },
+    ]
+}
+
 /// A vipd service as its mark rule describes it: what the kernel says vipd owns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MarkedService {
@@ -155,7 +302,7 @@ impl ObservedFirewall {
     /// found by its ping rule, and the other way round.
     pub fn marked_services(&self) -> Vec<MarkedService> {
         let mut by_mark = BTreeMap::new();
-        for chain in [NAT_OUTPUT, MANGLE_OUTPUT] {
+        for chain in [NAT_OUTPUT, MANGLE_OUTPUT, MANGLE_PREROUTING] {
             for m in self
                 .chains
                 .get(&chain)
@@ -185,6 +332,7 @@ pub fn parse_save(text: &str) -> ObservedFirewall {
             table = match t {
                 "mangle" => Some(Table::Mangle),
                 "nat" => Some(Table::Nat),
+                "filter" => Some(Table::Filter),
                 _ => None,
             };
             continue;
@@ -200,7 +348,7 @@ pub fn parse_save(text: &str) -> ObservedFirewall {
             for c in OWNED_CHAINS.iter().filter(|c| c.table == table) {
                 if chain == c.name {
                     seen.chains.entry(*c).or_default().push(unquote_comment(spec));
-                } else if chain == c.hook && spec == format!("-j {}", c.name) {
+                } else if chain == c.hook && spec == c.jump() {
                     *seen.jumps.entry(*c).or_default() += 1;
                 }
             }
@@ -246,21 +394,27 @@ impl fmt::Display for FwOp {
         let t = |c: &OwnedChain| c.table.name();
         match self {
             FwOp::NewChain(c) => write!(f, "iptables -t {} -N {}", t(c), c.name),
-            FwOp::AddJump(c) => write!(f, "iptables -t {} -I {} 1 -j {}", t(c), c.hook, c.name),
+            FwOp::AddJump(c) => write!(f, "iptables -t {} -I {} 1 {}", t(c), c.hook, c.jump()),
             FwOp::AddRule(r) => write!(f, "iptables -t {} -A {} {}", t(&r.chain), r.chain.name, r.spec),
             FwOp::DelRule(r) => write!(f, "iptables -t {} -D {} {}", t(&r.chain), r.chain.name, r.spec),
-            FwOp::DelJump(c) => write!(f, "iptables -t {} -D {} -j {}", t(c), c.hook, c.name),
+            FwOp::DelJump(c) => write!(f, "iptables -t {} -D {} {}", t(c), c.hook, c.jump()),
             FwOp::DelChain(c) => write!(f, "iptables -t {} -X {}", t(c), c.name),
         }
     }
 }
 
-/// The operations that turn `seen` into `want` (rules in owned chains only).
+/// The operations that turn `seen` into `want` in a sandbox's chains
+/// ([`SANDBOX_CHAINS`]).
+pub fn plan(want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
+    plan_chains(&SANDBOX_CHAINS, want, seen)
+}
+
+/// The operations that turn `seen` into `want` in `chains` (rules in those chains only).
 ///
 /// A chain exists exactly when it has rules; its hook then has exactly one jump to it.
-pub fn plan(want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
+pub fn plan_chains(chains: &[OwnedChain], want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
     let mut ops = Vec::new();
-    for chain in OWNED_CHAINS {
+    for &chain in chains {
         let mut wanted: Vec<&str> = want
             .iter()
             .filter(|r| r.chain == chain)
@@ -317,21 +471,21 @@ pub fn plan(want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
 /// Empty when there is nothing to do.
 pub fn render_restore(ops: &[FwOp]) -> String {
     let mut out = String::new();
-    for table in [Table::Nat, Table::Mangle] {
+    for table in [Table::Nat, Table::Mangle, Table::Filter] {
         let mut decls = Vec::new();
         let mut body = Vec::new();
         let mut tail = Vec::new();
         for op in ops {
             match op {
                 FwOp::NewChain(c) if c.table == table => decls.push(format!(":{} - [0:0]", c.name)),
-                FwOp::AddJump(c) if c.table == table => body.push(format!("-I {} 1 -j {}", c.hook, c.name)),
+                FwOp::AddJump(c) if c.table == table => body.push(format!("-I {} 1 {}", c.hook, c.jump())),
                 FwOp::AddRule(r) if r.chain.table == table => {
                     body.push(format!("-A {} {}", r.chain.name, r.spec))
                 }
                 FwOp::DelRule(r) if r.chain.table == table => {
                     body.push(format!("-D {} {}", r.chain.name, r.spec))
                 }
-                FwOp::DelJump(c) if c.table == table => body.push(format!("-D {} -j {}", c.hook, c.name)),
+                FwOp::DelJump(c) if c.table == table => body.push(format!("-D {} {}", c.hook, c.jump())),
                 // A chain must be empty and unreferenced to go: flush it by declaring it,
                 // and delete it after the jumps are gone.
                 FwOp::DelChain(c) if c.table == table => {

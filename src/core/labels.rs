@@ -5,6 +5,8 @@
 //!   is a task of its compose service with no label needed; `vipd.enable=false` opts out.
 //! - `vipd.endpoint-mode=vip|dnsrr`, `vipd.scheduler=rr|wrr|...`, `vipd.weight=N` and
 //!   `vipd.port.NAME=PORT/PROTO` (for SRV records) refine it.
+//! - `vipd.publish=PUBLISHED:TARGET[/tcp|/udp][,...]` publishes ports on the host's
+//!   routing mesh.
 //!
 //! A bad label is an error for that container only, naming the label and the reason.
 
@@ -23,6 +25,7 @@ pub const ENDPOINT_MODE: &str = "vipd.endpoint-mode";
 pub const SCHEDULER: &str = "vipd.scheduler";
 pub const WEIGHT: &str = "vipd.weight";
 pub const PORT_PREFIX: &str = "vipd.port.";
+pub const PUBLISH: &str = "vipd.publish";
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
 pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 
@@ -82,6 +85,58 @@ impl NamedPort {
     }
 }
 
+/// A port published on the host's routing mesh: connections to `published` on the host
+/// go to `target` on the tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Publish {
+    pub protocol: PortProtocol,
+    pub published: u16,
+    pub target: u16,
+}
+
+impl fmt::Display for Publish {
+    /// As in the label: `8080:80/tcp`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.published, self.target, self.protocol)
+    }
+}
+
+/// Parse a `vipd.publish` value: `PUBLISHED:TARGET[/tcp|/udp]`, comma separated; sorted,
+/// each published port once per protocol.
+pub fn parse_publish(value: &str) -> Result<Vec<Publish>, String> {
+    let mut out: Vec<Publish> = Vec::new();
+    for item in value.split(',').map(str::trim) {
+        let (ports, proto) = item.split_once('/').unwrap_or((item, "tcp"));
+        let protocol = match proto {
+            "tcp" => PortProtocol::Tcp,
+            "udp" => PortProtocol::Udp,
+            _ => return Err(format!("{item:?}: the protocol must be tcp or udp")),
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0);
+        let (published, target) = ports
+            .split_once(':')
+            .and_then(|(a, b)| Some((port(a)?, port(b)?)))
+            .ok_or_else(|| {
+                format!("{item:?}: expected PUBLISHED:TARGET[/tcp|/udp] with ports 1-65535, e.g. 8080:80")
+            })?;
+        if let Some(dup) = out
+            .iter()
+            .find(|p| p.protocol == protocol && p.published == published)
+        {
+            return Err(format!(
+                "{item:?}: port {published}/{protocol} is already published as {dup}"
+            ));
+        }
+        out.push(Publish {
+            protocol,
+            published,
+            target,
+        });
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// What a task's labels say about its service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TaskLabels {
@@ -92,6 +147,7 @@ pub struct TaskLabels {
     pub scheduler: Scheduler,
     pub weight: u32,
     pub ports: Vec<NamedPort>,
+    pub publish: Vec<Publish>,
 }
 
 /// A label vipd could not accept.
@@ -174,6 +230,10 @@ pub fn task_labels(c: &Container) -> Result<Option<TaskLabels>, LabelError> {
         };
         ports.push(NamedPort::new(&name.to_ascii_lowercase(), protocol, port));
     }
+    let publish = match c.labels.get(PUBLISH) {
+        None => Vec::new(),
+        Some(v) => parse_publish(v).map_err(|reason| err(PUBLISH, reason))?,
+    };
     Ok(Some(TaskLabels {
         service,
         project,
@@ -181,6 +241,7 @@ pub fn task_labels(c: &Container) -> Result<Option<TaskLabels>, LabelError> {
         scheduler,
         weight,
         ports,
+        publish,
     }))
 }
 
@@ -191,6 +252,8 @@ pub struct ServiceDef {
     pub mode: EndpointMode,
     pub scheduler: Scheduler,
     pub ports: Vec<NamedPort>,
+    /// Ports published on the routing mesh.
+    pub publish: Vec<Publish>,
     /// Every container that is a task, running or not, with its weight.
     pub tasks: BTreeMap<ContainerId, u32>,
 }
@@ -223,6 +286,7 @@ pub fn services(containers: &[Container]) -> (BTreeMap<ServiceName, ServiceDef>,
                         mode: labels.mode,
                         scheduler: labels.scheduler.clone(),
                         ports: labels.ports.clone(),
+                        publish: labels.publish.clone(),
                         tasks: BTreeMap::from([(c.id.clone(), labels.weight)]),
                     },
                 );
@@ -242,6 +306,12 @@ pub fn services(containers: &[Container]) -> (BTreeMap<ServiceName, ServiceDef>,
                     Some((
                         PORT_PREFIX,
                         "the service's other tasks name other ports".to_owned(),
+                    ))
+                } else if def.publish != labels.publish {
+                    let theirs: Vec<String> = def.publish.iter().map(ToString::to_string).collect();
+                    Some((
+                        PUBLISH,
+                        format!("the service's other tasks publish {:?}", theirs.join(",")),
                     ))
                 } else {
                     None
@@ -270,16 +340,9 @@ mod tests {
 
     fn container(id: &str, labels: &[(&str, &str)]) -> Container {
         Container {
-            id: ContainerId(id.repeat(12)),
             name: format!("c{id}"),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            running: true,
-            health: None,
             sandbox: None,
-            attachments: vec![],
+            ..crate::core::cluster::fixture::container(&id.repeat(12), labels, &[])
         }
     }
 
@@ -354,6 +417,19 @@ mod tests {
             ),
             (("vipd.port.http", "0"), "vipd.port.http=\"0\": expected PORT"),
             ((ENABLE, "yes"), "vipd.enable=\"yes\": expected true or false"),
+            (
+                (PUBLISH, "8080"),
+                "vipd.publish=\"8080\": \"8080\": expected PUBLISHED:TARGET",
+            ),
+            (
+                (PUBLISH, "8080:80/sctp"),
+                "vipd.publish=\"8080:80/sctp\": \"8080:80/sctp\": the protocol must be tcp or udp",
+            ),
+            (
+                (PUBLISH, "8080:80,8080:81"),
+                "port 8080/tcp is already published as 8080:80/tcp",
+            ),
+            ((PUBLISH, "0:80"), "with ports 1-65535"),
         ];
         for ((k, v), want) in cases {
             let mut labels = vec![(k, v)];
@@ -364,6 +440,31 @@ mod tests {
             assert!(e.starts_with("container aaaaaaaaaaaa (ca): "), "{e}");
             assert!(e.contains(want), "{e} does not contain {want}");
         }
+    }
+
+    #[test]
+    fn published_ports_are_parsed_and_tasks_must_agree() {
+        let p = parse_publish("8080:80, 53:5353/udp,53:53/tcp").unwrap();
+        let shown: Vec<String> = p.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["53:53/tcp", "8080:80/tcp", "53:5353/udp"]);
+        let cs = [
+            container("a", &[(SERVICE, "web"), (PUBLISH, "8080:80")]),
+            container("b", &[(SERVICE, "web"), (PUBLISH, "8080:80/tcp")]),
+            container("c", &[(SERVICE, "web"), (PUBLISH, "9090:80")]),
+            container("d", &[(SERVICE, "web")]),
+        ];
+        let (defs, errors) = services(&cs);
+        let web = &defs[&ServiceName::new("web").unwrap()];
+        assert_eq!(web.publish, parse_publish("8080:80").unwrap());
+        assert_eq!(web.tasks.len(), 2);
+        let e: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(
+            e[0].contains("vipd.publish=\"9090:80\": conflicts with service web: the service's other tasks publish \"8080:80/tcp\""),
+            "{}",
+            e[0]
+        );
+        assert!(e[1].contains("container dddddddddddd"), "{}", e[1]);
     }
 
     #[test]

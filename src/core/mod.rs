@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod firewall;
 pub mod ipvs;
 pub mod labels;
+pub mod mesh;
 pub mod model;
 pub mod plan;
 pub mod spec;

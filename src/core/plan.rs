@@ -262,6 +262,17 @@ pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Rule> {
     let mut rules = Vec::new();
     let mut snat = BTreeSet::new();
     for svc in &spec.services {
+        if let Some(publish) = &svc.publish {
+            // The ingress namespace: the port on its own address, and every forwarded
+            // packet leaves from that address.
+            rules.push(firewall::ingress_mark_rule(
+                &svc.name, svc.vip, publish, svc.fwmark,
+            ));
+            if let IpAddr::V4(own) = svc.vip.addr() {
+                rules.push(firewall::snat_all_rule(own));
+            }
+            continue;
+        }
         rules.push(firewall::mark_rule(&svc.name, svc.vip, svc.fwmark));
         rules.push(firewall::ping_rule(&svc.name, svc.vip, svc.fwmark));
         for b in &svc.backends {
@@ -343,7 +354,7 @@ pub fn plan(spec: &SandboxSpec, seen: &ObservedSandbox, sysctls: &SysctlSettings
                 (
                     DestKey {
                         addr: b.addr.addr(),
-                        port: 0,
+                        port: b.port,
                     },
                     DestConfig::masq(b.weight),
                 )

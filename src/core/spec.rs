@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 
 use super::ipvs::Timeouts;
+use super::labels::Publish;
 use super::model::{BackendAddr, FwMark, Scheduler, ServiceName, Vip};
 
 /// The largest weight `ipvsadm` accepts.
@@ -23,6 +24,13 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 pub struct Backend {
     pub addr: BackendAddr,
     pub weight: u32,
+    /// The port connections are forwarded to; 0 keeps the packet's own port (a VIP).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub port: u16,
+}
+
+fn is_zero(port: &u16) -> bool {
+    *port == 0
 }
 
 /// One service as vipd should program it in a sandbox.
@@ -35,6 +43,11 @@ pub struct ServiceSpec {
     /// IPVS persistence (`ipvsadm -p`), in seconds.
     pub persistence: Option<u32>,
     pub backends: Vec<Backend>,
+    /// A port published on the routing mesh: set in the ingress namespace, where the
+    /// service's address is the namespace's own and only this port is marked (in
+    /// PREROUTING); `None` for a VIP in a sandbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Publish>,
 }
 
 /// Everything vipd should have in one sandbox namespace.
@@ -215,7 +228,11 @@ pub fn parse(json: &str) -> Result<SandboxSpec, SpecError> {
                 }
             };
             if let (Some(addr), Some(weight)) = (addr, weight) {
-                backends.push(Backend { addr, weight });
+                backends.push(Backend {
+                    addr,
+                    weight,
+                    port: 0,
+                });
             }
         }
         if let (Some(name), Some(vip), Some(fwmark), Some(scheduler)) = (name, vip, fwmark, scheduler) {
@@ -227,6 +244,7 @@ pub fn parse(json: &str) -> Result<SandboxSpec, SpecError> {
                 scheduler,
                 persistence,
                 backends,
+                publish: None,
             });
         }
     }

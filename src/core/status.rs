@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::core::alloc::Allocations;
-use crate::core::cluster::{Container, ContainerId, Health};
+use crate::core::cluster::{Container, ContainerId, Drain, Health};
 use crate::core::labels::{EndpointMode, LabelError, ServiceDef};
+use crate::core::mesh::PortKey;
 use crate::core::model::ServiceName;
 
 /// Everything `vipd status` shows.
@@ -44,6 +45,10 @@ pub struct ServiceStatus {
     pub vip: Option<Ipv4Addr>,
     pub fwmark: Option<u32>,
     pub scheduler: String,
+    /// The ports it publishes on the host through the routing mesh, as in the label
+    /// (`8080:80/tcp`); a port refused for it is in `errors` instead.
+    #[serde(default)]
+    pub published: Vec<String>,
     pub tasks: Vec<TaskStatus>,
     pub errors: Vec<String>,
 }
@@ -55,9 +60,11 @@ pub struct TaskStatus {
     pub container: String,
     pub name: String,
     pub addresses: Vec<Ipv4Addr>,
-    /// `running`, `healthy`, `starting`, `unhealthy` or `stopped`.
+    /// `running`, `healthy`, `starting`, `unhealthy`, `draining` (being stopped or turned
+    /// unhealthy: a backend at weight 0), `drained` (its drain grace is over, it still
+    /// runs and is no longer a backend) or `stopped`.
     pub state: String,
-    /// Whether it is a backend (running, and not unhealthy or starting).
+    /// Whether it takes new connections (running, not leaving, not unhealthy or starting).
     pub serving: bool,
     pub weight: u32,
 }
@@ -90,11 +97,13 @@ pub struct LabelProblem {
 }
 
 /// The services part of the status, from what the agent knows: the containers, the
-/// services their labels define, the allocations, and errors per service.
+/// services their labels define, the allocations, which service holds each published
+/// port, and errors per service.
 pub fn services(
     containers: &[Container],
     defs: &BTreeMap<ServiceName, ServiceDef>,
     allocs: &Allocations,
+    holders: &BTreeMap<PortKey, ServiceName>,
     errors: &BTreeMap<ServiceName, Vec<String>>,
 ) -> Vec<ServiceStatus> {
     let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
@@ -112,16 +121,20 @@ pub fn services(
                     container: c.id.short().to_owned(),
                     name: c.name.clone(),
                     addresses: c.attachments.iter().map(|a| a.ip).collect(),
-                    state: match (c.running, c.health) {
-                        (false, _) => "stopped",
-                        (true, None) => "running",
-                        (true, Some(Health::Healthy)) => "healthy",
-                        (true, Some(Health::Starting)) => "starting",
-                        (true, Some(Health::Unhealthy)) => "unhealthy",
+                    state: match (c.running, c.drain, c.health) {
+                        (false, _, _) => "stopped",
+                        (true, Drain::Draining, _) => "draining",
+                        (true, Drain::Drained, Some(Health::Unhealthy)) => "unhealthy",
+                        (true, Drain::Drained, _) => "drained",
+                        (true, Drain::No, None) => "running",
+                        (true, Drain::No, Some(Health::Healthy)) => "healthy",
+                        (true, Drain::No, Some(Health::Starting)) => "starting",
+                        (true, Drain::No, Some(Health::Unhealthy)) => "unhealthy",
                     }
                     .to_owned(),
                     serving: c.serving(),
-                    weight,
+                    // A draining task's weight is 0, whatever its label says.
+                    weight: c.backend_weight(weight).unwrap_or(weight),
                 })
                 .collect();
             ServiceStatus {
@@ -134,6 +147,12 @@ pub fn services(
                 vip,
                 fwmark,
                 scheduler: def.scheduler.to_string(),
+                published: def
+                    .publish
+                    .iter()
+                    .filter(|p| holders.get(&(p.protocol, p.published)) == Some(&def.name))
+                    .map(|p| p.to_string())
+                    .collect(),
                 tasks,
                 errors: errors.get(&def.name).cloned().unwrap_or_default(),
             }
@@ -173,21 +192,26 @@ pub fn render_services(s: &Status) -> String {
     } else {
         let _ = writeln!(
             out,
-            "{:<24} {:<6} {:<16} {:<8} {:<6} TASKS",
-            "SERVICE", "MODE", "VIP", "FWMARK", "SCHED"
+            "{:<24} {:<6} {:<16} {:<8} {:<6} {:<6} PUBLISHED",
+            "SERVICE", "MODE", "VIP", "FWMARK", "SCHED", "TASKS"
         );
     }
     for svc in &s.services {
         let serving = svc.tasks.iter().filter(|t| t.serving).count();
+        let tasks = format!("{serving}/{}", svc.tasks.len());
+        let published = if svc.published.is_empty() {
+            "-".to_owned()
+        } else {
+            svc.published.join(",")
+        };
         let _ = writeln!(
             out,
-            "{:<24} {:<6} {:<16} {:<8} {:<6} {serving}/{}",
+            "{:<24} {:<6} {:<16} {:<8} {:<6} {tasks:<6} {published}",
             svc.name,
             svc.mode,
             or_dash(svc.vip),
             or_dash(svc.fwmark),
             svc.scheduler,
-            svc.tasks.len()
         );
         for t in &svc.tasks {
             let addrs: Vec<String> = t.addresses.iter().map(|a| a.to_string()).collect();
@@ -268,6 +292,7 @@ mod tests {
                     vip: Some(Ipv4Addr::new(10, 253, 0, 1)),
                     fwmark: Some(256),
                     scheduler: "rr".into(),
+                    published: vec!["8080:80/tcp".into()],
                     tasks: vec![
                         TaskStatus {
                             container: "0123456789ab".into(),
@@ -294,6 +319,7 @@ mod tests {
                     vip: None,
                     fwmark: None,
                     scheduler: "rr".into(),
+                    published: vec![],
                     tasks: vec![],
                     errors: vec!["no VIP: the pool is exhausted".into()],
                 },
@@ -322,7 +348,9 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("SERVICE"), "{text}");
         assert!(
-            lines[1].starts_with("web ") && lines[1].contains("10.253.0.1") && lines[1].ends_with("1/2"),
+            lines[1].starts_with("web ")
+                && lines[1].contains("10.253.0.1")
+                && lines[1].ends_with(" 1/2    8080:80/tcp"),
             "{text}"
         );
         assert!(
@@ -330,7 +358,10 @@ mod tests {
             "{text}"
         );
         assert!(lines[3].contains("unhealthy"), "{text}");
-        assert!(lines[4].starts_with("db ") && lines[4].contains(" - "), "{text}");
+        assert!(
+            lines[4].starts_with("db ") && lines[4].contains(" - ") && lines[4].ends_with(" 0/0    -"),
+            "{text}"
+        );
         assert_eq!(lines[5], "  error: no VIP: the pool is exhausted");
         assert_eq!(
             lines[6],

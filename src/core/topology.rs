@@ -34,20 +34,15 @@ pub fn desired(
             let mut backends = Vec::new();
             for (task_id, weight) in &def.tasks {
                 let Some(task) = by_id.get(task_id) else { continue };
-                // One address per task: the one on the first network (by id) it shares
-                // with this container.
-                let mut shared: Vec<_> = task
-                    .attachments
-                    .iter()
-                    .filter(|a| mine.contains(&a.network))
-                    .collect();
-                shared.sort_by(|a, b| a.network.cmp(&b.network));
-                let Some(att) = shared.first() else { continue };
+                let Some(att) = task.address_on(Some(&mine)) else {
+                    continue;
+                };
                 shares = true;
-                if task.serving() {
+                if let Some(weight) = task.backend_weight(*weight) {
                     backends.push(Backend {
                         addr: BackendAddr::new(att.ip.into()),
-                        weight: *weight,
+                        weight,
+                        port: 0,
                     });
                 }
             }
@@ -61,6 +56,7 @@ pub fn desired(
                     scheduler: def.scheduler.clone(),
                     persistence: None,
                     backends,
+                    publish: None,
                 });
             }
         }
@@ -78,31 +74,11 @@ pub fn desired(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::cluster::{Attachment, Health};
+    use crate::core::cluster::{Drain, Health};
     use crate::core::labels;
     use crate::core::model::Ipv4Net;
 
-    fn c(id: &str, labels: &[(&str, &str)], nets: &[(&str, &str)]) -> Container {
-        Container {
-            id: ContainerId(id.to_owned()),
-            name: id.to_owned(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            running: true,
-            health: None,
-            sandbox: Some(PathBuf::from(format!("/run/docker/netns/{id}"))),
-            attachments: nets
-                .iter()
-                .map(|(n, ip)| Attachment {
-                    network: NetworkId((*n).to_owned()),
-                    ip: ip.parse().unwrap(),
-                    prefix_len: 24,
-                })
-                .collect(),
-        }
-    }
+    use crate::core::cluster::fixture::container as c;
 
     fn plan(cs: &[Container]) -> BTreeMap<PathBuf, SandboxSpec> {
         let (defs, errors) = labels::services(cs);
@@ -174,6 +150,31 @@ mod tests {
         assert!(
             !d.contains_key(&sb("w3")),
             "a stopped container has no sandbox to program"
+        );
+    }
+
+    #[test]
+    fn a_draining_task_is_a_backend_at_weight_0_and_a_drained_one_is_none() {
+        let web = [(labels::SERVICE, "web"), (labels::WEIGHT, "4")];
+        let mut cs = vec![
+            c("w1", &web, &[("n", "10.1.0.3")]),
+            c("w2", &web, &[("n", "10.1.0.4")]),
+            c("w3", &web, &[("n", "10.1.0.5")]),
+            c("client", &[], &[("n", "10.1.0.9")]),
+        ];
+        cs[1].drain = Drain::Draining;
+        cs[1].health = Some(Health::Unhealthy);
+        cs[2].drain = Drain::Drained;
+        let d = plan(&cs);
+        let weights: Vec<(String, u32)> = d[&sb("client")].services[0]
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.weight))
+            .collect();
+        assert_eq!(weights, [("10.1.0.3".to_owned(), 4), ("10.1.0.4".to_owned(), 0)]);
+        assert!(
+            d.contains_key(&sb("w3")),
+            "a drained task still runs: its sandbox is programmed"
         );
     }
 

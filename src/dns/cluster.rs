@@ -100,26 +100,15 @@ fn first_address(c: &Container) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::cluster::{Attachment, ContainerId, NetworkId};
+    use crate::core::cluster::fixture;
     use crate::core::model::Ipv4Net;
     use crate::dns::catalog::{answer, Answer, Query, QueryType, RecordData, CLASS_IN};
 
     fn c(id: &str, name: &str, labels: &[(&str, &str)], ip: &str) -> Container {
         Container {
-            id: ContainerId(id.to_owned()),
             name: name.to_owned(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            running: true,
-            health: None,
             sandbox: None,
-            attachments: vec![Attachment {
-                network: NetworkId("n".into()),
-                ip: ip.parse().unwrap(),
-                prefix_len: 24,
-            }],
+            ..fixture::container(id, labels, &[("n", ip)])
         }
     }
 

@@ -3,8 +3,9 @@
 //!
 //! Every query the fast path does not answer goes through one [`RequestHandler`]:
 //!
-//! 1. a source outside the allowed networks ([`DnsConfig::allowed`]) gets REFUSED: this is
-//!    not an open resolver;
+//! 1. a question section with a compression pointer gets FORMERR without the question
+//!    (see [`question_is_echoable`]); then a source outside the allowed networks
+//!    ([`DnsConfig::allowed`]) gets REFUSED: this is not an open resolver;
 //! 2. anything but one standard query gets NOTIMP or FORMERR;
 //! 3. the current [`Catalog`] (read lock-free from a [`CatalogHandle`]) answers names vipd
 //!    owns, authoritatively, with its TTL;
@@ -38,8 +39,9 @@ use hickory_server::proto::op::{
     Edns, Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode, ResponseCode,
 };
 use hickory_server::proto::rr::{rdata, LowerName, Name, RData, Record as WireRecord};
+use hickory_server::proto::serialize::binary::BinDecoder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use hickory_server::Server;
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -370,6 +372,10 @@ impl Handler {
     }
 
     async fn respond<R: ResponseHandler>(&self, request: &Request, response: R) -> ResponseInfo {
+        if !question_is_echoable(request.queries.as_bytes()) {
+            debug!("a question name has a compression pointer");
+            return send_formerr_without_question(request, response).await;
+        }
         if !self.acl.allows(request.src().ip()) {
             debug!("refused: the source is outside the allowed networks");
             return send_code(request, ResponseCode::Refused, false, response).await;
@@ -493,6 +499,58 @@ fn finish(request: &Request, sent: Result<ResponseInfo, NetError>) -> ResponseIn
             counts: HeaderCounts::default(),
         })
     })
+}
+
+/// Whether a request's question section (`Queries::as_bytes`) can be sent back as it came.
+///
+/// hickory-server's responses repeat the question section byte for byte, right after their
+/// own header. The decoder accepts a compression pointer in a question name when it points
+/// before that name, so in the first question only into the header: the response's header
+/// has other bytes there, and the client could not decode the response (a pointer of a
+/// later question could point into an earlier one, which the response repeats, but a
+/// query of several questions is refused anyway). Only names written out label by label
+/// are echoed; anything else is false.
+pub fn question_is_echoable(section: &[u8]) -> bool {
+    let mut at = 0;
+    while at < section.len() {
+        loop {
+            let Some(&len) = section.get(at) else {
+                return false;
+            };
+            if len == 0 {
+                at += 1;
+                break;
+            }
+            // 0b11: a pointer; 0b01 and 0b10: label types the decoder refuses.
+            if len > 63 {
+                return false;
+            }
+            at += 1 + usize::from(len);
+        }
+        // The type and the class.
+        at += 4;
+    }
+    at == section.len()
+}
+
+/// FORMERR for a request whose question cannot be repeated: no question in the response.
+async fn send_formerr_without_question<R: ResponseHandler>(
+    request: &Request,
+    mut response: R,
+) -> ResponseInfo {
+    let Ok(no_questions) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
+        return finish(
+            request,
+            Err(NetError::from("cannot build an empty question section")),
+        );
+    };
+    let edns = response_edns(request, None);
+    let mut builder = MessageResponseBuilder::new(&no_questions, None);
+    if let Some(edns) = &edns {
+        builder.edns(edns);
+    }
+    let message = builder.build_no_records(metadata(request, ResponseCode::FormErr, false));
+    finish(request, response.send_response(message).await)
 }
 
 /// A response without records.
@@ -957,6 +1015,66 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/dns_request.rs): a question name ending in a
+    /// compression pointer into the header. hickory-server repeats the question's bytes
+    /// after the response's header, where the pointer reads other bytes: the client could
+    /// not decode the response. Such a request gets FORMERR without its question, also
+    /// from a source outside the ACL (REFUSED would repeat the question too).
+    #[tokio::test]
+    async fn a_question_pointing_into_the_header_gets_formerr_without_it() {
+        let h = handler(&config(vec![]));
+        // The fuzzer's input: opcode 8, RCODE 1, a name whose last label is a pointer to
+        // offset 3 (`01 00 01 00 00`: the labels "\000" and "\000").
+        let found: Vec<u8> = vec![
+            0x00, 0x03, 0x40, 0x01, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x08, 0x06, 0x01, 0x30,
+            0x01, 0x30, 0x02, 0x31, 0x30, 0x36, 0x6f, 0x6e, 0x00, 0x2a, 0x00, 0x10, 0x00, 0x94, 0x94, 0x94,
+            0x94, 0x94, 0x94, 0x94, 0x94, 0x94, 0x94, 0x94, 0x94, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x6f, 0x6e, 0x00, 0x2a, 0x04, 0x10, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x40, 0x00, 0x00, 0x00, 0x00, 0x0d, 0x0c, 0x00, 0x2a, 0x00, 0xc0, 0x03, 0x01, 0x00,
+            0x01, 0x00, 0x01,
+        ];
+        // A standard query, RD, for A IN of the name at offset 2: the flags `01 00` and the
+        // high byte of QDCOUNT read as the label "\000" and the root.
+        let crafted: Vec<u8> = vec![
+            0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 0x02, 0, 1, 0, 1,
+        ];
+        for (bytes, id) in [(&found, 3), (&crafted, 0x1234)] {
+            for src in ["127.0.0.1:4000", "192.0.2.1:4000"] {
+                for proto in [Protocol::Udp, Protocol::Tcp] {
+                    let what = format!("{id:#x} from {src} over {proto}");
+                    // `ask` decodes the response.
+                    let m = ask(&h, bytes.clone(), src, proto)
+                        .await
+                        .expect("the request decodes");
+                    assert_eq!(m.metadata.id, id, "{what}");
+                    assert_eq!(m.metadata.message_type, MessageType::Response, "{what}");
+                    assert_eq!(m.metadata.response_code, ResponseCode::FormErr, "{what}");
+                    assert!(m.queries.is_empty() && m.answers.is_empty(), "{what}");
+                }
+            }
+        }
+        assert!(!question_is_echoable(&crafted[12..]));
+        assert!(!question_is_echoable(&found[12..]));
+        // Names written out label by label are repeated, as before.
+        assert!(question_is_echoable(
+            &query_bytes(1, "web.", RecordType::A, false)[12..]
+        ));
+        assert!(question_is_echoable(&[0, 0, 1, 0, 1]));
+        let m = ask(
+            &h,
+            query_bytes(9, "web.", RecordType::A, false),
+            "127.0.0.1:4000",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.answers.len(), 1);
+        // Truncated or overlong sections are not.
+        assert!(!question_is_echoable(&[3, b'w', b'e', b'b', 0, 0, 1, 0]));
+        assert!(!question_is_echoable(&[3, b'w', b'e']));
     }
 
     #[tokio::test]

@@ -24,18 +24,24 @@ impl Agent {
     /// Started in dockerd's network namespace, as on a Docker host, where the networks'
     /// gateways (vipd's default DNS addresses) are.
     fn start(d: &Dockerd, state: &Path) -> Self {
+        Self::start_at(d, state, &d.host)
+    }
+
+    /// Started like [`Agent::start`], with `DOCKER_HOST` set to `host`.
+    fn start_at(d: &Dockerd, state: &Path, host: &str) -> Self {
         let log = state.with_extension(format!("{}.log", unique("run")));
         let out = std::fs::File::create(&log).expect("log file");
         let socket = state.join("vipd.sock");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", d.netns))
             .arg(vipd())
-            .args(["run", "--resync-interval", "5", "--dns-ttl", "7"])
+            // The routing mesh's ingress needs IPVS: the VM suite covers it.
+            .args(["run", "--no-ingress", "--resync-interval", "5", "--dns-ttl", "7"])
             .arg("--state-dir")
             .arg(state)
             .arg("--admin-socket")
             .arg(&socket)
-            .env("DOCKER_HOST", &d.host)
+            .env("DOCKER_HOST", host)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -323,11 +329,12 @@ fn a_vip_pool_that_overlaps_a_docker_network_or_a_host_route_is_a_startup_error(
     ns.exec(&["ip", "link", "set", "lan1", "up"]);
     ns.exec(&["ip", "route", "add", "10.99.5.0/24", "dev", "lan0"]);
     let state = std::env::temp_dir().join(unique("vipd-pool-"));
-    let start = |pool: &str| {
+    let start_with = |pool: &str, ingress: &[&str]| {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", ns.path()))
             .arg(vipd())
             .args(["run", "--no-dns", "--vip-pool", pool])
+            .args(ingress)
             .arg("--state-dir")
             .arg(&state)
             .arg("--admin-socket")
@@ -336,14 +343,27 @@ fn a_vip_pool_that_overlaps_a_docker_network_or_a_host_route_is_a_startup_error(
             .stdin(Stdio::null())
             .output()
             .expect("run vipd");
-        assert!(!out.status.success(), "vipd run started with the pool {pool}");
+        assert!(
+            !out.status.success(),
+            "vipd run started with the pool {pool}, {ingress:?}"
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
+    let start = |pool: &str| start_with(pool, &["--no-ingress"]);
     let e = start("10.99.0.0/16");
     assert!(e.contains("overlaps a route of this host to 10.99.5.0/24"), "{e}");
     // The private dockerd's address pool is 10.210.0.0/16; its default bridge takes a /24.
     let e = start("10.210.0.0/16");
     assert!(e.contains("overlaps Docker network"), "{e}");
+    // The routing mesh's link subnet is checked the same way, before anything is made.
+    for (subnet, what) in [
+        ("10.253.7.0/30", "overlaps the VIP pool 10.253.0.0/16"),
+        ("10.99.5.4/30", "overlaps a route of this host to 10.99.5.0/24"),
+        ("10.254.255.1/30", "expected a network address"),
+    ] {
+        let e = start_with("10.253.0.0/16", &["--ingress-subnet", subnet]);
+        assert!(e.contains(what), "{subnet}: {e}");
+    }
     let _ = std::fs::remove_dir_all(&state);
 }
 
@@ -425,4 +445,116 @@ fn vipd_run_follows_a_dockerd_restart_and_keeps_no_stale_task() {
     );
     drop(agent);
     let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn vipd_run_started_before_dockerd_waits_for_it_and_says_so() {
+    require_root();
+    let d = dockerd();
+    let state = std::env::temp_dir().join(unique("vipd-late-docker-"));
+    std::fs::create_dir_all(&state).unwrap();
+    // The engine's socket is not there yet.
+    let socket = state.join("docker.sock");
+    let agent = Agent::start_at(d, &state, &format!("unix://{}", socket.display()));
+    wait_for(
+        "vipd to say it waits for the engine",
+        Duration::from_secs(30),
+        || {
+            let log = agent.log();
+            (log.matches("Docker engine not reachable; waiting for it").count() >= 2).then_some(log)
+        },
+    );
+    assert!(agent.log().contains("no socket at"), "{}", agent.log());
+    // Now it is.
+    let real = d.host.strip_prefix("unix://").expect("a unix socket");
+    std::os::unix::fs::symlink(real, &socket).unwrap();
+    let s = wait_for("vipd to list the engine", Duration::from_secs(60), || {
+        agent.status().filter(|s| s["docker"]["connected"] == true)
+    });
+    assert!(s["services"].is_array(), "{s:#}");
+    let log = agent.stop();
+    assert!(log.contains("listed containers"), "{log}");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn vipd_run_waiting_for_dockerd_stops_on_sigterm() {
+    require_root();
+    let d = dockerd();
+    let state = std::env::temp_dir().join(unique("vipd-no-docker-"));
+    std::fs::create_dir_all(&state).unwrap();
+    let agent = Agent::start_at(
+        d,
+        &state,
+        &format!("unix://{}", state.join("none.sock").display()),
+    );
+    wait_for(
+        "vipd to say it waits for the engine",
+        Duration::from_secs(30),
+        || agent.log().contains("waiting for it").then_some(()),
+    );
+    let log = agent.stop();
+    assert!(
+        log.contains("stopping before the Docker engine answered"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// The admin socket answers root only: another user is refused, told why, and learns
+/// nothing (the socket is mode 0600 in a directory of mode 0700 that vipd makes).
+#[test]
+fn the_admin_socket_answers_root_only() {
+    require_root();
+    let d = dockerd();
+    let state = std::env::temp_dir().join(unique("vipd-admin-"));
+    let agent = Agent::start(d, &state);
+    wait_for("vipd to answer", Duration::from_secs(60), || agent.status());
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
+    };
+    assert_eq!(mode(&agent.socket), 0o600);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(vipd())
+        .args(["status", "--json", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("run vipd status as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "nobody was answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains("permission denied (vipd status must run as root)"),
+        "{stderr}"
+    );
+    // The directory vipd makes for its socket is root's alone.
+    let fresh = std::env::temp_dir().join(unique("vipd-admin-dir-"));
+    let socket = fresh.join("run").join("vipd.sock");
+    let mut second = Command::new("nsenter")
+        .arg(format!("--net={}", d.netns))
+        .arg(vipd())
+        .args(["run", "--no-ingress", "--no-dns", "--state-dir"])
+        .arg(fresh.join("state"))
+        .arg("--admin-socket")
+        .arg(&socket)
+        .env("DOCKER_HOST", &d.host)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start vipd run");
+    wait_for("the second vipd's socket", Duration::from_secs(60), || {
+        socket.exists().then_some(())
+    });
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+    let _ = second.kill();
+    let _ = second.wait();
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(&fresh);
 }

@@ -114,3 +114,49 @@ fn without_ipvs_in_the_kernel_apply_says_so_and_changes_nothing() {
     assert!(!ok);
     assert!(stderr.contains("this kernel has no IPVS"), "{stderr}");
 }
+
+/// scripts/vipd.service is a unit systemd accepts without a warning (checked with
+/// `systemd-analyze verify`, on a copy that starts the vipd just built), and the config
+/// file it points at, scripts/vipd.toml, is one `vipd run` accepts.
+#[test]
+fn the_systemd_unit_verifies_and_the_example_config_is_accepted() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vipd.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/vipd run\n"), "{unit}");
+    let dir = std::env::temp_dir().join(unique("vipd-unit-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("vipd.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/vipd", vipd())).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+
+    // The example config, uncommented, is accepted (--dns-listen, which conflicts with
+    // the other DNS settings, left out) and its settings reach `vipd run`: an ingress
+    // subnet set in the file is checked as the flag is, before anything starts.
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vipd.toml")).unwrap();
+    let mut config: String = example
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| l.contains(" = ") && !l.starts_with("dns-listen") && !l.starts_with("ingress-subnet"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    config.push_str("ingress-subnet = \"10.254.255.1/30\"\n");
+    let file = dir.join("vipd.toml");
+    std::fs::write(&file, config).unwrap();
+    let (ok, _, stderr) = vipd_run(&["run", "--config", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--ingress-subnet \"10.254.255.1/30\": expected a network address"),
+        "{stderr}"
+    );
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "vip_pool = \"10.9.0.0/16\"\n").unwrap();
+    let (ok, _, stderr) = vipd_run(&["run", "--config", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown setting \"vip_pool\""), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -10,3 +10,4 @@ mod cli;
 mod dns;
 mod docker;
 mod firewall;
+mod ingress;

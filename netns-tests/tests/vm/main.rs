@@ -5,5 +5,7 @@
 mod common;
 
 mod agent;
+mod conntrack;
 mod datapath;
 mod ipvs_adapter;
+mod resilience;

@@ -1,0 +1,321 @@
+//! The routing mesh: which service publishes which port, what the ingress namespace
+//! should have, and the host's rules that lead published ports there.
+//!
+//! A port published by a service (`vipd.publish=8080:80`) is DNAT'ed by the host to the
+//! ingress namespace's address; there a mark rule gives it the port's fwmark and an IPVS
+//! fwmark service spreads it over every serving task's address, on the target port. Both
+//! endpoint modes publish. The fwmark of a published port follows from the port itself
+//! ([`ingress_mark`]), so it needs no allocation and no state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use super::cluster::{Container, ContainerId};
+use super::firewall::{self, Rule};
+use super::labels::{PortProtocol, Publish, ServiceDef};
+use super::model::{BackendAddr, FwMark, ServiceName, Vip};
+use super::spec::{Backend, SandboxSpec, ServiceSpec};
+
+/// A published port's identity on the host: its protocol and number.
+pub type PortKey = (PortProtocol, u16);
+
+/// The ingress namespace's fwmark for a published port: `0x10000 + port` for TCP,
+/// `0x20000 + port` for UDP. Stable across restarts, distinct per port and protocol.
+pub fn ingress_mark(protocol: PortProtocol, port: u16) -> FwMark {
+    let base: u32 = match protocol {
+        PortProtocol::Tcp => 0x1_0000,
+        PortProtocol::Udp => 0x2_0000,
+        PortProtocol::Sctp => 0x3_0000,
+    };
+    FwMark::new(base + u32::from(port)).expect("a mark above 0x10000 is never zero")
+}
+
+/// Where the mesh leads: the ingress namespace's address and the host end of its link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressLink {
+    /// The ingress namespace's address, which published ports are DNAT'ed to.
+    pub addr: Ipv4Addr,
+    /// The host's end of the link (a veth), for the host's forwarding and NAT rules.
+    pub host_iface: String,
+}
+
+/// What the mesh should be.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MeshPlan {
+    /// The ingress namespace's services, one per published port.
+    pub ingress: SandboxSpec,
+    /// The host's rules in its owned chains; empty when nothing is published.
+    pub host_rules: Vec<Rule>,
+    /// Which service holds each published port.
+    pub holders: BTreeMap<PortKey, ServiceName>,
+    /// Ports a service asked for and did not get, with the reason.
+    pub errors: BTreeMap<ServiceName, Vec<String>>,
+}
+
+/// Plan the mesh.
+///
+/// - `previous`: who held each port before; a holder keeps its port against a newcomer,
+///   and against a socket bound on the host since (vipd's DNAT is there first).
+/// - `bound`: ports with a socket bound on the host; a port not held before that is bound
+///   is refused ("already in use on the host").
+///
+/// Two services that ask for one port: the previous holder keeps it, else the smallest
+/// name; the other is refused for that port only. A service's other ports are published.
+pub fn plan(
+    containers: &[Container],
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    previous: &BTreeMap<PortKey, ServiceName>,
+    bound: &BTreeSet<PortKey>,
+    link: &IngressLink,
+) -> MeshPlan {
+    let mut out = MeshPlan::default();
+    let mut claims: BTreeMap<PortKey, Vec<(&ServiceDef, Publish)>> = BTreeMap::new();
+    for def in defs.values() {
+        for p in &def.publish {
+            claims
+                .entry((p.protocol, p.published))
+                .or_default()
+                .push((def, *p));
+        }
+    }
+    let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
+    let ingress_vip = Vip::new(link.addr.into());
+    for (key, mut claimants) in claims {
+        // defs iterate by name, so claimants are in name order already.
+        let winner = claimants
+            .iter()
+            .position(|(d, _)| previous.get(&key) == Some(&d.name))
+            .unwrap_or(0);
+        let (def, publish) = claimants.remove(winner);
+        let port = format!("{}/{}", key.1, key.0);
+        for (loser, _) in claimants {
+            out.errors.entry(loser.name.clone()).or_default().push(format!(
+                "port {port} not published: service {} already publishes it",
+                def.name
+            ));
+        }
+        if previous.get(&key) != Some(&def.name) && bound.contains(&key) {
+            out.errors.entry(def.name.clone()).or_default().push(format!(
+                "port {port} not published: it is already in use on the host (a socket is bound to it)"
+            ));
+            continue;
+        }
+        out.holders.insert(key, def.name.clone());
+        let mut backends: Vec<Backend> = def
+            .tasks
+            .iter()
+            .filter_map(|(id, weight)| {
+                let task = by_id.get(id)?;
+                let weight = task.backend_weight(*weight)?;
+                // The host routes to every Docker network, so any of them reaches the task.
+                let att = task.address_on(None)?;
+                Some(Backend {
+                    addr: BackendAddr::new(att.ip.into()),
+                    weight,
+                    port: publish.target,
+                })
+            })
+            .collect();
+        backends.sort_by_key(|b| b.addr);
+        backends.dedup_by_key(|b| b.addr);
+        out.ingress.services.push(ServiceSpec {
+            name: def.name.clone(),
+            vip: ingress_vip,
+            fwmark: ingress_mark(key.0, key.1),
+            scheduler: def.scheduler.clone(),
+            persistence: None,
+            backends,
+            publish: Some(publish),
+        });
+        out.host_rules
+            .extend(firewall::host_dnat_rules(&def.name, &publish, link.addr));
+    }
+    if !out.holders.is_empty() {
+        out.host_rules.extend(firewall::host_link_rules(&link.host_iface));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::cluster::Health;
+    use crate::core::firewall::{HOST_FILTER_FORWARD, HOST_NAT_OUTPUT, HOST_NAT_PREROUTING};
+    use crate::core::labels::{self, PUBLISH, SERVICE};
+    use crate::core::plan;
+
+    use crate::core::cluster::fixture::container as c;
+
+    fn link() -> IngressLink {
+        IngressLink {
+            addr: "10.254.255.2".parse().unwrap(),
+            host_iface: "vipd-ingress".into(),
+        }
+    }
+
+    fn mesh(cs: &[Container], previous: &[(PortKey, &str)], bound: &[PortKey]) -> MeshPlan {
+        let (defs, errors) = labels::services(cs);
+        assert!(errors.is_empty(), "{errors:#?}");
+        let previous = previous
+            .iter()
+            .map(|(k, n)| (*k, ServiceName::new(n).unwrap()))
+            .collect();
+        plan(cs, &defs, &previous, &bound.iter().copied().collect(), &link())
+    }
+
+    fn dests(m: &MeshPlan, port: u16) -> Vec<String> {
+        let svc = m
+            .ingress
+            .services
+            .iter()
+            .find(|s| s.publish.map(|p| p.published) == Some(port))
+            .unwrap_or_else(|| panic!("port {port} not in {m:#?}"));
+        svc.backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect()
+    }
+
+    const TCP: PortProtocol = PortProtocol::Tcp;
+    const UDP: PortProtocol = PortProtocol::Udp;
+
+    #[test]
+    fn published_ports_lead_to_every_serving_task_on_the_target_port() {
+        let web = [(SERVICE, "web"), (PUBLISH, "8080:80,53:5353/udp")];
+        let mut cs = vec![
+            c("w1", &web, &[("front", "10.1.0.3")]),
+            c("w2", &web, &[("front", "10.1.0.4"), ("back", "10.2.0.4")]),
+            c("w3", &web, &[("front", "10.1.0.5")]),
+            c("client", &[], &[("front", "10.1.0.9")]),
+        ];
+        cs[2].health = Some(Health::Unhealthy);
+        let m = mesh(&cs, &[], &[]);
+        assert!(m.errors.is_empty(), "{:#?}", m.errors);
+        assert_eq!(
+            dests(&m, 8080),
+            ["10.1.0.3:80", "10.2.0.4:80"],
+            "first network by id, serving only"
+        );
+        assert_eq!(dests(&m, 53), ["10.1.0.3:5353", "10.2.0.4:5353"]);
+        let marks: Vec<u32> = m.ingress.services.iter().map(|s| s.fwmark.get()).collect();
+        assert_eq!(marks, [0x1_0000 + 8080, 0x2_0000 + 53]);
+        assert!(m
+            .ingress
+            .services
+            .iter()
+            .all(|s| s.vip.to_string() == "10.254.255.2"));
+
+        let rules: Vec<String> = m
+            .host_rules
+            .iter()
+            .map(|r| format!("{} {}", r.chain.name, r.spec))
+            .collect();
+        assert!(rules.contains(&"VIPD-INGRESS -p tcp -m tcp --dport 8080 -m comment --comment vipd:web -j DNAT --to-destination 10.254.255.2:8080".to_owned()), "{rules:#?}");
+        assert!(rules.contains(&"VIPD-INGRESS-OUT -p udp -m udp --dport 53 -m comment --comment vipd:web -j DNAT --to-destination 10.254.255.2:53".to_owned()), "{rules:#?}");
+        assert_eq!(
+            m.host_rules
+                .iter()
+                .filter(|r| r.chain == HOST_NAT_PREROUTING)
+                .count(),
+            2
+        );
+        assert_eq!(
+            m.host_rules.iter().filter(|r| r.chain == HOST_NAT_OUTPUT).count(),
+            2
+        );
+        assert_eq!(
+            m.host_rules
+                .iter()
+                .filter(|r| r.chain == HOST_FILTER_FORWARD)
+                .count(),
+            2
+        );
+
+        // The ingress namespace's rules: one mark per port, one SNAT to its address.
+        let want: Vec<String> = plan::desired_rules(&m.ingress, &[])
+            .iter()
+            .map(|r| format!("{} {}", r.chain.name, r.spec))
+            .collect();
+        assert_eq!(
+            want,
+            [
+                "VIPD-PREROUTING -d 10.254.255.2/32 -p tcp -m tcp --dport 8080 -m comment --comment vipd:web:73616 -j MARK --set-xmark 0x11f90/0xffffffff",
+                "VIPD-POSTROUTING -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.254.255.2",
+                "VIPD-PREROUTING -d 10.254.255.2/32 -p udp -m udp --dport 53 -m comment --comment vipd:web:131125 -j MARK --set-xmark 0x20035/0xffffffff",
+                "VIPD-POSTROUTING -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.254.255.2",
+            ]
+        );
+    }
+
+    #[test]
+    fn dnsrr_services_publish_too_and_nothing_published_means_no_rules() {
+        let cs = [c(
+            "d1",
+            &[
+                (SERVICE, "db"),
+                (labels::ENDPOINT_MODE, "dnsrr"),
+                (PUBLISH, "5432:5432"),
+            ],
+            &[("n", "10.1.0.6")],
+        )];
+        let m = mesh(&cs, &[], &[]);
+        assert_eq!(dests(&m, 5432), ["10.1.0.6:5432"]);
+
+        let none = mesh(&[c("w1", &[(SERVICE, "web")], &[("n", "10.1.0.3")])], &[], &[]);
+        assert_eq!(none, MeshPlan::default());
+    }
+
+    #[test]
+    fn a_port_goes_to_one_service_and_the_other_is_told_why() {
+        let cs = [
+            c(
+                "a1",
+                &[(SERVICE, "api"), (PUBLISH, "8080:80,9090:90")],
+                &[("n", "10.1.0.3")],
+            ),
+            c(
+                "w1",
+                &[(SERVICE, "web"), (PUBLISH, "8080:8080")],
+                &[("n", "10.1.0.4")],
+            ),
+        ];
+        let m = mesh(&cs, &[], &[]);
+        assert_eq!(m.holders[&(TCP, 8080)].as_str(), "api", "smallest name first");
+        assert_eq!(dests(&m, 9090), ["10.1.0.3:90"]);
+        let web = ServiceName::new("web").unwrap();
+        assert_eq!(
+            m.errors[&web],
+            ["port 8080/tcp not published: service api already publishes it"]
+        );
+
+        // web held it first: web keeps it.
+        let m = mesh(&cs, &[((TCP, 8080), "web")], &[]);
+        assert_eq!(m.holders[&(TCP, 8080)].as_str(), "web");
+        assert_eq!(dests(&m, 8080), ["10.1.0.4:8080"]);
+        assert_eq!(
+            m.holders[&(TCP, 9090)].as_str(),
+            "api",
+            "api's other port is published"
+        );
+    }
+
+    #[test]
+    fn a_port_bound_on_the_host_is_refused_unless_the_service_held_it_already() {
+        let cs = [c(
+            "w1",
+            &[(SERVICE, "web"), (PUBLISH, "8080:80,53:53/udp")],
+            &[("n", "10.1.0.3")],
+        )];
+        let m = mesh(&cs, &[], &[(TCP, 8080)]);
+        let web = ServiceName::new("web").unwrap();
+        assert_eq!(
+            m.errors[&web],
+            ["port 8080/tcp not published: it is already in use on the host (a socket is bound to it)"]
+        );
+        assert_eq!(m.holders.keys().copied().collect::<Vec<_>>(), [(UDP, 53)]);
+
+        let kept = mesh(&cs, &[((TCP, 8080), "web")], &[(TCP, 8080)]);
+        assert!(kept.errors.is_empty());
+        assert_eq!(kept.holders.len(), 2);
+    }
+}
