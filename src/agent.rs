@@ -32,6 +32,9 @@ use crate::docker::{ContainerInfo, Engine, EngineError, EngineEvent, NetworkInfo
 
 /// Container inspects of one batch of events that may be in flight at once.
 const INSPECTS_IN_FLIGHT: usize = 16;
+
+/// How soon a listing that failed (while the event stream still runs) is tried again.
+const RELIST_RETRY: Duration = Duration::from_secs(5);
 use crate::netns::NetnsPath;
 use crate::reconcile;
 use crate::state::{StateError, StateStore};
@@ -269,6 +272,64 @@ pub fn container_from(info: &ContainerInfo) -> Container {
     }
 }
 
+/// The engine's event stream.
+type Events = futures::stream::BoxStream<'static, Result<EngineEvent, EngineError>>;
+
+/// One container's inspect: what the engine said of it.
+type Inspected = (ContainerId, Result<Option<ContainerInfo>, EngineError>);
+
+/// What the event stream gave while the agent waited on the engine.
+#[derive(Default)]
+struct Kept {
+    /// Events to look at once the wait is over.
+    events: Vec<EngineEvent>,
+    /// Why the stream failed, if it did (the agent reconnects after the wait).
+    lost: Option<String>,
+}
+
+/// The containers a batch of events asks to inspect (each once), and whether the
+/// networks changed. A kill event changes nothing Docker would show (the task still runs):
+/// its drain is noted apart, without waiting for an inspect, which a busy engine answers
+/// slowly.
+fn to_inspect(events: &[EngineEvent]) -> (Vec<ContainerId>, bool) {
+    let mut ids: Vec<ContainerId> = Vec::new();
+    let mut networks_changed = false;
+    for event in events {
+        match event {
+            EngineEvent::Container { id, action, .. } if !action.starts_with("exec_") && action != "kill" => {
+                ids.push(id.clone())
+            }
+            EngineEvent::Network {
+                container: Some(id), ..
+            } => ids.push(id.clone()),
+            EngineEvent::Network { action, .. }
+                if matches!(action.as_str(), "create" | "destroy" | "remove") =>
+            {
+                networks_changed = true
+            }
+            _ => {}
+        }
+    }
+    let mut seen = BTreeSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    (ids, networks_changed)
+}
+
+/// Inspect `ids`, at most [`INSPECTS_IN_FLIGHT`] at once.
+async fn inspect_all(engine: Arc<dyn Engine>, ids: Vec<ContainerId>) -> Vec<Inspected> {
+    futures::stream::iter(ids)
+        .map(|id| {
+            let engine = Arc::clone(&engine);
+            async move {
+                let answer = engine.inspect(&id).await;
+                (id, answer)
+            }
+        })
+        .buffer_unordered(INSPECTS_IN_FLIGHT)
+        .collect()
+        .await
+}
+
 impl Agent {
     /// An agent with its saved allocations (a corrupt state file is reported and set
     /// aside: allocations start again from what Docker says).
@@ -344,7 +405,23 @@ impl Agent {
 
     /// Replace what vipd knows with a full listing.
     pub async fn relist(&mut self) -> Result<(), EngineError> {
-        let all = match self.engine.containers().await {
+        let engine = Arc::clone(&self.engine);
+        let listing = engine.containers().await;
+        self.take_listing(listing)?;
+        self.refresh_networks().await
+    }
+
+    /// [`Agent::relist`], reading the event stream while the engine answers (see
+    /// [`Agent::meanwhile`]).
+    async fn relist_meanwhile(&mut self, events: &mut Events, kept: &mut Kept) -> Result<(), EngineError> {
+        let engine = Arc::clone(&self.engine);
+        let listing = self.meanwhile(engine.containers(), events, kept).await;
+        self.take_listing(listing)?;
+        self.refresh_networks().await
+    }
+
+    fn take_listing(&mut self, listing: Result<Vec<ContainerInfo>, EngineError>) -> Result<(), EngineError> {
+        let all = match listing {
             Ok(all) => all,
             Err(e) => {
                 self.engine_state = EngineState {
@@ -359,9 +436,43 @@ impl Agent {
             connected: true,
             error: None,
         };
-        self.containers = all.iter().map(|i| (i.id.clone(), container_from(i))).collect();
+        let fresh: BTreeMap<ContainerId, Container> =
+            all.iter().map(|i| (i.id.clone(), container_from(i))).collect();
+        for (id, c) in &fresh {
+            self.forget_drain_if_restarted(id, c);
+        }
+        self.containers = fresh;
         info!(containers = self.containers.len(), "listed containers");
-        self.refresh_networks().await
+        Ok(())
+    }
+
+    /// Await `work`, a call to the engine that leaves the agent's state alone, while
+    /// reading the event stream: a kill event that stops a serving task drains it at once
+    /// (a sync of its own), so a slow listing or inspect never holds a drain back. Every
+    /// event read is kept for when `work` is done; a failed stream is noted, not read again.
+    async fn meanwhile<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+        events: &mut Events,
+        kept: &mut Kept,
+    ) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                next = events.next(), if kept.lost.is_none() => match next {
+                    Some(Ok(event)) => {
+                        if self.note_drains(std::slice::from_ref(&event)) {
+                            self.sync(false).instrument(info_span!("drain")).await;
+                        }
+                        kept.events.push(event);
+                    }
+                    Some(Err(e)) => kept.lost = Some(e.to_string()),
+                    None => kept.lost = Some("the event stream ended".to_owned()),
+                },
+            }
+        }
     }
 
     /// Look at the container an event is about again.
@@ -374,8 +485,34 @@ impl Agent {
     /// batch by its own time, not by the sum. Every inspect that succeeded is kept; the
     /// first failure is returned (the caller then re-lists).
     pub async fn on_events(&mut self, events: &[EngineEvent]) -> Result<(), EngineError> {
-        let mut ids: Vec<&ContainerId> = Vec::new();
-        let mut networks_changed = false;
+        self.note_drains(events);
+        let (ids, networks_changed) = to_inspect(events);
+        let answers = inspect_all(Arc::clone(&self.engine), ids).await;
+        self.take_answers(answers, networks_changed).await
+    }
+
+    /// [`Agent::on_events`], with a drain a kill event starts programmed before the
+    /// inspects, and the event stream read while the engine answers (see
+    /// [`Agent::meanwhile`]).
+    async fn on_events_meanwhile(
+        &mut self,
+        batch: &[EngineEvent],
+        events: &mut Events,
+        kept: &mut Kept,
+    ) -> Result<(), EngineError> {
+        if self.note_drains(batch) {
+            self.sync(false).instrument(info_span!("drain")).await;
+        }
+        let (ids, networks_changed) = to_inspect(batch);
+        let answers = self
+            .meanwhile(inspect_all(Arc::clone(&self.engine), ids), events, kept)
+            .await;
+        self.take_answers(answers, networks_changed).await
+    }
+
+    /// Note the drains a batch of events starts or ends; true when one started.
+    fn note_drains(&mut self, events: &[EngineEvent]) -> bool {
+        let mut started = false;
         for event in events {
             if let EngineEvent::Container {
                 id,
@@ -383,40 +520,19 @@ impl Agent {
                 attributes,
             } = event
             {
+                let was = self.leaving.contains_key(id);
                 self.note_leaving(id, action, attributes);
-            }
-            match event {
-                // A kill event changes nothing Docker would show (the task still runs):
-                // its drain is noted above, and the sync goes ahead without waiting for
-                // an inspect, which a busy engine answers slowly.
-                EngineEvent::Container { id, action, .. }
-                    if !action.starts_with("exec_") && action != "kill" =>
-                {
-                    ids.push(id)
-                }
-                EngineEvent::Network {
-                    container: Some(id), ..
-                } => ids.push(id),
-                EngineEvent::Network { action, .. }
-                    if matches!(action.as_str(), "create" | "destroy" | "remove") =>
-                {
-                    networks_changed = true
-                }
-                _ => {}
+                started |= !was && self.leaving.contains_key(id);
             }
         }
-        let mut seen = BTreeSet::new();
-        ids.retain(|id| seen.insert(*id));
-        let engine = Arc::clone(&self.engine);
-        let answers: Vec<(ContainerId, Result<Option<ContainerInfo>, EngineError>)> =
-            futures::stream::iter(ids)
-                .map(|id| {
-                    let engine = Arc::clone(&engine);
-                    async move { (id.clone(), engine.inspect(id).await) }
-                })
-                .buffer_unordered(INSPECTS_IN_FLIGHT)
-                .collect()
-                .await;
+        started
+    }
+
+    async fn take_answers(
+        &mut self,
+        answers: Vec<Inspected>,
+        networks_changed: bool,
+    ) -> Result<(), EngineError> {
         let mut first_error = None;
         for (id, answer) in answers {
             match answer {
@@ -431,6 +547,7 @@ impl Agent {
                         self.leaving
                             .insert(id.clone(), (tokio::time::Instant::now(), Leaving::Unhealthy));
                     }
+                    self.forget_drain_if_restarted(&id, &c);
                     self.containers.insert(id, c);
                 }
                 Ok(None) => {
@@ -447,6 +564,17 @@ impl Agent {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// A task draining since a kill that now runs in another sandbox than vipd knew was
+    /// started again (its start event missed, as across a dockerd restart): its drain is over.
+    fn forget_drain_if_restarted(&mut self, id: &ContainerId, now: &Container) {
+        let known = self.containers.get(id).and_then(|c| c.sandbox.as_ref());
+        if let (Some(known), Some(new)) = (known, now.sandbox.as_ref()) {
+            if known != new && self.leaving.remove(id).is_some() {
+                info!(container = %now.name, "task started again: no longer draining");
+            }
+        }
     }
 
     /// A kill event whose signal asks a running task to stop starts its drain; a start
@@ -815,7 +943,8 @@ impl Agent {
         loop {
             // Subscribe first, then list: nothing falls between the two.
             let mut events = self.engine.events();
-            if let Err(e) = self.relist().await {
+            let mut kept = Kept::default();
+            if let Err(e) = self.relist_meanwhile(&mut events, &mut kept).await {
                 warn!(error = %e, retry_in = ?backoff, "Docker engine not reachable; retrying");
                 tokio::select! {
                     _ = &mut shutdown => return Ok(()),
@@ -837,38 +966,75 @@ impl Agent {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
-                let drain_end = self.next_drain_deadline();
-                tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
-                    _ = tokio::time::sleep_until(drain_end.unwrap_or_else(tokio::time::Instant::now)), if drain_end.is_some() => {
+                // What came while the agent waited on the engine goes first.
+                let next = if !kept.events.is_empty() {
+                    Next::Batch(std::mem::take(&mut kept.events))
+                } else if let Some(why) = kept.lost.take() {
+                    Next::Lost(why)
+                } else {
+                    let drain_end = self.next_drain_deadline();
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep_until(drain_end.unwrap_or_else(tokio::time::Instant::now)), if drain_end.is_some() => Next::DrainOver,
+                        next = events.next() => match next {
+                            Some(Ok(event)) => {
+                                let mut batch = vec![event];
+                                // Gather what arrives together (a scale-up is many events).
+                                loop {
+                                    match tokio::time::timeout(self.cfg.debounce, events.next()).await {
+                                        Ok(Some(Ok(more))) => batch.push(more),
+                                        Ok(Some(Err(e))) => {
+                                            kept.lost = Some(e.to_string());
+                                            break;
+                                        }
+                                        Ok(None) => {
+                                            kept.lost = Some("the event stream ended".to_owned());
+                                            break;
+                                        }
+                                        Err(_) => break,
+                                    }
+                                }
+                                Next::Batch(batch)
+                            }
+                            Some(Err(e)) => Next::Lost(e.to_string()),
+                            None => Next::Lost("the event stream ended".to_owned()),
+                        },
+                        _ = tick.tick() => Next::Resync,
+                    }
+                };
+                match next {
+                    Next::DrainOver => {
                         self.sync(false).instrument(info_span!("drain_over")).await;
                     }
-                    next = events.next() => match next {
-                        Some(Ok(event)) => {
-                            let mut batch = vec![event];
-                            // Gather what arrives together (a scale-up is many events).
-                            while let Ok(Some(Ok(more))) = tokio::time::timeout(self.cfg.debounce, events.next()).await {
-                                batch.push(more);
+                    Next::Batch(batch) => {
+                        let looked = self.on_events_meanwhile(&batch, &mut events, &mut kept).await;
+                        if let Err(e) = looked {
+                            // What answered is kept; the stream stays open, so no event
+                            // is lost while the rest is listed again.
+                            warn!(error = %e, "inspect failed; re-listing");
+                            if let Err(e) = self.relist_meanwhile(&mut events, &mut kept).await {
+                                warn!(error = %e, retry_in = ?RELIST_RETRY, "re-list failed; keeping what is known");
+                                tick.reset_after(RELIST_RETRY.min(self.cfg.resync));
+                                continue;
                             }
-                            if let Err(e) = self.on_events(&batch).await {
-                                warn!(error = %e, "inspect failed; re-listing");
-                                break;
-                            }
-                            self.sync(false).instrument(info_span!("sync", events = batch.len())).await;
+                            self.sync(true).instrument(info_span!("resync")).await;
+                        } else {
+                            self.sync(false)
+                                .instrument(info_span!("sync", events = batch.len()))
+                                .await;
                         }
-                        Some(Err(e)) => {
-                            warn!(error = %e, "event stream failed; reconnecting and re-listing");
-                            break;
-                        }
-                        None => {
-                            warn!("event stream ended; reconnecting and re-listing");
-                            break;
-                        }
-                    },
-                    _ = tick.tick() => {
-                        if let Err(e) = self.relist().await {
-                            warn!(error = %e, "periodic re-list failed");
-                            break;
+                    }
+                    Next::Lost(why) => {
+                        warn!(error = %why, "event stream lost; reconnecting and re-listing");
+                        break;
+                    }
+                    Next::Resync => {
+                        // A failed listing (a slow engine) keeps what is known and the
+                        // event stream; only a lost stream reconnects.
+                        if let Err(e) = self.relist_meanwhile(&mut events, &mut kept).await {
+                            warn!(error = %e, retry_in = ?RELIST_RETRY, "periodic re-list failed; keeping what is known");
+                            tick.reset_after(RELIST_RETRY.min(self.cfg.resync));
+                            continue;
                         }
                         self.sync(true).instrument(info_span!("resync")).await;
                     }
@@ -876,6 +1042,18 @@ impl Agent {
             }
         }
     }
+}
+
+/// What the event loop does next.
+enum Next {
+    /// A drain's grace is over.
+    DrainOver,
+    /// Events to look at.
+    Batch(Vec<EngineEvent>),
+    /// The event stream failed or ended.
+    Lost(String),
+    /// The periodic full resync.
+    Resync,
 }
 
 #[cfg(test)]
@@ -1294,6 +1472,8 @@ mod tests {
     struct SlowEngine {
         inner: FakeEngine,
         delay: Duration,
+        /// How long a listing takes.
+        list_delay: Duration,
         failing: ContainerId,
         in_flight: std::sync::atomic::AtomicUsize,
         most: std::sync::atomic::AtomicUsize,
@@ -1301,7 +1481,10 @@ mod tests {
 
     impl Engine for SlowEngine {
         fn containers(&self) -> futures::future::BoxFuture<'_, Result<Vec<ContainerInfo>, EngineError>> {
-            self.inner.containers()
+            Box::pin(async move {
+                tokio::time::sleep(self.list_delay).await;
+                self.inner.containers().await
+            })
         }
         fn inspect<'a>(
             &'a self,
@@ -1340,6 +1523,7 @@ mod tests {
         let engine = Arc::new(SlowEngine {
             inner: fake.clone(),
             delay: Duration::from_secs(10),
+            list_delay: Duration::ZERO,
             failing: ContainerId("slowaaaaaaaa".into()),
             in_flight: Default::default(),
             most: Default::default(),
@@ -1385,6 +1569,88 @@ mod tests {
             ["10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6"],
             "what answered is kept"
         );
+    }
+
+    /// A kill event while the engine is slow to answer a listing or an inspect drains the
+    /// task at once, not when the engine has answered.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_task_being_stopped_drains_at_once_while_a_listing_or_an_inspect_is_slow() {
+        let fake = FakeEngine::new();
+        let web = [(labels::SERVICE, "web")];
+        fake.upsert_container(on_net("w1aaaaaaaaaa", "w1", "10.1.0.3", &web));
+        fake.upsert_container(on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web));
+        fake.upsert_container(on_net("w3aaaaaaaaaa", "w3", "10.1.0.5", &web));
+        fake.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
+        let engine = Arc::new(SlowEngine {
+            inner: fake.clone(),
+            delay: Duration::from_secs(20),
+            list_delay: Duration::from_secs(20),
+            failing: ContainerId("slowaaaaaaaa".into()),
+            in_flight: Default::default(),
+            most: Default::default(),
+        });
+        let rec = Arc::new(Recorder::default());
+        let mut cfg = config(&tempdir("slow-drain"));
+        cfg.resync = Duration::from_secs(60);
+        let agent = Agent::new(engine, rec.clone(), cfg, None).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let t0 = tokio::time::Instant::now();
+        let run = tokio::spawn(agent.run(async {
+            let _ = stopped.await;
+        }));
+        let client = "/run/docker/netns/claaaaaaaaaa";
+        let at = |secs: u64| tokio::time::sleep_until(t0 + Duration::from_secs(secs));
+
+        // Listed in 20 s and synced; the periodic listing runs from 80 s to 100 s.
+        at(30).await;
+        let all = w(&[("10.1.0.3", 1), ("10.1.0.4", 1), ("10.1.0.5", 1)]);
+        assert_eq!(rec.weights(client, "web"), all);
+        at(85).await;
+        fake.push_event(event("w2aaaaaaaaaa", "kill", &[("signal", "15")]));
+        at(86).await;
+        let w2_out = w(&[("10.1.0.3", 1), ("10.1.0.4", 0), ("10.1.0.5", 1)]);
+        assert_eq!(rec.weights(client, "web"), w2_out, "drained during the listing");
+        at(101).await;
+        assert_eq!(rec.weights(client, "web"), w2_out, "still draining after it");
+
+        // A start event whose inspect takes 20 s; a kill 5 s into it.
+        fake.push_event(event("w1aaaaaaaaaa", "start", &[]));
+        at(106).await;
+        fake.push_event(event("w3aaaaaaaaaa", "kill", &[("signal", "15")]));
+        at(107).await;
+        let w3_out = w(&[("10.1.0.3", 1), ("10.1.0.4", 0), ("10.1.0.5", 0)]);
+        assert_eq!(rec.weights(client, "web"), w3_out, "drained during the inspect");
+        // w2's drain grace (30 s) ends at 115 s: out though it still runs.
+        at(125).await;
+        assert_eq!(rec.weights(client, "web"), w(&[("10.1.0.3", 1), ("10.1.0.5", 0)]));
+        stop.send(()).unwrap();
+        run.await.unwrap().unwrap();
+    }
+
+    /// A task stopped and started again while vipd missed the start event (a dockerd
+    /// restart): the listing shows it in a new sandbox, and it serves again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_task_drained_then_started_again_unseen_serves_again_after_a_listing() {
+        let web = [(labels::SERVICE, "web")];
+        let (engine, rec, mut agent) = two_tasks_and_a_client("restarted").await;
+        agent.sync(true).await;
+        let client = "/run/docker/netns/claaaaaaaaaa";
+        agent
+            .on_event(&event("w2aaaaaaaaaa", "kill", &[("signal", "15")]))
+            .await
+            .unwrap();
+        agent.sync(false).await;
+        assert_eq!(rec.weights(client, "web"), w(&[("10.1.0.3", 1), ("10.1.0.4", 0)]));
+        // Same sandbox in a listing: still draining.
+        agent.relist().await.unwrap();
+        agent.sync(true).await;
+        assert_eq!(rec.weights(client, "web"), w(&[("10.1.0.3", 1), ("10.1.0.4", 0)]));
+        let mut again = on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web);
+        again.sandbox_key = Some("/run/docker/netns/0123456789ab".into());
+        engine.upsert_container(again);
+        agent.relist().await.unwrap();
+        agent.sync(true).await;
+        assert_eq!(rec.weights(client, "web"), w(&[("10.1.0.3", 1), ("10.1.0.4", 1)]));
     }
 
     #[tokio::test(flavor = "current_thread")]
