@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (as root):
 #   1. formatting and lints
-#   2. unit tests (pure core, codec against captured bytes, fakes)
+#   2. unit tests (pure core, codec against captured bytes, fakes), then a short fuzzing
+#      run of the IPVS decoder and the DNS request path (VIPD_FUZZ_SECONDS, default 60)
 #   3. host namespace tests (real iptables in fresh namespaces; this kernel has no IPVS)
 #   4. VM tests: one boot of a kernel with IPVS runs the whole VM suite
 # Any stage that cannot run its environment fails; nothing is skipped.
@@ -26,6 +27,11 @@ cargo clippy --test host --test vm --locked -- -D warnings
 
 stage "unit tests"
 cargo test --locked 2>&1 | tee -a "$log"
+
+# The long run is by hand: scripts/fuzz.sh 600 (see README, Tests).
+fuzz_s=${VIPD_FUZZ_SECONDS:-60}
+stage "fuzzing, short ($fuzz_s s per target)"
+scripts/fuzz.sh "$fuzz_s"
 
 stage "host namespace tests"
 cargo test --locked --test host -- --test-threads=2 2>&1 | tee -a "$log"

@@ -13,6 +13,7 @@
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
 //! - [`ingress`]: the routing mesh's ingress namespace and its veth link to the host.
 //! - [`config`]: the `vipd run` config file, turned into the flags it stands for.
+//! - [`privileges`]: the capabilities `vipd run` keeps; it drops the others.
 
 pub mod addrs;
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod firewall;
 pub mod ingress;
 pub mod ipvs;
 pub mod netns;
+pub mod privileges;
 pub mod reconcile;
 pub mod show;
 pub mod state;

@@ -458,6 +458,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             let pool = parse_net(&vip_pool, "--vip-pool")?;
             let sysctls = parse_sysctls(&sysctls)?;
+            // First, while this is the only thread: every later one inherits the cut.
+            let kept = vipd::privileges::drop_unneeded()?;
+            tracing::info!(kept = ?kept.effective, bounding_set_cut = kept.bounding_cut, "capabilities dropped");
+            if !kept.missing.is_empty() {
+                tracing::warn!(missing = ?kept.missing, "started without capabilities vipd needs: programming will fail");
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

@@ -44,7 +44,8 @@
 #
 # Environment: VIPD_DOCKERD_START_TIMEOUT (seconds to wait for the daemon, default 120:
 # about 3 s on the build host, about 14 s in the emulated VM), VIPD_DOCKER_STORAGE_DRIVER,
-# VIPD_DOCKER_CLI (see lib.sh).
+# VIPD_DOCKER_CLI (see lib.sh), VIPD_DOCKERD_LIVE_RESTORE=1 (containers keep running while
+# dockerd is down: `live-restore` in its daemon.json).
 set -euo pipefail
 
 script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -146,7 +147,10 @@ rm -f "$DOCKER_PIDFILE"
 mkdir -p "$DOCKER_DATA" "$DOCKER_EXEC"
 # The trust key moves into DIR (the default, /etc/docker/key.json, is read-only in the
 # VM and would be shared with a system dockerd).
-printf '{\n  "deprecated-key-path": "%s/key.json"\n}\n' "$DOCKER_DIR" >"$DOCKER_CONF"
+live_restore=false
+if [[ "${VIPD_DOCKERD_LIVE_RESTORE:-0}" == 1 ]]; then live_restore=true; fi
+printf '{\n  "deprecated-key-path": "%s/key.json",\n  "live-restore": %s\n}\n' \
+  "$DOCKER_DIR" "$live_restore" >"$DOCKER_CONF"
 
 if [[ ! -e "$DOCKER_NETNS" ]]; then
   ip netns add "$DOCKER_NETNS_NAME"

@@ -33,6 +33,8 @@ pub struct Dockerd {
     pub host: String,
     /// The network namespace dockerd (its bridges, iptables chains) runs in.
     pub netns: String,
+    /// Containers keep running while the daemon is down (`live-restore`).
+    live_restore: bool,
     /// Held open for the life of the process: its EOF tells the guardian to stop dockerd.
     _guardian: Mutex<ChildStdin>,
 }
@@ -41,7 +43,7 @@ static DOCKERD: OnceLock<Result<Dockerd, String>> = OnceLock::new();
 
 /// The shared dockerd, started on first use. Panics (fails the test) if it cannot run.
 pub fn dockerd() -> &'static Dockerd {
-    match DOCKERD.get_or_init(|| start(true)) {
+    match DOCKERD.get_or_init(|| start(true, false)) {
         Ok(d) => d,
         Err(e) => panic!("the private dockerd for the Docker tests could not start:\n{e}"),
     }
@@ -65,7 +67,13 @@ fn describe(out: &Output) -> String {
 /// A dockerd of the caller's own (not the shared one), for a test that stops and starts
 /// it; everything of it is removed when it is dropped.
 pub fn private_dockerd() -> Dockerd {
-    start(false).unwrap_or_else(|e| panic!("a private dockerd could not start:\n{e}"))
+    start(false, false).unwrap_or_else(|e| panic!("a private dockerd could not start:\n{e}"))
+}
+
+/// [`private_dockerd`] with `live-restore`: its containers keep running, and serving,
+/// while the daemon is stopped and started again.
+pub fn private_dockerd_live_restore() -> Dockerd {
+    start(false, true).unwrap_or_else(|e| panic!("a private dockerd could not start:\n{e}"))
 }
 
 impl Dockerd {
@@ -91,6 +99,10 @@ impl Dockerd {
     pub fn start_again(&self) {
         let out = Command::new(script("dockerd-start.sh"))
             .arg(&self.dir)
+            .env(
+                "VIPD_DOCKERD_LIVE_RESTORE",
+                if self.live_restore { "1" } else { "0" },
+            )
             .stdin(Stdio::null())
             .output()
             .expect("run dockerd-start.sh");
@@ -98,7 +110,7 @@ impl Dockerd {
     }
 }
 
-fn start(shared: bool) -> Result<Dockerd, String> {
+fn start(shared: bool, live_restore: bool) -> Result<Dockerd, String> {
     require_root();
     let t0 = std::time::Instant::now();
     let ensure = Command::new(script("ensure-docker.sh"))
@@ -131,6 +143,7 @@ fn start(shared: bool) -> Result<Dockerd, String> {
 
     let started = Command::new(script("dockerd-start.sh"))
         .arg(&dir)
+        .env("VIPD_DOCKERD_LIVE_RESTORE", if live_restore { "1" } else { "0" })
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run dockerd-start.sh: {e}"))?;
@@ -173,6 +186,7 @@ fn start(shared: bool) -> Result<Dockerd, String> {
         dir,
         host,
         netns,
+        live_restore,
         _guardian: Mutex::new(guardian_stdin),
     })
 }

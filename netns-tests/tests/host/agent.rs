@@ -504,7 +504,7 @@ fn vipd_run_waiting_for_dockerd_stops_on_sigterm() {
 /// The admin socket answers root only: another user is refused, told why, and learns
 /// nothing (the socket is mode 0600 in a directory of mode 0700 that vipd makes).
 #[test]
-fn the_admin_socket_answers_root_only() {
+fn the_admin_socket_answers_root_only_and_vipd_keeps_only_the_capabilities_it_needs() {
     require_root();
     let d = dockerd();
     let state = std::env::temp_dir().join(unique("vipd-admin-"));
@@ -514,6 +514,23 @@ fn the_admin_socket_answers_root_only() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
     };
     assert_eq!(mode(&agent.socket), 0o600);
+    // It runs with only the capabilities it needs (NET_BIND_SERVICE 10, NET_ADMIN 12,
+    // NET_RAW 13, SYS_ADMIN 21), and its bounding set keeps the iptables processes it
+    // starts to the same. (nsenter execs vipd: the child's pid is vipd's.)
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
+    let caps = |set: &str| {
+        let line = proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{set}:\t")))
+            .unwrap_or_else(|| panic!("no {set} in {proc_status}"));
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    };
+    let needed = (1 << 10) | (1 << 12) | (1 << 13) | (1 << 21);
+    assert_eq!(
+        ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"].map(caps),
+        [needed, needed, needed, 0, 0],
+        "{proc_status}"
+    );
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(vipd())

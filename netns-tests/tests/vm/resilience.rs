@@ -17,7 +17,7 @@ use super::agent::{
     echo, gateway_of, ip_of, ipvs_table, open_echo, require_ipvs_vm, run_one, sandbox_of, sleeper, state_dir,
     stdout_in, vip_of, wait_for, Agent, TestIngress, Took,
 };
-use crate::common::docker::{dockerd, one_vipd_run_at_a_time, IMAGE};
+use crate::common::docker::{dockerd, one_vipd_run_at_a_time, private_dockerd_live_restore, IMAGE};
 
 /// The weight of the destination at `ip` in a sandbox's IPVS table (any service), if it
 /// is one.
@@ -441,6 +441,82 @@ fn vipd_killed_under_load_and_restarted_loses_no_request_and_changes_only_the_di
     drop(gone);
     drop(tasks);
     drop(echo_one);
+    drop(client);
+    drop(agent);
+}
+
+#[test]
+fn dockerd_stopped_and_started_again_under_load_loses_no_request() {
+    // dockerd with live-restore, as on a host where restarting the engine must not stop
+    // the containers: while it is down vipd keeps every rule, reports the engine gone,
+    // reconnects by itself when it is back, and the resync changes nothing.
+    let _turn = one_vipd_run_at_a_time();
+    let _took = Took::new();
+    require_ipvs_vm();
+    let d = private_dockerd_live_restore();
+    let net = d.network("vdrst", &[]);
+    let state = state_dir();
+    let ingress = TestIngress::new("10.254.250.0/30");
+    let agent = Agent::start(&d, &state, &ingress.args());
+    let task = |name: &str| plain_graceful_task(&net.name, "drst", "8092:80", name, 0);
+    let tasks: Vec<_> = ["r1", "r2"].iter().map(|n| run_one(&d, &task(n))).collect();
+    let client = run_one(&d, &sleeper(&net.name, &[]));
+    let client_sb = sandbox_of(&d, &client.id);
+    let ips: Vec<String> = tasks.iter().map(|t| ip_of(&d, &t.id)).collect();
+    wait_for(
+        "both tasks in the client and the ingress",
+        Duration::from_secs(180),
+        || {
+            ips.iter()
+                .all(|ip| weight_of(&client_sb, ip) == Some(1) && weight_of(&ingress, ip) == Some(1))
+        },
+    );
+    let vip = vip_of(&client_sb, "drst").expect("the VIP in the client");
+    let gateway = gateway_of(&d, &net.name);
+    let before = ipvs_table(&client_sb);
+
+    let load = Load::start(&[
+        ("the VIP", &client_sb, format!("{vip}:80").parse().unwrap()),
+        (
+            "the published port",
+            &d.netns,
+            format!("{gateway}:8092").parse().unwrap(),
+        ),
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    d.stop_daemon();
+    let gone = wait_for("vipd to report the engine gone", Duration::from_secs(60), || {
+        agent.status().contains("docker: not connected")
+    });
+    eprintln!("engine gone in vipd status {gone:?} after dockerd stopped");
+    // Traffic goes on with the engine down.
+    std::thread::sleep(Duration::from_secs(10));
+    let resyncs = agent.resyncs().len();
+    d.start_again();
+    let back = wait_for(
+        "vipd to resync with the engine back",
+        Duration::from_secs(120),
+        || agent.resyncs().len() > resyncs && !agent.status().contains("docker: not connected"),
+    );
+    eprintln!("vipd resynced {back:?} after dockerd started again");
+    std::thread::sleep(Duration::from_secs(3));
+    load.finish(50, &agent.log());
+
+    // The tasks serve on; nothing was changed in the sandboxes.
+    let (_, operations, errors) = *agent.resyncs().last().unwrap();
+    assert_eq!((operations, errors), (0, 0), "{}", agent.log());
+    assert_eq!(ipvs_table(&client_sb).lines().count(), before.lines().count());
+    for ip in &ips {
+        assert_eq!(weight_of(&client_sb, ip), Some(1));
+        assert_eq!(weight_of(&ingress, ip), Some(1));
+    }
+    let status = agent.status();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("drst "))
+        .unwrap_or_default();
+    assert_eq!(line.split_whitespace().nth(5), Some("2/2"), "{status}");
+    drop(tasks);
     drop(client);
     drop(agent);
 }
