@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 
 # Runtime: iptables-restore/-save, ip. Inspection: ipvsadm. Tests: curl, ping, busybox
 # (httpd backends), the VM (qemu, kmod for depmod/modprobe, cpio for the initramfs),
-# systemd-analyze (the unit in scripts/ is verified).
+# systemd-analyze (the unit in scripts/ is verified), debootstrap (the container image's
+# bases, made locally: scripts/docker/vipd-image.sh).
 PACKAGES=(iptables iproute2 ipvsadm curl iputils-ping busybox-static dnsutils procps
-  qemu-system-x86 kmod cpio strace systemd)
+  qemu-system-x86 kmod cpio strace systemd debootstrap)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -29,6 +29,7 @@ use crate::core::status::{self, EngineState, SandboxStatus, Status};
 use crate::core::topology;
 use crate::dns::server::CatalogHandle;
 use crate::docker::{ContainerInfo, Engine, EngineError, EngineEvent, NetworkInfo};
+use crate::metrics::{ErrorKind, Metrics, ReconcileKind};
 
 /// Container inspects of one batch of events that may be in flight at once.
 const INSPECTS_IN_FLIGHT: usize = 16;
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     /// The IPVS connection timeouts of every namespace vipd programs; `None`: the
     /// kernel's (tcp 900 s, tcpfin 120 s, udp 300 s).
     pub timeouts: Option<Timeouts>,
+    /// Where reconcile passes and errors are counted (a disabled handle counts nothing).
+    pub metrics: Metrics,
 }
 
 /// Why a task is leaving its services.
@@ -391,7 +394,11 @@ impl Agent {
     }
 
     async fn refresh_networks(&mut self) -> Result<(), EngineError> {
-        let mut list = self.engine.networks().await?;
+        let mut list = self
+            .engine
+            .networks()
+            .await
+            .inspect_err(|_| self.cfg.metrics.error(ErrorKind::Engine))?;
         list.sort_by(|a, b| a.id.cmp(&b.id));
         self.networks.send_if_modified(|old| {
             let changed = *old != list;
@@ -424,6 +431,7 @@ impl Agent {
         let all = match listing {
             Ok(all) => all,
             Err(e) => {
+                self.cfg.metrics.error(ErrorKind::Engine);
                 self.engine_state = EngineState {
                     connected: false,
                     error: Some(e.to_string()),
@@ -464,7 +472,7 @@ impl Agent {
                 next = events.next(), if kept.lost.is_none() => match next {
                     Some(Ok(event)) => {
                         if self.note_drains(std::slice::from_ref(&event)) {
-                            self.sync(false).instrument(info_span!("drain")).await;
+                            self.sync_pass(ReconcileKind::Drain).instrument(info_span!("drain")).await;
                         }
                         kept.events.push(event);
                     }
@@ -501,7 +509,9 @@ impl Agent {
         kept: &mut Kept,
     ) -> Result<(), EngineError> {
         if self.note_drains(batch) {
-            self.sync(false).instrument(info_span!("drain")).await;
+            self.sync_pass(ReconcileKind::Drain)
+                .instrument(info_span!("drain"))
+                .await;
         }
         let (ids, networks_changed) = to_inspect(batch);
         let answers = self
@@ -554,6 +564,7 @@ impl Agent {
                     self.containers.remove(&id);
                 }
                 Err(e) => {
+                    self.cfg.metrics.error(ErrorKind::Engine);
                     first_error.get_or_insert(e);
                 }
             }
@@ -712,6 +723,7 @@ impl Agent {
         let mut service_errors: BTreeMap<ServiceName, Vec<String>> = BTreeMap::new();
         for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
             if let Err(e) = self.allocs.ensure(&def.name, self.cfg.pool) {
+                self.cfg.metrics.error(ErrorKind::Allocation);
                 if self.reported.insert(e.to_string()) {
                     warn!(error = %e, "no VIP");
                 }
@@ -737,6 +749,7 @@ impl Agent {
         }
         if self.allocs != before {
             if let Err(e) = self.store.save(&self.allocs) {
+                self.cfg.metrics.error(ErrorKind::State);
                 warn!(error = %e, "allocations not saved");
                 report.errors.push(e.to_string());
             }
@@ -769,6 +782,7 @@ impl Agent {
             });
             let bound = if new_claim {
                 self.programmer.bound_ports().unwrap_or_else(|e| {
+                    self.cfg.metrics.error(ErrorKind::Host);
                     warn!(error = %e, "cannot tell which ports are bound on the host");
                     report.errors.push(e);
                     BTreeSet::new()
@@ -890,6 +904,7 @@ impl Agent {
                     // A container that died mid-programming takes its namespace with it:
                     // the next event or resync settles it; nothing piles up.
                     warn!(sandbox = %sandbox.display(), error = %e, "sandbox not programmed");
+                    self.cfg.metrics.error(ErrorKind::Sandbox);
                     if let Some(st) = self.sandboxes.get_mut(&sandbox) {
                         st.in_sync = false;
                         st.error = Some(e.clone());
@@ -916,6 +931,7 @@ impl Agent {
                 }
                 Err(e) => {
                     warn!(error = %e, "host rules not programmed");
+                    self.cfg.metrics.error(ErrorKind::Host);
                     report.errors.push(format!("host rules: {e}"));
                     self.host_applied = None;
                 }
@@ -933,6 +949,16 @@ impl Agent {
             label_errors: status::label_problems(&label_errors),
         };
         self.status.send_replace(status);
+        report
+    }
+
+    /// [`Agent::sync`] (full for a resync), counted in the metrics as a pass of `kind`.
+    async fn sync_pass(&mut self, kind: ReconcileKind) -> SyncReport {
+        let started = std::time::Instant::now();
+        let report = self.sync(kind == ReconcileKind::Resync).await;
+        self.cfg
+            .metrics
+            .reconcile_done(kind, started.elapsed(), report.operations);
         report
     }
 
@@ -954,7 +980,10 @@ impl Agent {
                 continue;
             }
             backoff = Duration::from_millis(250);
-            let report = self.sync(true).instrument(info_span!("resync")).await;
+            let report = self
+                .sync_pass(ReconcileKind::Resync)
+                .instrument(info_span!("resync"))
+                .await;
             info!(
                 sandboxes = report.sandboxes_programmed,
                 operations = report.operations,
@@ -1004,7 +1033,9 @@ impl Agent {
                 };
                 match next {
                     Next::DrainOver => {
-                        self.sync(false).instrument(info_span!("drain_over")).await;
+                        self.sync_pass(ReconcileKind::Drain)
+                            .instrument(info_span!("drain_over"))
+                            .await;
                     }
                     Next::Batch(batch) => {
                         let looked = self.on_events_meanwhile(&batch, &mut events, &mut kept).await;
@@ -1017,14 +1048,17 @@ impl Agent {
                                 tick.reset_after(RELIST_RETRY.min(self.cfg.resync));
                                 continue;
                             }
-                            self.sync(true).instrument(info_span!("resync")).await;
+                            self.sync_pass(ReconcileKind::Resync)
+                                .instrument(info_span!("resync"))
+                                .await;
                         } else {
-                            self.sync(false)
+                            self.sync_pass(ReconcileKind::Event)
                                 .instrument(info_span!("sync", events = batch.len()))
                                 .await;
                         }
                     }
                     Next::Lost(why) => {
+                        self.cfg.metrics.error(ErrorKind::Engine);
                         warn!(error = %why, "event stream lost; reconnecting and re-listing");
                         break;
                     }
@@ -1036,7 +1070,9 @@ impl Agent {
                             tick.reset_after(RELIST_RETRY.min(self.cfg.resync));
                             continue;
                         }
-                        self.sync(true).instrument(info_span!("resync")).await;
+                        self.sync_pass(ReconcileKind::Resync)
+                            .instrument(info_span!("resync"))
+                            .await;
                     }
                 }
             }
@@ -1389,6 +1425,7 @@ mod tests {
             ingress: None,
             drain_grace: Duration::from_secs(30),
             timeouts: None,
+            metrics: Metrics::disabled(),
         }
     }
 

@@ -13,6 +13,7 @@
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
 //! - [`ingress`]: the routing mesh's ingress namespace and its veth link to the host.
 //! - [`config`]: the `vipd run` config file, turned into the flags it stands for.
+//! - [`metrics`]: Prometheus metrics of `vipd run`, and the HTTP endpoint serving them.
 //! - [`privileges`]: the capabilities `vipd run` keeps; it drops the others.
 
 pub mod addrs;
@@ -25,6 +26,7 @@ pub mod docker;
 pub mod firewall;
 pub mod ingress;
 pub mod ipvs;
+pub mod metrics;
 pub mod netns;
 pub mod privileges;
 pub mod reconcile;

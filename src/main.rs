@@ -26,6 +26,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: `run`'s many flags need no box.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Program a namespace's IPVS services and iptables marks from a services file.
     Apply {
@@ -117,6 +119,12 @@ enum Command {
         /// is made.
         #[arg(long)]
         no_ingress: bool,
+        /// Serve Prometheus metrics over HTTP on ADDR:PORT (`GET /metrics`).
+        #[arg(long, value_name = "ADDR:PORT", default_value = vipd::metrics::DEFAULT_LISTEN)]
+        metrics_listen: std::net::SocketAddr,
+        /// Serve no metrics (--metrics-listen is then ignored).
+        #[arg(long)]
+        no_metrics: bool,
     },
     /// What the running `vipd run` knows: services, their VIPs, fwmarks, tasks and
     /// errors; with --sandboxes, each sandbox and whether it is in sync.
@@ -202,6 +210,8 @@ struct RunOptions {
     admin_socket: PathBuf,
     /// The ingress namespace's name and link subnet; `None` without a routing mesh.
     ingress: Option<(String, vipd::core::model::Ipv4Net)>,
+    /// Where metrics are served; `None`: no metrics.
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where `vipd run` serves DNS.
@@ -271,6 +281,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         sysctls,
         admin_socket,
         ingress,
+        metrics_listen,
     } = opts;
     use std::sync::Arc;
 
@@ -353,13 +364,19 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         }
     };
 
+    let metrics = match metrics_listen {
+        Some(_) => vipd::metrics::Metrics::new(),
+        None => vipd::metrics::Metrics::disabled(),
+    };
     let dns = match &dns_mode {
         DnsMode::Off => None,
-        DnsMode::Gateways(_) => Some(vipd::dns::server::CatalogHandle::new(
-            vipd::dns::catalog::Catalog::empty(),
-        )),
+        DnsMode::Gateways(_) => Some(
+            vipd::dns::server::CatalogHandle::new(vipd::dns::catalog::Catalog::empty())
+                .with_metrics(metrics.clone()),
+        ),
         DnsMode::Listen(dns_listen) => {
-            let handle = vipd::dns::server::CatalogHandle::new(vipd::dns::catalog::Catalog::empty());
+            let handle = vipd::dns::server::CatalogHandle::new(vipd::dns::catalog::Catalog::empty())
+                .with_metrics(metrics.clone());
             let mut allowed = vipd::dns::server::loopback_networks();
             for (_, net) in &others {
                 allowed.push(format!("{}/{}", net.network().addr, net.prefix).parse()?);
@@ -376,6 +393,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         }
     };
 
+    let ingress_netns = ingress.as_ref().map(|i| i.netns.clone());
     let cfg = vipd::agent::AgentConfig {
         pool,
         state_dir,
@@ -388,6 +406,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         ingress,
         drain_grace: std::time::Duration::from_secs(drain_grace),
         timeouts,
+        metrics: metrics.clone(),
     };
     let agent = vipd::agent::Agent::new(
         engine,
@@ -410,6 +429,17 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
     }
     let admin = vipd::admin::bind(&admin_socket)?;
     tracing::info!(socket = %admin_socket.display(), "admin socket ready");
+    if let Some(listen) = metrics_listen {
+        metrics.follow(agent.status(), ingress_netns);
+        let server = match vipd::metrics::MetricsServer::bind(listen, metrics).await {
+            Ok(server) => server,
+            Err(e) => {
+                let _ = std::fs::remove_file(&admin_socket);
+                return Err(e.into());
+            }
+        };
+        tokio::spawn(server.run(std::future::pending()));
+    }
     tokio::spawn(vipd::admin::serve(
         admin,
         admin_socket.clone(),
@@ -448,6 +478,8 @@ fn run(cli: Cli) -> Result<()> {
             ingress_netns,
             ingress_subnet,
             no_ingress,
+            metrics_listen,
+            no_metrics,
         } => {
             let dns = if no_dns {
                 DnsMode::Off
@@ -497,6 +529,7 @@ fn run(cli: Cli) -> Result<()> {
                 sysctls,
                 admin_socket,
                 ingress,
+                metrics_listen: (!no_metrics).then_some(metrics_listen),
             }))?;
         }
         Command::Status {

@@ -34,6 +34,7 @@ use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
@@ -49,6 +50,7 @@ use tracing::{debug, warn};
 
 use super::catalog::{self, Answer, Catalog, EndpointMode, Query, QueryType, RecordData, CLASS_IN};
 use super::server::{Acl, CatalogHandle};
+use crate::metrics::{DnsPath, Metrics};
 
 const TYPE_A: u16 = 1;
 const TYPE_PTR: u16 = 12;
@@ -454,6 +456,7 @@ pub async fn serve_udp<H: RequestHandler>(
     let mut out = Vec::with_capacity(RECEIVE_BUFFER);
     let mut shuffler = Shuffler::new(RandomState::new().hash_one(0x6661_7374_u64));
     let mut slow = JoinSet::new();
+    let metrics = catalog.metrics().clone();
     loop {
         let (len, src) = match socket.recv_from(&mut buf).await {
             Ok(received) => received,
@@ -466,15 +469,26 @@ pub async fn serve_udp<H: RequestHandler>(
         if !can_answer(src) {
             continue;
         }
+        let received = metrics.is_enabled().then(Instant::now);
         let packet = &buf[..len];
         if acl.allows(src.ip()) && catalog.with_table(|table| respond(table, packet, &mut out, &mut shuffler))
         {
             if let Err(error) = socket.send_to(&out, src).await {
                 debug!(%error, %src, "cannot send a DNS response");
             }
+            if let Some(received) = received {
+                let qtype = question_type(&out).unwrap_or(0);
+                metrics.dns_answered(DnsPath::Fast, qtype, 0, received.elapsed());
+            }
             continue;
         }
-        slow.spawn(slow_path(handler.clone(), socket.clone(), packet.to_vec(), src));
+        slow.spawn(slow_path(
+            handler.clone(),
+            socket.clone(),
+            packet.to_vec(),
+            src,
+            metrics.clone(),
+        ));
         while slow.try_join_next().is_some() {}
     }
 }
@@ -495,13 +509,17 @@ fn is_unrecoverable(error: &io::Error) -> bool {
     )
 }
 
-/// One datagram the fast path does not answer, as hickory-server handles it over UDP.
+/// One datagram the fast path does not answer, as hickory-server handles it over UDP. The
+/// handler counts the queries it answers in the metrics; one that does not decode (FORMERR)
+/// is counted here.
 async fn slow_path<H: RequestHandler>(
     handler: Arc<H>,
     socket: Arc<UdpSocket>,
     bytes: Vec<u8>,
     src: SocketAddr,
+    metrics: Metrics,
 ) {
+    let received = Instant::now();
     let Ok(header) = Header::read(&mut BinDecoder::new(&bytes)) else {
         return; // shorter than a header: not a query
     };
@@ -521,8 +539,25 @@ async fn slow_path<H: RequestHandler>(
             if let Err(error) = response.send_response(message).await {
                 debug!(%error, %src, "cannot send a DNS response");
             }
+            let formerr = u16::from(ResponseCode::FormErr);
+            metrics.dns_answered(DnsPath::Slow, 0, formerr, received.elapsed());
         }
     }
+}
+
+/// The type of the question of a DNS message with one uncompressed question name (as the
+/// fast path's responses have).
+fn question_type(message: &[u8]) -> Option<u16> {
+    let mut at = HEADER_LEN;
+    loop {
+        let len = usize::from(*message.get(at)?);
+        at += 1 + len;
+        if len == 0 {
+            break;
+        }
+    }
+    let qtype = message.get(at..at + 2)?;
+    Some(u16::from_be_bytes([qtype[0], qtype[1]]))
 }
 
 /// Sends a response to one UDP client, within the size it accepts.
@@ -675,7 +710,14 @@ mod tests {
 
         async fn ask(&self, packet: &[u8]) -> Message {
             let src = self.client.local_addr().unwrap();
-            slow_path(self.handler.clone(), self.server.clone(), packet.to_vec(), src).await;
+            slow_path(
+                self.handler.clone(),
+                self.server.clone(),
+                packet.to_vec(),
+                src,
+                Metrics::disabled(),
+            )
+            .await;
             let mut buf = vec![0u8; 65_536];
             let n = tokio::time::timeout(Duration::from_secs(5), self.client.recv(&mut buf))
                 .await
@@ -970,6 +1012,77 @@ mod tests {
                 Message::from_vec(&out).expect("a fast response decodes");
             }
         }
+    }
+
+    /// Each path counts the queries it answers in the catalog's metrics.
+    #[tokio::test]
+    async fn the_udp_loop_counts_what_each_path_answers() {
+        let metrics = Metrics::new();
+        let catalog = CatalogHandle::new(test_catalog()).with_metrics(metrics.clone());
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let config = DnsConfig::new(vec![], loopback_networks());
+        let handler = Arc::new(Handler::new(&config, catalog.clone(), vec![]));
+        let acl = Acl::new(loopback_networks());
+        let server = tokio::spawn(serve_udp(socket, catalog, acl, handler));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut bad = query(4, "web.", RecordType::A, None);
+        bad[5] = 2;
+        for packet in [
+            query(1, "web.", RecordType::A, None),
+            query(2, "_http._tcp.web.", RecordType::SRV, Some(1232)),
+            query(3, "example.com.", RecordType::A, None),
+            bad,
+        ] {
+            client.send_to(&packet, addr).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("a response")
+                .unwrap();
+        }
+        let want = [
+            "vipd_dns_queries_total{path=\"fast\",qtype=\"A\",rcode=\"NOERROR\"} 1",
+            "vipd_dns_queries_total{path=\"fast\",qtype=\"SRV\",rcode=\"NOERROR\"} 1",
+            "vipd_dns_queries_total{path=\"slow\",qtype=\"A\",rcode=\"SERVFAIL\"} 1",
+            "vipd_dns_queries_total{path=\"slow\",qtype=\"other\",rcode=\"FORMERR\"} 1",
+            "vipd_dns_answer_duration_seconds_count{path=\"fast\"} 2",
+            "vipd_dns_answer_duration_seconds_count{path=\"slow\"} 2",
+        ];
+        let mut text = String::new();
+        for _ in 0..50 {
+            text = metrics.render().await.unwrap();
+            if want.iter().all(|w| text.lines().any(|l| l == *w)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for w in want {
+            assert!(text.lines().any(|l| l == w), "no {w:?} in:\n{text}");
+        }
+        server.abort();
+    }
+
+    #[test]
+    fn the_question_type_of_a_fast_response() {
+        let table = Table::build(&test_catalog());
+        let mut out = Vec::new();
+        for (qtype, code) in [(RecordType::A, 1), (RecordType::SRV, 33), (RecordType::PTR, 12)] {
+            let name = if qtype == RecordType::PTR {
+                "100.0.0.10.in-addr.arpa."
+            } else if qtype == RecordType::SRV {
+                "_http._tcp.web."
+            } else {
+                "web."
+            };
+            let packet = query(7, name, qtype, None);
+            assert!(
+                respond(&table, &packet, &mut out, &mut Shuffler::new(1)),
+                "{name}"
+            );
+            assert_eq!(question_type(&out), Some(code), "{name}");
+        }
+        assert_eq!(question_type(&[0; 12]), None);
     }
 
     /// The whole loop on a socket: owned names, a catalog update, a foreign name (no

@@ -18,7 +18,9 @@
 //! UDP queries for names vipd owns usually take the fast path of [`fast`] instead: the same
 //! answer, from records encoded once per catalog snapshot, without a task per query.
 //!
-//! Each query the handler answers runs in a `dns_query` tracing span at debug level.
+//! Each query the handler answers runs in a `dns_query` tracing span at debug level, and is
+//! counted (type, response code, time to answer) in the metrics its [`CatalogHandle`]
+//! carries, as the fast path counts its own.
 //! hickory-server itself logs one line per TCP query at info level (target
 //! `hickory_server`).
 
@@ -52,6 +54,7 @@ use tracing::{debug, debug_span, Instrument};
 
 use super::catalog::{self, Answer, Catalog, Query, QueryType, RecordData};
 use super::fast;
+use crate::metrics::{DnsPath, Metrics};
 
 /// Where the system's resolvers are listed; the default upstreams.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -72,9 +75,13 @@ const MAX_UDP_REPLY: usize = 65_535;
 const PORT_ATTEMPTS: usize = 16;
 
 /// The catalog the server answers from, shared with the daemon: reads are lock-free and
-/// cheap; [`CatalogHandle::store`] swaps in a new snapshot, seen by the next query.
+/// cheap; [`CatalogHandle::store`] swaps in a new snapshot, seen by the next query. It
+/// also carries the metrics the servers that answer from it count their queries in.
 #[derive(Debug, Clone)]
-pub struct CatalogHandle(Arc<ArcSwap<Snapshot>>);
+pub struct CatalogHandle {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    metrics: Metrics,
+}
 
 /// One catalog and the fast path's table of its answers.
 #[derive(Debug)]
@@ -94,23 +101,36 @@ impl Snapshot {
 
 impl CatalogHandle {
     pub fn new(catalog: Catalog) -> Self {
-        CatalogHandle(Arc::new(ArcSwap::from_pointee(Snapshot::new(catalog))))
+        CatalogHandle {
+            snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::new(catalog))),
+            metrics: Metrics::disabled(),
+        }
+    }
+
+    /// The same catalog, whose servers count every query they answer in `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Self {
+        CatalogHandle { metrics, ..self }
+    }
+
+    /// Where queries answered from this catalog are counted.
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Replace the catalog (and encode the fast path's answers); queries already being
     /// answered finish with the old one.
     pub fn store(&self, catalog: Catalog) {
-        self.0.store(Arc::new(Snapshot::new(catalog)));
+        self.snapshot.store(Arc::new(Snapshot::new(catalog)));
     }
 
     /// The current catalog.
     pub fn load(&self) -> Arc<Catalog> {
-        self.0.load().catalog.clone()
+        self.snapshot.load().catalog.clone()
     }
 
     /// Run `f` on the current catalog's fast path table.
     pub(super) fn with_table<R>(&self, f: impl FnOnce(&fast::Table) -> R) -> R {
-        f(&self.0.load().table)
+        f(&self.snapshot.load().table)
     }
 }
 
@@ -394,7 +414,11 @@ impl Handler {
             qtype: QueryType::from(u16::from(query.query_type())),
             qclass: u16::from(query.query_class()),
         };
-        let answer = catalog::answer(&self.catalog.0.load().catalog, &question, self.next_random());
+        let answer = catalog::answer(
+            &self.catalog.snapshot.load().catalog,
+            &question,
+            self.next_random(),
+        );
         let qtype = query.query_type();
         match answer {
             Answer::Records { answers, additionals } => {
@@ -465,7 +489,19 @@ impl RequestHandler for Handler {
             src = %request.src(),
             proto = %request.protocol()
         );
-        self.respond(request, response).instrument(span).await
+        let metrics = self.catalog.metrics();
+        let received = metrics.is_enabled().then(std::time::Instant::now);
+        let info = self.respond(request, response).instrument(span).await;
+        if let Some(received) = received {
+            let qtype = request
+                .queries
+                .queries()
+                .first()
+                .map_or(0, |q| u16::from(q.query_type()));
+            let rcode = u16::from(info.response_code);
+            metrics.dns_answered(DnsPath::Slow, qtype, rcode, received.elapsed());
+        }
+        info
     }
 }
 

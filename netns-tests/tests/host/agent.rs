@@ -27,20 +27,40 @@ impl Agent {
         Self::start_at(d, state, &d.host)
     }
 
+    /// Started like [`Agent::start`], serving no DNS: another test's vipd on the same
+    /// dockerd serves the gateways' port 53.
+    fn start_without_dns(d: &Dockerd, state: &Path) -> Self {
+        Self::spawn(d, state, &d.host, &["--no-dns"])
+    }
+
     /// Started like [`Agent::start`], with `DOCKER_HOST` set to `host`.
     fn start_at(d: &Dockerd, state: &Path, host: &str) -> Self {
+        Self::spawn(d, state, host, &[])
+    }
+
+    fn spawn(d: &Dockerd, state: &Path, host: &str, extra: &[&str]) -> Self {
         let log = state.with_extension(format!("{}.log", unique("run")));
         let out = std::fs::File::create(&log).expect("log file");
         let socket = state.join("vipd.sock");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", d.netns))
             .arg(vipd())
-            // The routing mesh's ingress needs IPVS: the VM suite covers it.
-            .args(["run", "--no-ingress", "--resync-interval", "5", "--dns-ttl", "7"])
+            // The routing mesh's ingress needs IPVS: the VM suite covers it. Several run
+            // at once here: metrics (tested in metrics.rs) would want the same port.
+            .args([
+                "run",
+                "--no-ingress",
+                "--no-metrics",
+                "--resync-interval",
+                "5",
+                "--dns-ttl",
+                "7",
+            ])
             .arg("--state-dir")
             .arg(state)
             .arg("--admin-socket")
             .arg(&socket)
+            .args(extra)
             .env("DOCKER_HOST", host)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -508,7 +528,7 @@ fn the_admin_socket_answers_root_only_and_vipd_keeps_only_the_capabilities_it_ne
     require_root();
     let d = dockerd();
     let state = std::env::temp_dir().join(unique("vipd-admin-"));
-    let agent = Agent::start(d, &state);
+    let agent = Agent::start_without_dns(d, &state);
     wait_for("vipd to answer", Duration::from_secs(60), || agent.status());
     let mode = |p: &Path| {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
@@ -555,7 +575,7 @@ fn the_admin_socket_answers_root_only_and_vipd_keeps_only_the_capabilities_it_ne
     let mut second = Command::new("nsenter")
         .arg(format!("--net={}", d.netns))
         .arg(vipd())
-        .args(["run", "--no-ingress", "--no-dns", "--state-dir"])
+        .args(["run", "--no-ingress", "--no-dns", "--no-metrics", "--state-dir"])
         .arg(fresh.join("state"))
         .arg("--admin-socket")
         .arg(&socket)

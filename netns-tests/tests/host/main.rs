@@ -11,3 +11,4 @@ mod dns;
 mod docker;
 mod firewall;
 mod ingress;
+mod metrics;

@@ -473,8 +473,14 @@ fn vipd_run_makes_a_started_task_a_backend_at_once_and_balances_over_it() {
     let d = dockerd();
     let net = d.network("vstart", &[]);
     let state = state_dir();
-    // The default interval: what is measured is the event path, not a resync's.
-    let agent = Agent::start(d, &state, &["--resync-interval", "30"]);
+    // The default interval: what is measured is the event path, not a resync's. Metrics
+    // on a port of this test's own.
+    let metrics_listen = "127.0.0.1:39470";
+    let agent = Agent::start(
+        d,
+        &state,
+        &["--resync-interval", "30", "--metrics-listen", metrics_listen],
+    );
 
     let mut started = run_all(
         d,
@@ -533,6 +539,38 @@ fn vipd_run_makes_a_started_task_a_backend_at_once_and_balances_over_it() {
     let seen = requests(&sandbox, &vip, 40);
     let want: BTreeMap<String, usize> = ["w1", "w2", "w3", "w4"].map(|w| (w.to_owned(), 10)).into();
     assert_eq!(seen, want);
+
+    // The metrics: the kernel's connection counters of web's 4 backends, summed over the
+    // sandboxes, count at least the 40 requests (each its own connection).
+    let net_arg = format!("--net={}", d.netns);
+    let url = format!("http://{metrics_listen}/metrics");
+    let scrape = run(&["nsenter", &net_arg, "curl", "-s", "--max-time", "30", &url]);
+    let excerpt: Vec<&str> = scrape
+        .lines()
+        .filter(|l| {
+            l.starts_with("vipd_backend_") || l.starts_with("vipd_tasks") || l.starts_with("vipd_sandboxes")
+        })
+        .collect();
+    eprintln!("scrape excerpt:\n{}", excerpt.join("\n"));
+    let prefix = "vipd_backend_connections_total{service=\"web\",backend=\"";
+    let conns: BTreeMap<&str, f64> = scrape
+        .lines()
+        .filter_map(|l| {
+            let (backend, value) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+            Some((backend, value.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(conns.len(), 4, "web's 4 backends: {conns:?}\n{scrape}");
+    let total: f64 = conns.values().sum();
+    assert!(
+        total >= 40.0,
+        "{total} connections counted for 40 requests: {conns:?}"
+    );
+    assert!(
+        conns.values().all(|n| *n >= 10.0),
+        "each backend took 10: {conns:?}"
+    );
+    assert!(scrape.contains("vipd_tasks{state=\"serving\"} 4"), "{scrape}");
     drop(agent);
 }
 

@@ -7,5 +7,6 @@ mod common;
 mod agent;
 mod conntrack;
 mod datapath;
+mod image;
 mod ipvs_adapter;
 mod resilience;
