@@ -421,8 +421,11 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
             loop {
                 let plan = vipd::dns::gateways::plan(&networks.borrow_and_update(), port);
                 listeners.update(plan).await;
-                if networks.changed().await.is_err() {
-                    break;
+                // An address another process holds is tried again every 10 s.
+                let retry = !listeners.all_served();
+                tokio::select! {
+                    changed = networks.changed() => if changed.is_err() { break },
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(10)), if retry => {}
                 }
             }
         });

@@ -384,6 +384,74 @@ mod tests {
         assert_eq!(back, s);
     }
 
+    /// docs/STATUS.md promises these names, each with its type: a rename or a removal
+    /// breaks the readers of `vipd status --json`, so it must fail here first.
+    #[test]
+    fn the_json_fields_are_the_documented_ones() {
+        let v = serde_json::to_value(sample()).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let expect = |got: Vec<String>, want: &[&str]| {
+            let mut want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
+            want.sort();
+            assert_eq!(got, want);
+        };
+        expect(
+            keys(&v),
+            &[
+                "docker",
+                "last_sync",
+                "last_resync",
+                "services",
+                "sandboxes",
+                "label_errors",
+            ],
+        );
+        expect(keys(&v["docker"]), &["connected", "error"]);
+        let svc = &v["services"][0];
+        expect(
+            keys(svc),
+            &[
+                "name",
+                "mode",
+                "vip",
+                "fwmark",
+                "scheduler",
+                "published",
+                "tasks",
+                "errors",
+            ],
+        );
+        expect(
+            keys(&svc["tasks"][0]),
+            &["container", "name", "addresses", "state", "serving", "weight"],
+        );
+        expect(
+            keys(&v["sandboxes"][0]),
+            &[
+                "path",
+                "container",
+                "services",
+                "in_sync",
+                "error",
+                "last_operations",
+                "last_change",
+            ],
+        );
+        expect(
+            keys(&v["label_errors"][0]),
+            &["container", "label", "value", "reason"],
+        );
+        // The types as documented.
+        assert!(svc["vip"].is_string() && svc["fwmark"].is_u64() && svc["published"][0].is_string());
+        assert!(v["services"][1]["vip"].is_null() && v["services"][1]["fwmark"].is_null());
+        assert!(svc["tasks"][0]["addresses"][0].is_string() && svc["tasks"][0]["serving"].is_boolean());
+        assert!(v["sandboxes"][0]["path"].is_string() && v["last_sync"].is_u64());
+    }
+
     #[test]
     fn nothing_yet_is_said_plainly() {
         let s = Status::default();

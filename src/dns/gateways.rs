@@ -80,11 +80,26 @@ impl GatewayDns {
         self.running.iter().map(|(a, _, _)| *a).collect()
     }
 
+    /// Whether every address of the plan is served.
+    pub fn all_served(&self) -> bool {
+        self.running.len() == self.current.listen.len()
+    }
+
     /// Serve `plan`: when it differs from what is served, every listener is replaced
     /// (the allowed networks are part of each). An address that cannot be bound is
-    /// reported and left out.
+    /// reported and left out; the same plan again tries only the addresses not served
+    /// (one another process held, say), and says so only when it works.
     pub async fn update(&mut self, plan: GatewayPlan) {
         if plan == self.current {
+            let serving: BTreeSet<SocketAddr> = self.serving().into_iter().collect();
+            let missing: Vec<SocketAddr> = plan.listen.difference(&serving).copied().collect();
+            let mut started = false;
+            for addr in missing {
+                started |= self.start(addr, &plan.allowed, false).await;
+            }
+            if started {
+                info!(listen = ?self.serving(), "DNS serving on the Docker networks' gateways");
+            }
             return;
         }
         for (addr, stop, task) in self.running.drain(..) {
@@ -93,29 +108,42 @@ impl GatewayDns {
             tracing::debug!(%addr, "DNS listener stopped");
         }
         for addr in &plan.listen {
-            let mut config = DnsConfig::new(vec![*addr], plan.allowed.clone());
-            config.upstreams = self.upstreams.clone();
-            match DnsServer::bind(config, self.catalog.clone()).await {
-                Ok(server) => {
-                    let (stop, stopped) = oneshot::channel();
-                    let a = *addr;
-                    let task = tokio::spawn(async move {
-                        if let Err(e) = server
-                            .run(async {
-                                let _ = stopped.await;
-                            })
-                            .await
-                        {
-                            warn!(addr = %a, error = %e, "DNS listener failed");
-                        }
-                    });
-                    self.running.push((*addr, stop, task));
-                }
-                Err(e) => warn!(error = %e, "DNS not served on this address"),
-            }
+            self.start(*addr, &plan.allowed, true).await;
         }
         info!(listen = ?self.serving(), "DNS serving on the Docker networks' gateways");
         self.current = plan;
+    }
+
+    /// Serve `addr`; whether it could be bound. A failure is a warning the first time
+    /// (`first`), debug on a retry.
+    async fn start(&mut self, addr: SocketAddr, allowed: &[IpNet], first: bool) -> bool {
+        let mut config = DnsConfig::new(vec![addr], allowed.to_vec());
+        config.upstreams = self.upstreams.clone();
+        match DnsServer::bind(config, self.catalog.clone()).await {
+            Ok(server) => {
+                let (stop, stopped) = oneshot::channel();
+                let task = tokio::spawn(async move {
+                    if let Err(e) = server
+                        .run(async {
+                            let _ = stopped.await;
+                        })
+                        .await
+                    {
+                        warn!(%addr, error = %e, "DNS listener failed");
+                    }
+                });
+                self.running.push((addr, stop, task));
+                true
+            }
+            Err(e) if first => {
+                warn!(error = %e, "DNS not served on this address; trying again every 10 s");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS still not served on this address");
+                false
+            }
+        }
     }
 }
 
@@ -182,5 +210,24 @@ mod tests {
         assert_eq!(dns.serving(), vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()]);
         dns.update(GatewayPlan::default()).await;
         assert!(dns.serving().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_address_held_by_another_socket_is_served_once_it_is_free() {
+        let blocker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = blocker.local_addr().unwrap();
+        let mut dns = GatewayDns::new(CatalogHandle::default(), Some(vec![]));
+        let plan = GatewayPlan {
+            listen: BTreeSet::from([addr]),
+            allowed: loopback_networks(),
+        };
+        dns.update(plan.clone()).await;
+        assert!(dns.serving().is_empty() && !dns.all_served());
+        dns.update(plan.clone()).await;
+        assert!(dns.serving().is_empty(), "still held");
+        drop(blocker);
+        dns.update(plan).await;
+        assert_eq!(dns.serving(), vec![addr]);
+        assert!(dns.all_served());
     }
 }
