@@ -544,7 +544,27 @@ fn vipd_run_makes_a_started_task_a_backend_at_once_and_balances_over_it() {
     // sandboxes, count at least the 40 requests (each its own connection).
     let net_arg = format!("--net={}", d.netns);
     let url = format!("http://{metrics_listen}/metrics");
-    let scrape = run(&["nsenter", &net_arg, "curl", "-s", "--max-time", "30", &url]);
+    let prefix = "vipd_backend_connections_total{service=\"web\",backend=\"";
+    let counted = |scrape: &str| -> BTreeMap<String, f64> {
+        scrape
+            .lines()
+            .filter_map(|l| {
+                let (backend, value) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+                Some((backend.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    };
+    // The kernel sums its per-CPU counters every 2 s (later on a loaded machine): scrape
+    // until the 40 connections are in, for at most a minute.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let scrape = loop {
+        let scrape = run(&["nsenter", &net_arg, "curl", "-s", "--max-time", "30", &url]);
+        let total: f64 = counted(&scrape).values().sum();
+        if total >= 40.0 || std::time::Instant::now() > deadline {
+            break scrape;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
     let excerpt: Vec<&str> = scrape
         .lines()
         .filter(|l| {
@@ -552,14 +572,7 @@ fn vipd_run_makes_a_started_task_a_backend_at_once_and_balances_over_it() {
         })
         .collect();
     eprintln!("scrape excerpt:\n{}", excerpt.join("\n"));
-    let prefix = "vipd_backend_connections_total{service=\"web\",backend=\"";
-    let conns: BTreeMap<&str, f64> = scrape
-        .lines()
-        .filter_map(|l| {
-            let (backend, value) = l.strip_prefix(prefix)?.split_once("\"} ")?;
-            Some((backend, value.parse().ok()?))
-        })
-        .collect();
+    let conns = counted(&scrape);
     assert_eq!(conns.len(), 4, "web's 4 backends: {conns:?}\n{scrape}");
     let total: f64 = conns.values().sum();
     assert!(
