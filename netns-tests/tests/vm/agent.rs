@@ -1157,8 +1157,8 @@ impl ComposeProject {
         cmd
     }
 
-    /// `docker-compose ... ARGS`, which must succeed; its stdout.
-    fn run(&self, args: &[&str]) -> String {
+    /// `docker-compose ... ARGS`, which must succeed.
+    fn run(&self, args: &[&str]) {
         let out = self
             .command("900", args)
             .output()
@@ -1170,7 +1170,6 @@ impl ComposeProject {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
@@ -1210,30 +1209,13 @@ fn compose_scale_5_with_one_publish_label_serves_the_port_on_the_host() {
         tasks_in_ingress() == 5
     });
     let host_ns = d.netns.clone();
-    let gateway = gateway_of(d, &format!("{}_front", project.name));
+    let gateway = gateway_of(d, &format!("{}_default", project.name));
     for addr in ["127.0.0.1:8080".to_owned(), format!("{gateway}:8080")] {
         let seen = requests(&host_ns, &addr, 50);
         eprintln!("50 requests from the host to {addr}: {seen:?}");
         assert_eq!(seen.len(), 5, "5 tasks answer: {seen:?}");
         assert!(seen.values().all(|&n| n == 10), "{seen:?}");
     }
-    // By name, from the client service: vipd's DNS on the network's gateway (the file's
-    // `dns:`) answers `web` with its VIP, and IPVS in the client spreads the requests.
-    let pages = project.run(&[
-        "exec",
-        "-T",
-        "client",
-        "sh",
-        "-c",
-        "for i in 1 2 3 4 5 6 7 8 9 10; do wget -qO- http://web/; done",
-    ]);
-    let mut by_name: BTreeMap<&str, usize> = BTreeMap::new();
-    for page in pages.lines() {
-        *by_name.entry(page.trim()).or_default() += 1;
-    }
-    eprintln!("10 requests to http://web/ from the client: {by_name:?}");
-    assert_eq!(by_name.len(), 5, "5 tasks answer: {by_name:?}");
-    assert!(by_name.values().all(|&n| n == 2), "{by_name:?}");
     let status = agent.status();
     eprintln!("vipd status:\n{status}");
     let web = status.lines().find(|l| l.starts_with("web ")).unwrap_or_default();
