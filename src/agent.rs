@@ -278,6 +278,11 @@ pub fn container_from(info: &ContainerInfo) -> Container {
 /// The engine's event stream.
 type Events = futures::stream::BoxStream<'static, Result<EngineEvent, EngineError>>;
 
+/// A stream that never yields: for a call made with no event stream to read meanwhile.
+fn no_events() -> Events {
+    futures::stream::pending().boxed()
+}
+
 /// One container's inspect: what the engine said of it.
 type Inspected = (ContainerId, Result<Option<ContainerInfo>, EngineError>);
 
@@ -410,16 +415,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Replace what vipd knows with a full listing.
+    /// Replace what vipd knows with a full listing ([`Agent::relist_meanwhile`] with no
+    /// event stream).
     pub async fn relist(&mut self) -> Result<(), EngineError> {
-        let engine = Arc::clone(&self.engine);
-        let listing = engine.containers().await;
-        self.take_listing(listing)?;
-        self.refresh_networks().await
+        self.relist_meanwhile(&mut no_events(), &mut Kept::default())
+            .await
     }
 
-    /// [`Agent::relist`], reading the event stream while the engine answers (see
-    /// [`Agent::meanwhile`]).
+    /// Replace what vipd knows with a full listing, reading the event stream while the
+    /// engine answers (see [`Agent::meanwhile`]).
     async fn relist_meanwhile(&mut self, events: &mut Events, kept: &mut Kept) -> Result<(), EngineError> {
         let engine = Arc::clone(&self.engine);
         let listing = self.meanwhile(engine.containers(), events, kept).await;
@@ -492,11 +496,10 @@ impl Agent {
     /// the same time (at most [`INSPECTS_IN_FLIGHT`]), so one slow answer delays the
     /// batch by its own time, not by the sum. Every inspect that succeeded is kept; the
     /// first failure is returned (the caller then re-lists).
+    /// ([`Agent::on_events_meanwhile`] with no event stream.)
     pub async fn on_events(&mut self, events: &[EngineEvent]) -> Result<(), EngineError> {
-        self.note_drains(events);
-        let (ids, networks_changed) = to_inspect(events);
-        let answers = inspect_all(Arc::clone(&self.engine), ids).await;
-        self.take_answers(answers, networks_changed).await
+        self.on_events_meanwhile(events, &mut no_events(), &mut Kept::default())
+            .await
     }
 
     /// [`Agent::on_events`], with a drain a kill event starts programmed before the

@@ -255,7 +255,7 @@ fuzz_target!(|data: &[u8]| {
     let seed = data.len() as u64;
     let mut shuffler = Shuffler::new(seed);
     let mut out = Vec::new();
-    let fast = respond(&f.table, data, &mut out, &mut shuffler);
+    let fast = respond(&f.table, data, &mut out, &mut shuffler).is_some();
     let slow = slow(&f.catalog, data, seed);
 
     let query_id = data.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));

@@ -269,6 +269,8 @@ struct Parsed {
     key_len: usize,
     /// The OPT record's payload size, when there is one.
     payload: Option<u16>,
+    /// The question's type.
+    qtype: u16,
 }
 
 /// Check that `packet` is a query the fast path may answer; its lookup key into `key`.
@@ -327,6 +329,7 @@ fn parse(packet: &[u8], key: &mut [u8; MAX_NAME + 2]) -> Option<Parsed> {
         name_len,
         key_len: k + 2,
         payload,
+        qtype: u16::from_be_bytes([fixed[0], fixed[1]]),
     })
 }
 
@@ -390,16 +393,12 @@ impl Shuffler {
     }
 }
 
-/// The response to `packet` from `table` into `out`; false (and `out` unspecified) when it
-/// is not a query for the fast path.
-pub fn respond(table: &Table, packet: &[u8], out: &mut Vec<u8>, shuffler: &mut Shuffler) -> bool {
+/// The response to `packet` from `table` into `out`, and the type of the question it
+/// answers; `None` (and `out` unspecified) when it is not a query for the fast path.
+pub fn respond(table: &Table, packet: &[u8], out: &mut Vec<u8>, shuffler: &mut Shuffler) -> Option<u16> {
     let mut key = [0u8; MAX_NAME + 2];
-    let Some(q) = parse(packet, &mut key) else {
-        return false;
-    };
-    let Some(entry) = table.entries.get(&key[..q.key_len]) else {
-        return false;
-    };
+    let q = parse(packet, &mut key)?;
+    let entry = table.entries.get(&key[..q.key_len])?;
     let n = entry.answers.len();
     let edns_len = if q.payload.is_some() { OPT_LEN } else { 0 };
     // Owner names uncompressed: an upper bound of what the slow path would encode.
@@ -409,10 +408,10 @@ pub fn respond(table: &Table, packet: &[u8], out: &mut Vec<u8>, shuffler: &mut S
         u16::try_from(n),
         u16::try_from(entry.additionals.len() + usize::from(q.payload.is_some())),
     ) else {
-        return false;
+        return None;
     };
     if uncompressed > usize::from(limit) {
-        return false;
+        return None;
     }
 
     out.clear();
@@ -440,7 +439,7 @@ pub fn respond(table: &Table, packet: &[u8], out: &mut Vec<u8>, shuffler: &mut S
         let [hi, lo] = payload.max(MIN_PAYLOAD).to_be_bytes();
         out.extend_from_slice(&[0, 0, TYPE_OPT as u8, hi, lo, 0, 0, 0, 0, 0, 0]);
     }
-    true
+    Some(q.qtype)
 }
 
 /// Serve DNS over UDP on `socket` until it fails: the fast path for what [`respond`]
@@ -471,13 +470,14 @@ pub async fn serve_udp<H: RequestHandler>(
         }
         let received = metrics.is_enabled().then(Instant::now);
         let packet = &buf[..len];
-        if acl.allows(src.ip()) && catalog.with_table(|table| respond(table, packet, &mut out, &mut shuffler))
-        {
+        let fast = acl
+            .allows(src.ip())
+            .then(|| catalog.with_table(|table| respond(table, packet, &mut out, &mut shuffler)));
+        if let Some(Some(qtype)) = fast {
             if let Err(error) = socket.send_to(&out, src).await {
                 debug!(%error, %src, "cannot send a DNS response");
             }
             if let Some(received) = received {
-                let qtype = question_type(&out).unwrap_or(0);
                 metrics.dns_answered(DnsPath::Fast, qtype, 0, received.elapsed());
             }
             continue;
@@ -543,21 +543,6 @@ async fn slow_path<H: RequestHandler>(
             metrics.dns_answered(DnsPath::Slow, 0, formerr, received.elapsed());
         }
     }
-}
-
-/// The type of the question of a DNS message with one uncompressed question name (as the
-/// fast path's responses have).
-fn question_type(message: &[u8]) -> Option<u16> {
-    let mut at = HEADER_LEN;
-    loop {
-        let len = usize::from(*message.get(at)?);
-        at += 1 + len;
-        if len == 0 {
-            break;
-        }
-    }
-    let qtype = message.get(at..at + 2)?;
-    Some(u16::from_be_bytes([qtype[0], qtype[1]]))
 }
 
 /// Sends a response to one UDP client, within the size it accepts.
@@ -688,7 +673,7 @@ mod tests {
 
     fn fast(table: &Table, packet: &[u8]) -> Option<Message> {
         let mut out = Vec::new();
-        respond(table, packet, &mut out, &mut Shuffler::new(7)).then(|| Message::from_vec(&out).unwrap())
+        respond(table, packet, &mut out, &mut Shuffler::new(7)).map(|_| Message::from_vec(&out).unwrap())
     }
 
     /// The slow path's response, through a real socket.
@@ -870,12 +855,7 @@ mod tests {
             };
             for _ in 0..50 {
                 let mut out = Vec::new();
-                assert!(respond(
-                    &table,
-                    &query(1, name, qtype, None),
-                    &mut out,
-                    &mut shuffler
-                ));
+                assert!(respond(&table, &query(1, name, qtype, None), &mut out, &mut shuffler).is_some());
                 let m = Message::from_vec(&out).unwrap();
                 let order: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
                 assert_eq!(order.len(), 3);
@@ -1008,7 +988,7 @@ mod tests {
                 p[at] = shuffler.next() as u8;
             }
             p.truncate((shuffler.next() % (p.len() as u64 + 1)) as usize);
-            if respond(&table, &p, &mut out, &mut shuffler) {
+            if respond(&table, &p, &mut out, &mut shuffler).is_some() {
                 Message::from_vec(&out).expect("a fast response decodes");
             }
         }
@@ -1064,7 +1044,7 @@ mod tests {
     }
 
     #[test]
-    fn the_question_type_of_a_fast_response() {
+    fn a_fast_response_says_the_question_type_it_answers() {
         let table = Table::build(&test_catalog());
         let mut out = Vec::new();
         for (qtype, code) in [(RecordType::A, 1), (RecordType::SRV, 33), (RecordType::PTR, 12)] {
@@ -1076,13 +1056,13 @@ mod tests {
                 "web."
             };
             let packet = query(7, name, qtype, None);
-            assert!(
+            assert_eq!(
                 respond(&table, &packet, &mut out, &mut Shuffler::new(1)),
+                Some(code),
                 "{name}"
             );
-            assert_eq!(question_type(&out), Some(code), "{name}");
         }
-        assert_eq!(question_type(&[0; 12]), None);
+        assert_eq!(respond(&table, &[0; 12], &mut out, &mut Shuffler::new(1)), None);
     }
 
     /// The whole loop on a socket: owned names, a catalog update, a foreign name (no
