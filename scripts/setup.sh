@@ -1,31 +1,127 @@
 #!/usr/bin/env bash
 # Install what vipd and its test suite need on a fresh Debian host (as root), then build.
-# Idempotent: packages already present are not reinstalled.
+# Idempotent: what is already there is not installed again.
 #
 #   scripts/setup.sh            install runtime + test dependencies and build vipd
 #   scripts/setup.sh --deps     only install the packages
+#   scripts/setup.sh --start    all of the first, then install vipd and start it, with a
+#                               Docker engine (installed and started when none answers)
+#
+# --start installs /usr/local/bin/vipd, /etc/vipd/vipd.toml (when there is none: every
+# setting, at its default, commented) and, on a host run by systemd, the unit
+# (scripts/vipd.service), then starts vipd: `systemctl enable --now` with systemd, else in
+# the background with its log in /var/log/vipd.log and its pid in /run/vipd.pid. A vipd
+# this script started before is stopped first, so running it again starts the new build.
+# It waits until `vipd status` answers and prints it.
+# Environment: DOCKER_HOST (the engine vipd follows; default: the system socket), VIPD_BIN
+# (a vipd binary built before, installed instead of building one; the VM test of this
+# script uses the one the test suite built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
+
+mode=${1:-}
+case "$mode" in
+  "" | --deps | --start) ;;
+  *) echo "usage: $0 [--deps | --start]" >&2; exit 2 ;;
+esac
+log() { echo "setup: $*" >&2; }
+die() { log "$*"; exit 1; }
 
 # Runtime: iptables-restore/-save, ip. Inspection: ipvsadm. Tests: curl, ping, busybox
-# (httpd backends), the VM (qemu, kmod for depmod/modprobe, cpio for the initramfs),
+# (httpd backends), dig, jq (scripts/test.sh), the VM (qemu, kmod for depmod/modprobe, cpio for the initramfs),
 # systemd-analyze (the unit in scripts/ is verified), debootstrap (the container image's
-# bases, made locally: scripts/docker/vipd-image.sh).
-PACKAGES=(iptables iproute2 ipvsadm curl iputils-ping busybox-static dnsutils procps
-  qemu-system-x86 kmod cpio strace systemd debootstrap)
+# bases, made locally: scripts/docker/vipd-image.sh). PACKAGE:COMMAND, a package counting
+# as there when its command is: that needs no dpkg database (the test VM hides it) and
+# no root.
+PACKAGES=(iptables:iptables-restore iproute2:ip ipvsadm:ipvsadm curl:curl iputils-ping:ping
+  busybox-static:busybox dnsutils:dig procps:pgrep qemu-system-x86:qemu-system-x86_64
+  kmod:depmod cpio:cpio strace:strace systemd:systemd-analyze debootstrap:debootstrap jq:jq)
 
 missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
+for pc in "${PACKAGES[@]}"; do
+  command -v "${pc#*:}" >/dev/null || missing+=("${pc%%:*}")
 done
 if ((${#missing[@]})); then
-  echo "setup: installing ${missing[*]}"
+  [[ $EUID -eq 0 ]] || die "need root to install ${missing[*]}"
+  log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-command -v cargo >/dev/null || { echo "setup: cargo not found: install a Rust toolchain (rustup)" >&2; exit 1; }
-[[ "${1:-}" == "--deps" ]] && exit 0
-cargo build --release --bin vipd
-echo "setup: built target/release/vipd"
+command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup)"
+[[ "$mode" == --deps ]] && exit 0
+if [[ -n "${VIPD_BIN:-}" ]]; then
+  [[ -x "$VIPD_BIN" ]] || die "VIPD_BIN=$VIPD_BIN is not an executable"
+  log "using $VIPD_BIN (not building)"
+else
+  cargo build --release --locked --bin vipd
+  VIPD_BIN=target/release/vipd
+  log "built $VIPD_BIN"
+fi
+[[ "$mode" == --start ]] || exit 0
+
+# --- --start ------------------------------------------------------------------------------
+[[ $EUID -eq 0 ]] || die "--start needs root"
+systemd=0
+[[ -d /run/systemd/system ]] && systemd=1
+# IPVS: built in, or a module to load. Without it vipd cannot balance anything.
+[[ -e /proc/net/ip_vs ]] || modprobe ip_vs 2>/dev/null || true
+[[ -e /proc/net/ip_vs ]] || die "this kernel has no IPVS (no /proc/net/ip_vs, and 'modprobe ip_vs' failed): vipd needs it. On a host whose kernel lacks it, try vipd in the project's VM: scripts/vm/run.sh -- scripts/demo.sh"
+
+# A Docker engine: the one DOCKER_HOST names, or the system one, started when it does not
+# answer (and installed when it is not there).
+# ensure-docker.sh installs the engine, its client and docker-compose when missing, and
+# starts nothing itself.
+scripts/docker/ensure-docker.sh
+engine_up() { timeout 10 docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
+if ! engine_up; then
+  [[ -z "${DOCKER_HOST:-}" ]] || die "DOCKER_HOST=$DOCKER_HOST does not answer"
+  if ((systemd)); then
+    log "starting docker.service"
+    systemctl enable --now docker
+  else
+    log "starting dockerd (no systemd: in the background, log in /var/log/dockerd.log)"
+    setsid dockerd >>/var/log/dockerd.log 2>&1 </dev/null &
+  fi
+  for _ in $(seq 120); do engine_up && break; sleep 1; done
+  engine_up || die "dockerd did not answer within 120 s: see /var/log/dockerd.log or 'journalctl -u docker'"
+fi
+log "Docker engine $(docker version --format '{{.Server.Version}}') answers"
+
+install -m 0755 "$VIPD_BIN" /usr/local/bin/vipd
+if [[ ! -e /etc/vipd/vipd.toml ]]; then
+  install -D -m 0644 scripts/vipd.toml /etc/vipd/vipd.toml
+  log "installed /etc/vipd/vipd.toml (every setting at its default)"
+fi
+
+pidfile=/run/vipd.pid
+if ((systemd)); then
+  install -m 0644 scripts/vipd.service /etc/systemd/system/vipd.service
+  systemctl daemon-reload
+  systemctl enable vipd
+  systemctl restart vipd
+  log "vipd.service started: journalctl -u vipd"
+else
+  if [[ -r $pidfile ]] && kill -0 "$(<$pidfile)" 2>/dev/null; then
+    old=$(<$pidfile)
+    log "stopping the vipd this script started before (pid $old)"
+    kill -TERM "$old"
+    for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    ! kill -0 "$old" 2>/dev/null || die "vipd (pid $old) did not stop within 10 s of SIGTERM"
+  fi
+  setsid /usr/local/bin/vipd run >>/var/log/vipd.log 2>&1 </dev/null &
+  echo $! >$pidfile
+  log "vipd run started (pid $!, log /var/log/vipd.log)"
+fi
+
+for _ in $(seq 60); do
+  /usr/local/bin/vipd status >/dev/null 2>&1 && break
+  if ((!systemd)) && ! kill -0 "$(<$pidfile)" 2>/dev/null; then
+    die "vipd exited: $(tail -n 5 /var/log/vipd.log)"
+  fi
+  sleep 1
+done
+/usr/local/bin/vipd status || die "vipd status did not answer within 60 s"
+log "vipd is running. Next: the compose example in README.md (Quick start)."

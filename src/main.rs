@@ -94,9 +94,11 @@ enum Command {
         /// Serve no DNS.
         #[arg(long)]
         no_dns: bool,
-        /// Also answer `<service>.<domain>`.
-        #[arg(long)]
-        dns_domain: Option<String>,
+        /// Also answer `<service>.<domain>` (and every name under it: the domain is
+        /// vipd's). On a user network Docker's own resolver answers a compose service's
+        /// bare name itself, and relays `web.vipd` to vipd. An empty value: no domain.
+        #[arg(long, default_value = "vipd")]
+        dns_domain: String,
         /// TTL of DNS answers, in seconds.
         #[arg(long, default_value_t = vipd::dns::catalog::DEFAULT_TTL)]
         dns_ttl: u32,
@@ -527,7 +529,7 @@ fn run(cli: Cli) -> Result<()> {
                 timeouts: (timeouts != vipd::core::ipvs::Timeouts::default()).then_some(timeouts),
                 resync: resync_interval,
                 dns_mode: dns,
-                dns_domain,
+                dns_domain: Some(dns_domain).filter(|d| !d.is_empty()),
                 dns_ttl,
                 sysctls,
                 admin_socket,

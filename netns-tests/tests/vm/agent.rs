@@ -337,7 +337,7 @@ pub(crate) fn run_one<'a>(d: &'a Dockerd, args: &[String]) -> TestContainer<'a> 
     c
 }
 
-fn requests(sandbox: &str, vip: &str, count: usize) -> BTreeMap<String, usize> {
+pub(crate) fn requests(sandbox: &str, vip: &str, count: usize) -> BTreeMap<String, usize> {
     let url = format!("http://{vip}/");
     let mut args = vec!["curl", "-s", "--max-time", "5", "-H", "Connection: close"];
     args.extend(std::iter::repeat_n(url.as_str(), count));
@@ -1128,105 +1128,5 @@ fn vipd_run_publishes_a_port_on_the_host_through_the_routing_mesh() {
     assert!(!left.contains("VIPD-"), "{left}");
     drop(plain);
     drop(second);
-    drop(agent);
-}
-
-/// A docker compose project of the given file, taken down (`down -t 1`) when dropped.
-struct ComposeProject {
-    host: String,
-    file: PathBuf,
-    name: String,
-}
-
-impl ComposeProject {
-    /// `timeout LIMIT docker-compose -f FILE -p NAME ARGS`, against the test dockerd, with
-    /// `IMAGE` set to the test image.
-    fn command(&self, limit: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new("timeout");
-        cmd.arg(limit)
-            .arg("docker-compose")
-            .arg("-f")
-            .arg(&self.file)
-            .args(["-p", &self.name])
-            .args(args)
-            .env("DOCKER_HOST", &self.host)
-            .env("IMAGE", IMAGE)
-            // Container creation takes seconds each under emulation.
-            .env("COMPOSE_HTTP_TIMEOUT", "600")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// `docker-compose ... ARGS`, which must succeed.
-    fn run(&self, args: &[&str]) {
-        let out = self
-            .command("900", args)
-            .output()
-            .expect("run docker-compose (scripts/docker/ensure-docker.sh installs it)");
-        assert!(
-            out.status.success(),
-            "docker-compose {}: {}\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for ComposeProject {
-    fn drop(&mut self) {
-        let _ = self.command("300", &["down", "-t", "1"]).output();
-    }
-}
-
-/// The README's quick start: `docker-compose up --scale web=5` of docs/examples/compose.yaml,
-/// whose one service has one `vipd.publish` label and no `ports:`, serves the port on the
-/// host, spread over the 5 tasks by the kernel; `down` leaves nothing of the mesh.
-#[test]
-fn compose_scale_5_with_one_publish_label_serves_the_port_on_the_host() {
-    let _turn = one_vipd_run_at_a_time();
-    let _took = Took::new();
-    require_ipvs_vm();
-    let d = dockerd();
-    let state = state_dir();
-    let ingress = TestIngress::new("10.254.253.0/30");
-    let agent = Agent::start(d, &state, &ingress.args());
-    let project = ComposeProject {
-        host: d.host.clone(),
-        file: Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples/compose.yaml"),
-        name: unique("vqs"),
-    };
-    project.run(&["up", "-d", "--scale", "web=5"]);
-
-    // Port 80 of each task, as /proc/net/ip_vs shows a destination.
-    let tasks_in_ingress = || {
-        ipvs_table(&ingress)
-            .lines()
-            .filter(|l| l.trim_start().starts_with("->") && l.contains(":0050 "))
-            .count()
-    };
-    wait_for("the 5 tasks in the ingress", Duration::from_secs(120), || {
-        tasks_in_ingress() == 5
-    });
-    let host_ns = d.netns.clone();
-    let gateway = gateway_of(d, &format!("{}_default", project.name));
-    for addr in ["127.0.0.1:8080".to_owned(), format!("{gateway}:8080")] {
-        let seen = requests(&host_ns, &addr, 50);
-        eprintln!("50 requests from the host to {addr}: {seen:?}");
-        assert_eq!(seen.len(), 5, "5 tasks answer: {seen:?}");
-        assert!(seen.values().all(|&n| n == 10), "{seen:?}");
-    }
-    let status = agent.status();
-    eprintln!("vipd status:\n{status}");
-    let web = status.lines().find(|l| l.starts_with("web ")).unwrap_or_default();
-    assert!(web.ends_with(" 5/5    8080:80/tcp"), "{status}");
-
-    project.run(&["down", "-t", "1"]);
-    wait_for("the ingress to empty", Duration::from_secs(120), || {
-        stdout_in(&ingress, &["ipvsadm", "-Sn"]).trim().is_empty()
-    });
-    wait_for("the host's mesh rules to go", Duration::from_secs(30), || {
-        !stdout_in(&host_ns, &["iptables-save"]).contains("VIPD-")
-    });
     drop(agent);
 }

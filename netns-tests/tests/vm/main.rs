@@ -9,4 +9,5 @@ mod conntrack;
 mod datapath;
 mod image;
 mod ipvs_adapter;
+mod quickstart;
 mod resilience;
