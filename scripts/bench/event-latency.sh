@@ -15,11 +15,13 @@
 #     latency = done - start, over every sandbox that existed before the task (tasks and
 #              clients); the new task's own sandbox must hold it too, but is not timed
 #              (its pid is known only after `docker run` returns).
-#   A poller (bash builtins only: no process per read) re-reads /proc/PID/net/ip_vs of
-#   every sandbox (the IPVS table of PID's network namespace, as `ipvsadm -Ln` shows it)
-#   in a loop. A sighting at time t is bracketed by that sandbox's previous read at
-#   t_prev: the printed resolution is the median and the maximum of t - t_prev. (The
+#   A poller (examples/ipvs_poll.rs: one process, one netlink socket per sandbox, kept)
+#   asks every sandbox in a loop for the destinations of svc1's fwmark service, as
+#   `ipvsadm -Ln` does. A sighting at time t is bracketed by that sandbox's previous read
+#   at t_prev: the printed resolution is the median and the maximum of t - t_prev. (The
 #   poller busy-loops on one of the VM's 2 vCPUs during each measurement, at every S.)
+#   Not /proc/PID/net/ip_vs: with ~100 services in ~100 namespaces a read of it stops
+#   after its first page (about 50 services), so it can never show some destinations.
 # With scripts/vm/run.sh --out DIR, vipd's log, the start events and the sightings are
 # kept in DIR/event-latency/.
 # Prints p50 and p99 (nearest rank: with K < 100 samples, p99 is the maximum) per S and
@@ -29,7 +31,8 @@
 #   scripts/vm/run.sh --timeout 7200 --mem 4096 --env VIPD=.cache/target-bench2/release/vipd \
 #       -- scripts/bench/event-latency.sh [S...]
 # Environment: K (default 10), CLIENTS (3), PARALLEL (container starts at once, 4),
-# VIPD (default target/release/vipd), VIPD_RUN_ARGS (extra `vipd run` arguments),
+# VIPD (default target/release/vipd), POLLER (default target/release/examples/ipvs_poll:
+# cargo build --release --example ipvs_poll), VIPD_RUN_ARGS (extra `vipd run` arguments),
 # SETTLE_TIMEOUT (seconds for vipd to program everything, 900), TASK_TIMEOUT (seconds
 # for one new task to reach every sandbox, 300).
 set -euo pipefail
@@ -41,12 +44,14 @@ K=${K:-10}
 CLIENTS=${CLIENTS:-3}
 PARALLEL=${PARALLEL:-4}
 VIPD=${VIPD:-target/release/vipd}
+POLLER=${POLLER:-target/release/examples/ipvs_poll}
 VIPD_RUN_ARGS=${VIPD_RUN_ARGS:-}
 SETTLE_TIMEOUT=${SETTLE_TIMEOUT:-900}
 TASK_TIMEOUT=${TASK_TIMEOUT:-300}
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 [[ -x "$VIPD" ]] || { echo "build first: cargo build --release (or set VIPD)" >&2; exit 1; }
 VIPD=$(cd "$(dirname "$VIPD")" && pwd)/$(basename "$VIPD")
+[[ -x "$POLLER" ]] || { echo "build first: cargo build --release --example ipvs_poll (or set POLLER)" >&2; exit 1; }
 [[ -e /proc/net/ip_vs ]] || { echo "this kernel has no IPVS: run it in scripts/vm/run.sh" >&2; exit 1; }
 # shellcheck source=scripts/docker/lib.sh
 . scripts/docker/lib.sh
@@ -113,24 +118,39 @@ hex_ip() { local a b c e; IFS=. read -r a b c e <<<"$1"; printf '%02X%02X%02X%02
 
 # Wait until every sandbox holds exactly $1 fwmark services and $2 destinations.
 settle() {
-  local want_svc=$1 want_dst=$2 start=$SECONDS pids bad
+  local want_svc=$1 want_dst=$2 start=$SECONDS last_note=$SECONDS pids bad
   while :; do
     mapfile -t pids < <(sandbox_pids)
-    bad=$(cd /proc && awk -v s="$want_svc" -v n="$want_dst" '
-        FNR == 1 { f = FILENAME; svc[f] = 0; dst[f] = 0 }
-        /^FWM/ { svc[f]++ }
-        / -> [0-9A-F]+:/ { dst[f]++ }
-        END { for (f in svc) if (svc[f] != s || dst[f] != n) { b++; ex = f " " svc[f] "/" dst[f] }
-              print b + 0, ex }' "${pids[@]/%//net/ip_vs}" 2>/dev/null || echo "1 read")
+    bad=$(for pid in "${pids[@]}"; do
+      echo "$pid $(nsenter -t "$pid" -n ipvsadm -Ln 2>/dev/null | awk '/^FWM/ {s++} / -> .*Masq/ {d++} END {print s + 0, d + 0}')"
+    done | awk -v s="$want_svc" -v n="$want_dst" '$2 != s || $3 != n { b++; ex = $1 " " $2 "/" $3 } END { print b + 0, ex }')
     if [[ "$bad" == 0* ]]; then
       log "settled: ${#pids[@]} sandboxes with $want_svc services, $want_dst destinations ($(awk '/MemAvailable/ {printf "%d MB", $2 / 1024}' /proc/meminfo) available)"
       return
     fi
-    ((SECONDS - start < SETTLE_TIMEOUT)) ||
-      die "after ${SETTLE_TIMEOUT}s, sandboxes not at $want_svc services/$want_dst destinations (count, e.g.: $bad); vipd log tail:
-$(tail -n 30 "$work/vipd.log")"
+    if ((SECONDS - last_note >= 60)); then
+      last_note=$SECONDS
+      log "settling: ${bad%% *} of ${#pids[@]} sandboxes not there yet (e.g. ${bad#* })"
+    fi
+    ((SECONDS - start < SETTLE_TIMEOUT)) || { settle_report "$want_svc" "$want_dst" "${pids[@]}"; die "after ${SETTLE_TIMEOUT}s, sandboxes not at $want_svc services/$want_dst destinations (count, e.g.: $bad)"; }
     sleep 2
   done
+}
+
+# What a failed settle() saw: some sandboxes' counts, vipd's own view and its log.
+settle_report() {
+  local want_svc=$1 want_dst=$2 pid n=0
+  shift 2
+  log "settle: want $want_svc services/$want_dst destinations in each of $# sandboxes; containers running: $(d ps -q | wc -l)"
+  for pid in "$@"; do
+    printf '  pid %s: %s services, %s destinations\n' "$pid" \
+      "$(nsenter -t "$pid" -n ipvsadm -Ln 2>&1 | grep -c '^FWM')" "$(nsenter -t "$pid" -n ipvsadm -Ln 2>&1 | grep -c ' -> .*Masq')" >&2
+    ((++n < 8)) || break
+  done
+  log "settle: vipd status (first 20 lines) and --sandboxes (first 10):"
+  { "$VIPD" status 2>&1 | head -n 20; "$VIPD" status --sandboxes 2>&1 | head -n 10; } >&2
+  log "settle: vipd log tail:"
+  tail -n 40 "$work/vipd.log" >&2
 }
 
 start_vipd() {
@@ -146,29 +166,13 @@ stop_vipd() {
   vipd_pid=''
 }
 
-# --- the poller ---------------------------------------------------------------------------
-# Reads $work/pids (pids, one a line) and $work/target (one hex address) every round;
-# for each pid not yet seen holding the target, reads /proc/PID/net/ip_vs and appends
-# "HEX PID T T_PREV" to $work/seen when the target is there (T: just after this read,
-# T_PREV: just after the previous read of that pid, empty if none). Builtins only.
-poller() {
-  local -A last=() seen=()
-  local pids target txt pid now
-  while :; do
-    mapfile -t pids <"$work/pids"
-    read -r target <"$work/target" || target=''
-    for pid in "${pids[@]}"; do
-      [[ -n "$target" && -z "${seen[$target $pid]:-}" ]] || continue
-      txt=''
-      { IFS= read -r -d '' txt <"/proc/$pid/net/ip_vs"; } 2>/dev/null || true
-      now=$EPOCHREALTIME
-      if [[ "$txt" == *"-> $target:"* ]]; then
-        seen[$target $pid]=1
-        echo "$target $pid $now ${last[$target $pid]:-}" >>"$work/seen"
-      fi
-      last[$target $pid]=$now
-    done
-  done
+# --- the poller: examples/ipvs_poll.rs (see the header), started once svc1's fwmark is known.
+start_poller() {
+  local mark
+  mark=$("$VIPD" status --json | jq -r '.services[] | select(.name == "svc1") | .fwmark')
+  [[ "$mark" =~ ^[0-9]+$ ]] || die "no fwmark for svc1 in vipd status: '$mark'"
+  "$POLLER" "$work" "$mark" 2>>"$work/poller.err" &
+  poller_pid=$!
 }
 
 # --- events -----------------------------------------------------------------------------
@@ -179,8 +183,6 @@ events_pid=$!
 : >"$work/pids"
 : >"$work/target"
 : >"$work/seen"
-poller &
-poller_pid=$!
 
 mapfile -t specs < <(for ((c = 1; c <= CLIENTS; c++)); do echo "client$c:"; done)
 start_containers "${specs[@]}"
@@ -197,6 +199,7 @@ for s in "${SIZES[@]}"; do
   have=$s
   start_vipd
   settle "$s" "$s"
+  [[ -n "$poller_pid" ]] || start_poller
 
   lat=()
   new_ids=()
