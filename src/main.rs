@@ -26,8 +26,6 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-// Parsed once at start: `run`'s many flags need no box.
-#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Program a namespace's IPVS services and iptables marks from a services file.
     Apply {
@@ -50,84 +48,7 @@ enum Command {
     },
     /// Follow the Docker engine (DOCKER_HOST, or the default socket) and give every
     /// service a VIP in every container that shares a network with it.
-    Run {
-        /// A file of `vipd run` settings (TOML, each a flag's long name; see
-        /// scripts/vipd.toml); a flag given here wins. Default: /etc/vipd/vipd.toml, when
-        /// it exists.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Where VIPs come from; must not overlap a Docker network.
-        #[arg(long, default_value = vipd::core::alloc::DEFAULT_POOL)]
-        vip_pool: String,
-        /// Where allocations are kept across restarts.
-        #[arg(long, default_value = "/var/lib/vipd")]
-        state_dir: PathBuf,
-        /// Seconds a service with no task keeps its VIP.
-        #[arg(long, default_value_t = 300)]
-        grace: u64,
-        /// Seconds a task that is being stopped (a kill event) or turned unhealthy stays
-        /// a backend at weight 0 while it still runs, so its open connections finish;
-        /// then it is removed. A task that dies is removed at once.
-        #[arg(long, default_value_t = 30)]
-        drain_grace: u64,
-        /// IPVS idle timeout of established TCP connections, in seconds, in every
-        /// namespace vipd programs (0: the kernel's, 900).
-        #[arg(long, default_value_t = 0)]
-        ipvs_tcp_timeout: u32,
-        /// IPVS timeout of TCP connections after a FIN, in seconds (0: the kernel's, 120).
-        #[arg(long, default_value_t = 0)]
-        ipvs_tcpfin_timeout: u32,
-        /// IPVS timeout of UDP flows, in seconds (0: the kernel's, 300).
-        #[arg(long, default_value_t = 0)]
-        ipvs_udp_timeout: u32,
-        /// Seconds between full re-lists and re-reads of every sandbox.
-        #[arg(long, default_value_t = 30)]
-        resync_interval: u64,
-        /// Serve DNS on ADDR:PORT (UDP and TCP) instead of the Docker networks' gateways.
-        /// Repeatable.
-        #[arg(long = "dns-listen", value_name = "ADDR:PORT", conflicts_with = "no_dns")]
-        dns_listen: Vec<std::net::SocketAddr>,
-        /// The port DNS is served on at each Docker bridge network's gateway address
-        /// (the default when no --dns-listen is given).
-        #[arg(long, default_value_t = 53)]
-        dns_port: u16,
-        /// Serve no DNS.
-        #[arg(long)]
-        no_dns: bool,
-        /// Also answer `<service>.<domain>` (and every name under it: the domain is
-        /// vipd's). On a user network Docker's own resolver answers a compose service's
-        /// bare name itself, and relays `web.vipd` to vipd. An empty value: no domain.
-        #[arg(long, default_value = "vipd")]
-        dns_domain: String,
-        /// TTL of DNS answers, in seconds.
-        #[arg(long, default_value_t = vipd::dns::catalog::DEFAULT_TTL)]
-        dns_ttl: u32,
-        /// Override an IPVS sysctl vipd sets in each sandbox (name under net.ipv4.vs).
-        #[arg(long = "sysctl", value_name = "NAME=VALUE")]
-        sysctls: Vec<String>,
-        /// The admin socket `vipd status` asks (root only).
-        #[arg(long, default_value = vipd::admin::DEFAULT_SOCKET)]
-        admin_socket: PathBuf,
-        /// The routing mesh's ingress namespace, a name under /run/netns that vipd
-        /// creates and owns.
-        #[arg(long, default_value = vipd::ingress::DEFAULT_NETNS_NAME)]
-        ingress_netns: String,
-        /// The small subnet of the link between the host and the ingress namespace (host
-        /// end: its first address, ingress end: its second); must not overlap a Docker
-        /// network, a route of this host or the VIP pool.
-        #[arg(long, default_value = DEFAULT_INGRESS_SUBNET)]
-        ingress_subnet: String,
-        /// No routing mesh: `vipd.publish` labels are ignored and no ingress namespace
-        /// is made.
-        #[arg(long)]
-        no_ingress: bool,
-        /// Serve Prometheus metrics over HTTP on ADDR:PORT (`GET /metrics`).
-        #[arg(long, value_name = "ADDR:PORT", default_value = vipd::metrics::DEFAULT_LISTEN)]
-        metrics_listen: std::net::SocketAddr,
-        /// Serve no metrics (--metrics-listen is then ignored).
-        #[arg(long)]
-        no_metrics: bool,
-    },
+    Run(Box<RunArgs>),
     /// What the running `vipd run` knows: services, their VIPs, fwmarks, tasks and
     /// errors; with --sandboxes, each sandbox and whether it is in sync.
     Status {
@@ -150,6 +71,88 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+// `vipd run`'s settings, boxed in `Command::Run` (the other commands are small). Not a doc
+// comment: clap would take it for the command's description.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A file of `vipd run` settings (TOML, each a flag's long name; see
+    /// scripts/vipd.toml); a flag given here wins. Default: /etc/vipd/vipd.toml, when
+    /// it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where VIPs come from; must not overlap a Docker network.
+    #[arg(long, default_value = vipd::core::alloc::DEFAULT_POOL)]
+    vip_pool: String,
+    /// Where allocations are kept across restarts.
+    #[arg(long, default_value = "/var/lib/vipd")]
+    state_dir: PathBuf,
+    /// Seconds a service with no task keeps its VIP.
+    #[arg(long, default_value_t = 300)]
+    grace: u64,
+    /// Seconds a task that is being stopped (a kill event) or turned unhealthy stays
+    /// a backend at weight 0 while it still runs, so its open connections finish;
+    /// then it is removed. A task that dies is removed at once.
+    #[arg(long, default_value_t = 30)]
+    drain_grace: u64,
+    /// IPVS idle timeout of established TCP connections, in seconds, in every
+    /// namespace vipd programs (0: the kernel's, 900).
+    #[arg(long, default_value_t = 0)]
+    ipvs_tcp_timeout: u32,
+    /// IPVS timeout of TCP connections after a FIN, in seconds (0: the kernel's, 120).
+    #[arg(long, default_value_t = 0)]
+    ipvs_tcpfin_timeout: u32,
+    /// IPVS timeout of UDP flows, in seconds (0: the kernel's, 300).
+    #[arg(long, default_value_t = 0)]
+    ipvs_udp_timeout: u32,
+    /// Seconds between full re-lists and re-reads of every sandbox.
+    #[arg(long, default_value_t = 30)]
+    resync_interval: u64,
+    /// Serve DNS on ADDR:PORT (UDP and TCP) instead of the Docker networks' gateways.
+    /// Repeatable.
+    #[arg(long = "dns-listen", value_name = "ADDR:PORT", conflicts_with = "no_dns")]
+    dns_listen: Vec<std::net::SocketAddr>,
+    /// The port DNS is served on at each Docker bridge network's gateway address
+    /// (the default when no --dns-listen is given).
+    #[arg(long, default_value_t = 53)]
+    dns_port: u16,
+    /// Serve no DNS.
+    #[arg(long)]
+    no_dns: bool,
+    /// Also answer `<service>.<domain>` (and every name under it: the domain is
+    /// vipd's). On a user network Docker's own resolver answers a compose service's
+    /// bare name itself, and relays `web.vipd` to vipd. An empty value: no domain.
+    #[arg(long, default_value = "vipd")]
+    dns_domain: String,
+    /// TTL of DNS answers, in seconds.
+    #[arg(long, default_value_t = vipd::dns::catalog::DEFAULT_TTL)]
+    dns_ttl: u32,
+    /// Override an IPVS sysctl vipd sets in each sandbox (name under net.ipv4.vs).
+    #[arg(long = "sysctl", value_name = "NAME=VALUE")]
+    sysctls: Vec<String>,
+    /// The admin socket `vipd status` asks (root only).
+    #[arg(long, default_value = vipd::admin::DEFAULT_SOCKET)]
+    admin_socket: PathBuf,
+    /// The routing mesh's ingress namespace, a name under /run/netns that vipd
+    /// creates and owns.
+    #[arg(long, default_value = vipd::ingress::DEFAULT_NETNS_NAME)]
+    ingress_netns: String,
+    /// The small subnet of the link between the host and the ingress namespace (host
+    /// end: its first address, ingress end: its second); must not overlap a Docker
+    /// network, a route of this host or the VIP pool.
+    #[arg(long, default_value = DEFAULT_INGRESS_SUBNET)]
+    ingress_subnet: String,
+    /// No routing mesh: `vipd.publish` labels are ignored and no ingress namespace
+    /// is made.
+    #[arg(long)]
+    no_ingress: bool,
+    /// Serve Prometheus metrics over HTTP on ADDR:PORT (`GET /metrics`).
+    #[arg(long, value_name = "ADDR:PORT", default_value = vipd::metrics::DEFAULT_LISTEN)]
+    metrics_listen: std::net::SocketAddr,
+    /// Serve no metrics (--metrics-listen is then ignored).
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 fn parse_sysctls(args: &[String]) -> Result<SysctlSettings> {
@@ -463,29 +466,30 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run {
-            config: _,
-            vip_pool,
-            state_dir,
-            grace,
-            drain_grace,
-            ipvs_tcp_timeout,
-            ipvs_tcpfin_timeout,
-            ipvs_udp_timeout,
-            resync_interval,
-            dns_listen,
-            dns_port,
-            no_dns,
-            dns_domain,
-            dns_ttl,
-            sysctls,
-            admin_socket,
-            ingress_netns,
-            ingress_subnet,
-            no_ingress,
-            metrics_listen,
-            no_metrics,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                config: _,
+                vip_pool,
+                state_dir,
+                grace,
+                drain_grace,
+                ipvs_tcp_timeout,
+                ipvs_tcpfin_timeout,
+                ipvs_udp_timeout,
+                resync_interval,
+                dns_listen,
+                dns_port,
+                no_dns,
+                dns_domain,
+                dns_ttl,
+                sysctls,
+                admin_socket,
+                ingress_netns,
+                ingress_subnet,
+                no_ingress,
+                metrics_listen,
+                no_metrics,
+            } = *args;
             let dns = if no_dns {
                 DnsMode::Off
             } else if dns_listen.is_empty() {
@@ -646,7 +650,7 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     let default = match cli.verbose {
-        0 if matches!(cli.command, Command::Run { .. }) => "info,hickory_server=warn",
+        0 if matches!(cli.command, Command::Run(_)) => "info,hickory_server=warn",
         0 => "warn",
         1 => "info",
         _ => "debug",
@@ -746,9 +750,10 @@ mod tests {
             ])
         );
         let cli = Cli::try_parse_from(got).unwrap();
-        let Command::Run { grace, no_dns, .. } = cli.command else {
+        let Command::Run(run) = cli.command else {
             panic!("run")
         };
+        let RunArgs { grace, no_dns, .. } = *run;
         assert_eq!((grace, no_dns), (5, true));
         // Other commands do not read it; a missing file asked for is an error.
         let status = args(&["vipd", "status", "--config", f]);
