@@ -472,8 +472,9 @@ pub async fn serve_udp<H: RequestHandler>(
         let packet = &buf[..len];
         let fast = acl
             .allows(src.ip())
-            .then(|| catalog.with_table(|table| respond(table, packet, &mut out, &mut shuffler)));
-        if let Some(Some(qtype)) = fast {
+            .then(|| catalog.with_table(|table| respond(table, packet, &mut out, &mut shuffler)))
+            .flatten();
+        if let Some(qtype) = fast {
             if let Err(error) = socket.send_to(&out, src).await {
                 debug!(%error, %src, "cannot send a DNS response");
             }
