@@ -7,6 +7,10 @@
 #   CLIENTS plain containers; `vipd run` follows the dockerd. The services are created
 #   with vipd stopped and vipd is (re)started for each S, so both sizes are measured
 #   against a vipd that did one full resync and then only follows events.
+#   With PAD=1 (the default) the number of sandboxes is the same at every S: plain "pad"
+#   containers stand in for the services the largest S has and a smaller one lacks (at
+#   S=10 of 10 100: 90 pads), so only the number of services changes between sizes.
+#   PAD=0 measures without them: then a larger S also means more sandboxes.
 # Measured, K times per S, one at a time: `docker run` of one more task of svc1, with a
 #   fixed address (--ip), then
 #     start  = the container's start event (`docker events`, .TimeNano, dockerd's clock)
@@ -30,7 +34,7 @@
 # Needs a kernel with IPVS; on a host without, in the VM (emulated: compare ratios):
 #   scripts/vm/run.sh --timeout 7200 --mem 4096 --env VIPD=.cache/target-bench2/release/vipd \
 #       -- scripts/bench/event-latency.sh [S...]
-# Environment: K (default 10), CLIENTS (3), PARALLEL (container starts at once, 4),
+# Environment: K (default 10), CLIENTS (3), PAD (1), PARALLEL (container starts at once, 4),
 # VIPD (default target/release/vipd), POLLER (default target/release/examples/ipvs_poll:
 # cargo build --release --example ipvs_poll), VIPD_RUN_ARGS (extra `vipd run` arguments),
 # SETTLE_TIMEOUT (seconds for vipd to program everything, 900), TASK_TIMEOUT (seconds
@@ -42,6 +46,7 @@ SIZES=("${@:-10 100}")
 read -r -a SIZES <<<"${SIZES[*]}"
 K=${K:-10}
 CLIENTS=${CLIENTS:-3}
+PAD=${PAD:-1}
 PARALLEL=${PARALLEL:-4}
 VIPD=${VIPD:-target/release/vipd}
 POLLER=${POLLER:-target/release/examples/ipvs_poll}
@@ -184,14 +189,26 @@ events_pid=$!
 : >"$work/target"
 : >"$work/seen"
 
-mapfile -t specs < <(for ((c = 1; c <= CLIENTS; c++)); do echo "client$c:"; done)
+pads=0
+((PAD)) && pads=$((SIZES[-1] - SIZES[0]))
+mapfile -t specs < <(for ((c = 1; c <= CLIENTS; c++)); do echo "client$c:"; done
+  for ((p = 1; p <= pads; p++)); do echo "pad$p:"; done)
 start_containers "${specs[@]}"
-log "$CLIENTS clients started"
+log "$CLIENTS clients and $pads pads started"
 
 have=0 round=0
 declare -A SANDBOXES
 for s in "${SIZES[@]}"; do
   ((s > have)) || die "sizes must grow: $s after $have"
+  # The pads this size's services replace.
+  keep=0
+  ((PAD)) && keep=$((SIZES[-1] - s))
+  if ((pads > keep)); then
+    mapfile -t gone < <(for ((p = keep + 1; p <= pads; p++)); do echo "pad$p"; done)
+    d rm -f "${gone[@]}" >/dev/null
+    log "$((pads - keep)) pads removed"
+    pads=$keep
+  fi
   t=$EPOCHREALTIME
   mapfile -t specs < <(for ((i = have + 1; i <= s; i++)); do echo "svc$i-t:svc$i"; done)
   start_containers "${specs[@]}"
