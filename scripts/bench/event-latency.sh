@@ -32,8 +32,8 @@
 # the ratio of the p99s.
 #
 # Needs a kernel with IPVS; on a host without, in the VM (emulated: compare ratios):
-#   scripts/vm/run.sh --timeout 7200 --mem 4096 --env VIPD=.cache/target-bench2/release/vipd \
-#       -- scripts/bench/event-latency.sh [S...]
+#   cargo build --release --bin vipd --example ipvs_poll
+#   scripts/vm/run.sh --timeout 7200 --mem 4096 -- scripts/bench/event-latency.sh [S...]
 # Environment: K (default 10), CLIENTS (3), PAD (1), PARALLEL (container starts at once, 4),
 # VIPD (default target/release/vipd), POLLER (default target/release/examples/ipvs_poll:
 # cargo build --release --example ipvs_poll), VIPD_RUN_ARGS (extra `vipd run` arguments),
@@ -121,14 +121,17 @@ sandbox_pids() {
 
 hex_ip() { local a b c e; IFS=. read -r a b c e <<<"$1"; printf '%02X%02X%02X%02X' "$a" "$b" "$c" "$e"; }
 
+# "SERVICES DESTINATIONS" of the IPVS table of PID's network namespace, over netlink.
+ipvs_counts() {
+  nsenter -t "$1" -n ipvsadm -Ln 2>/dev/null | awk '/^FWM/ {s++} / -> .*Masq/ {d++} END {print s + 0, d + 0}'
+}
+
 # Wait until every sandbox holds exactly $1 fwmark services and $2 destinations.
 settle() {
   local want_svc=$1 want_dst=$2 start=$SECONDS last_note=$SECONDS pids bad
   while :; do
     mapfile -t pids < <(sandbox_pids)
-    bad=$(for pid in "${pids[@]}"; do
-      echo "$pid $(nsenter -t "$pid" -n ipvsadm -Ln 2>/dev/null | awk '/^FWM/ {s++} / -> .*Masq/ {d++} END {print s + 0, d + 0}')"
-    done | awk -v s="$want_svc" -v n="$want_dst" '$2 != s || $3 != n { b++; ex = $1 " " $2 "/" $3 } END { print b + 0, ex }')
+    bad=$(for pid in "${pids[@]}"; do echo "$pid $(ipvs_counts "$pid")"; done | awk -v s="$want_svc" -v n="$want_dst" '$2 != s || $3 != n { b++; ex = $1 " " $2 "/" $3 } END { print b + 0, ex }')
     if [[ "$bad" == 0* ]]; then
       log "settled: ${#pids[@]} sandboxes with $want_svc services, $want_dst destinations ($(awk '/MemAvailable/ {printf "%d MB", $2 / 1024}' /proc/meminfo) available)"
       return
@@ -148,8 +151,7 @@ settle_report() {
   shift 2
   log "settle: want $want_svc services/$want_dst destinations in each of $# sandboxes; containers running: $(d ps -q | wc -l)"
   for pid in "$@"; do
-    printf '  pid %s: %s services, %s destinations\n' "$pid" \
-      "$(nsenter -t "$pid" -n ipvsadm -Ln 2>&1 | grep -c '^FWM')" "$(nsenter -t "$pid" -n ipvsadm -Ln 2>&1 | grep -c ' -> .*Masq')" >&2
+    echo "  pid $pid: $(ipvs_counts "$pid") (services, destinations)" >&2
     ((++n < 8)) || break
   done
   log "settle: vipd status (first 20 lines) and --sandboxes (first 10):"
