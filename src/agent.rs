@@ -857,7 +857,10 @@ impl Agent {
                 }
                 None => String::new(),
             };
-            entry.services = spec.services.iter().map(|s| s.name.to_string()).collect();
+            let names = spec.services.iter().map(|s| s.name.as_str());
+            if !entry.services.iter().map(String::as_str).eq(names) {
+                entry.services = spec.services.iter().map(|s| s.name.to_string()).collect();
+            }
         }
         let own: BTreeMap<&PathBuf, &Vec<Attachment>> = containers
             .iter()

@@ -15,51 +15,30 @@ use super::model::{BackendAddr, ServiceName};
 use super::spec::{Backend, SandboxSpec, ServiceSpec};
 
 /// The desired state of every sandbox, keyed by its namespace path.
+///
+/// A sandbox's services depend only on the networks it is attached to, so they are
+/// worked out once per set of networks and copied to every sandbox with that set: one
+/// event on a host with many sandboxes on one network costs one pass over the services,
+/// not one per sandbox.
 pub fn desired(
     containers: &[Container],
     defs: &BTreeMap<ServiceName, ServiceDef>,
     allocs: &Allocations,
 ) -> BTreeMap<PathBuf, SandboxSpec> {
     let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
+    let mut by_networks: BTreeMap<BTreeSet<&NetworkId>, Vec<ServiceSpec>> = BTreeMap::new();
     let mut out = BTreeMap::new();
     for c in containers.iter().filter(|c| c.running) {
         let Some(sandbox) = &c.sandbox else { continue };
         let mine: BTreeSet<&NetworkId> = c.attachments.iter().map(|a| &a.network).collect();
-        let mut services = Vec::new();
-        for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
-            let Some((vip, fwmark)) = allocs.get(&def.name) else {
-                continue;
-            };
-            let mut shares = false;
-            let mut backends = Vec::new();
-            for (task_id, weight) in &def.tasks {
-                let Some(task) = by_id.get(task_id) else { continue };
-                let Some(att) = task.address_on(Some(&mine)) else {
-                    continue;
-                };
-                shares = true;
-                if let Some(weight) = task.backend_weight(*weight) {
-                    backends.push(Backend {
-                        addr: BackendAddr::new(att.ip.into()),
-                        weight,
-                        port: 0,
-                    });
-                }
+        let services = match by_networks.get(&mine) {
+            Some(services) => services.clone(),
+            None => {
+                let services = services_on(&mine, &by_id, defs, allocs);
+                by_networks.insert(mine, services.clone());
+                services
             }
-            if shares {
-                backends.sort_by_key(|b| b.addr);
-                backends.dedup_by_key(|b| b.addr);
-                services.push(ServiceSpec {
-                    name: def.name.clone(),
-                    vip,
-                    fwmark,
-                    scheduler: def.scheduler.clone(),
-                    persistence: None,
-                    backends,
-                    publish: None,
-                });
-            }
-        }
+        };
         out.insert(
             sandbox.clone(),
             SandboxSpec {
@@ -69,6 +48,52 @@ pub fn desired(
         );
     }
     out
+}
+
+/// The VIP services a sandbox attached to the networks `mine` gets: each service with a
+/// task on one of them, over those tasks' addresses there.
+fn services_on(
+    mine: &BTreeSet<&NetworkId>,
+    by_id: &BTreeMap<&ContainerId, &Container>,
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    allocs: &Allocations,
+) -> Vec<ServiceSpec> {
+    let mut services = Vec::new();
+    for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
+        let Some((vip, fwmark)) = allocs.get(&def.name) else {
+            continue;
+        };
+        let mut shares = false;
+        let mut backends = Vec::new();
+        for (task_id, weight) in &def.tasks {
+            let Some(task) = by_id.get(task_id) else { continue };
+            let Some(att) = task.address_on(Some(mine)) else {
+                continue;
+            };
+            shares = true;
+            if let Some(weight) = task.backend_weight(*weight) {
+                backends.push(Backend {
+                    addr: BackendAddr::new(att.ip.into()),
+                    weight,
+                    port: 0,
+                });
+            }
+        }
+        if shares {
+            backends.sort_by_key(|b| b.addr);
+            backends.dedup_by_key(|b| b.addr);
+            services.push(ServiceSpec {
+                name: def.name.clone(),
+                vip,
+                fwmark,
+                scheduler: def.scheduler.clone(),
+                persistence: None,
+                backends,
+                publish: None,
+            });
+        }
+    }
+    services
 }
 
 #[cfg(test)]
