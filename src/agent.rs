@@ -100,18 +100,36 @@ pub enum AgentError {
     State(#[from] StateError),
 }
 
+/// Why a sandbox was not programmed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgramError {
+    /// Its namespace is gone, or going: no such file, or no longer a namespace (Docker
+    /// tears a sandbox down when its container stops, maybe while vipd programs it).
+    #[error("the namespace is gone: {0}")]
+    Gone(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<&str> for ProgramError {
+    fn from(e: &str) -> Self {
+        ProgramError::Failed(e.to_owned())
+    }
+}
+
 /// Programs one sandbox; the real one enters the namespace, tests use a recorder.
 pub trait SandboxProgrammer: Send + Sync {
     /// Bring `sandbox` to `spec`; returns how many operations were applied. With `full`,
     /// the sandbox is read from the kernel first; without, the programmer may work from
-    /// what it knows of the sandbox since the last call.
+    /// what it knows of the sandbox since the last call. (`spec` is shared: sandboxes on
+    /// the same networks get the same one.)
     fn program(
         &self,
         sandbox: &Path,
-        spec: &SandboxSpec,
+        spec: &Arc<SandboxSpec>,
         sysctls: &SysctlSettings,
         full: bool,
-    ) -> Result<usize, String>;
+    ) -> Result<usize, ProgramError>;
 
     /// The sandbox is gone (its container stopped): forget what is kept of it.
     fn forget(&self, _sandbox: &Path) {}
@@ -129,22 +147,31 @@ pub trait SandboxProgrammer: Send + Sync {
 }
 
 /// The real kernel. A full program reads the namespace and reconciles it
-/// ([`reconcile::reconcile_netns_kept`]); otherwise the change is planned against the view
-/// kept since ([`reconcile::update_netns`]), so a backend change is a few IPVS messages:
-/// no process, no dump.
+/// ([`reconcile::reconcile_netns_kept`]); otherwise the change from the spec last applied
+/// is planned against the view kept since ([`reconcile::update_netns`]), so a backend
+/// change is a few IPVS messages, and as cheap with many services as with few: no
+/// process, no dump.
 #[derive(Debug, Default)]
 pub struct KernelProgrammer {
-    kept: std::sync::Mutex<BTreeMap<PathBuf, crate::core::plan::ObservedSandbox>>,
+    kept: std::sync::Mutex<BTreeMap<PathBuf, KeptSandbox>>,
+}
+
+/// What [`KernelProgrammer`] knows of a sandbox: what the kernel holds, and the spec that
+/// brought it there.
+#[derive(Debug)]
+struct KeptSandbox {
+    seen: crate::core::plan::ObservedSandbox,
+    spec: Arc<SandboxSpec>,
 }
 
 impl SandboxProgrammer for KernelProgrammer {
     fn program(
         &self,
         sandbox: &Path,
-        spec: &SandboxSpec,
+        spec: &Arc<SandboxSpec>,
         sysctls: &SysctlSettings,
         full: bool,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, ProgramError> {
         let ns = NetnsPath::from_arg(&sandbox.display().to_string());
         let kept = if full {
             None
@@ -152,18 +179,33 @@ impl SandboxProgrammer for KernelProgrammer {
             self.kept.lock().ok().and_then(|mut k| k.remove(sandbox))
         };
         let result = match kept {
-            Some(mut seen) => reconcile::update_netns(&ns, &mut seen, spec, sysctls).map(|o| (o, seen)),
+            Some(KeptSandbox { mut seen, spec: prev }) => {
+                reconcile::update_netns(&ns, &mut seen, Some(&prev), spec, sysctls).map(|o| (o, seen))
+            }
             None => reconcile::reconcile_netns_kept(&ns, spec, sysctls),
         };
         match result {
             Ok((outcome, seen)) => {
                 if let Ok(mut k) = self.kept.lock() {
-                    k.insert(sandbox.to_owned(), seen);
+                    let spec = Arc::clone(spec);
+                    k.insert(sandbox.to_owned(), KeptSandbox { seen, spec });
                 }
                 Ok(outcome.applied)
             }
             // Nothing is kept after an error: the next call reads the kernel again.
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(match &e {
+                reconcile::ReconcileError::Netns(crate::netns::NetnsError::Open { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    ProgramError::Gone(e.to_string())
+                }
+                // `setns` on what is left of a torn-down namespace: an empty file.
+                reconcile::ReconcileError::Netns(crate::netns::NetnsError::Enter {
+                    source: nix::errno::Errno::EINVAL,
+                    ..
+                }) => ProgramError::Gone(e.to_string()),
+                _ => ProgramError::Failed(e.to_string()),
+            }),
         }
     }
 
@@ -224,11 +266,14 @@ pub struct Agent {
     containers: BTreeMap<ContainerId, Container>,
     /// What each sandbox was last brought to successfully, and its container's own
     /// addresses then (when they change, the sandbox is read again: SNAT rules follow them).
-    applied: BTreeMap<PathBuf, (SandboxSpec, Vec<Attachment>)>,
+    applied: BTreeMap<PathBuf, (Arc<SandboxSpec>, Vec<Attachment>)>,
     reported: BTreeSet<String>,
     dns: Option<CatalogHandle>,
     /// Each sandbox's last outcome, for `vipd status`.
     sandboxes: BTreeMap<PathBuf, SandboxStatus>,
+    /// Sandboxes last found gone while still wanted: their container's stop is on its
+    /// way. Gone again at the next sync, it is an error.
+    vanishing: BTreeSet<PathBuf>,
     engine_state: EngineState,
     last_resync: u64,
     status: tokio::sync::watch::Sender<Status>,
@@ -371,6 +416,7 @@ impl Agent {
             reported: BTreeSet::new(),
             dns,
             sandboxes: BTreeMap::new(),
+            vanishing: BTreeSet::new(),
             engine_state: EngineState::default(),
             last_resync: 0,
             status: tokio::sync::watch::Sender::new(Status::default()),
@@ -774,7 +820,7 @@ impl Agent {
             dns.store(catalog);
         }
 
-        let mut desired = topology::desired(&containers, &defs, &self.allocs);
+        let mut desired = topology::desired(&containers, &defs, &self.allocs, self.cfg.timeouts);
         let mut host_rules = Vec::new();
         if let Some(ingress) = &self.cfg.ingress {
             // The host's bound ports matter only for a port not published yet.
@@ -815,12 +861,9 @@ impl Agent {
             }
             self.holders = m.holders;
             host_rules = m.host_rules;
-            desired.insert(ingress.netns.clone(), m.ingress);
-        }
-        if let Some(t) = self.cfg.timeouts {
-            for spec in desired.values_mut() {
-                spec.timeouts = Some(t);
-            }
+            let mut spec = m.ingress;
+            spec.timeouts = self.cfg.timeouts;
+            desired.insert(ingress.netns.clone(), Arc::new(spec));
         }
         let gone: Vec<PathBuf> = self
             .applied
@@ -833,6 +876,7 @@ impl Agent {
             self.applied.remove(&sb);
         }
         self.sandboxes.retain(|sb, _| desired.contains_key(sb));
+        self.vanishing.retain(|sb| desired.contains_key(sb));
         let names: BTreeMap<&PathBuf, &str> = containers
             .iter()
             .filter_map(|c| c.sandbox.as_ref().map(|sb| (sb, c.name.as_str())))
@@ -844,7 +888,7 @@ impl Agent {
                 .or_insert_with(|| SandboxStatus {
                     path: sandbox.clone(),
                     container: String::new(),
-                    services: Vec::new(),
+                    services: Arc::from([]),
                     in_sync: false,
                     error: None,
                     last_operations: 0,
@@ -867,13 +911,21 @@ impl Agent {
             .filter_map(|c| c.sandbox.as_ref().map(|sb| (sb, &c.attachments)))
             .collect();
         let mut jobs = Vec::new();
+        // Sandboxes share specs: compare each pair of shared specs once.
+        let mut same: BTreeMap<(usize, usize), bool> = BTreeMap::new();
         for (sandbox, spec) in desired {
             let attachments = own.get(&sandbox).map(|a| (*a).clone()).unwrap_or_default();
             let read_again = match self.applied.get(&sandbox) {
                 _ if full => true,
                 None => true,
                 Some((_, had)) if *had != attachments => true,
-                Some((was, _)) if *was == spec => continue,
+                Some((was, _))
+                    if *same
+                        .entry((Arc::as_ptr(was) as usize, Arc::as_ptr(&spec) as usize))
+                        .or_insert_with(|| was == &spec) =>
+                {
+                    continue
+                }
                 Some(_) => false,
             };
             let programmer = Arc::clone(&self.programmer);
@@ -904,11 +956,23 @@ impl Agent {
                             st.last_change = now;
                         }
                     }
+                    self.vanishing.remove(&sandbox);
                     self.applied.insert(sandbox, (spec, attachments));
                 }
+                Err(ProgramError::Gone(e)) if self.vanishing.insert(sandbox.clone()) => {
+                    // A container that stops takes its namespace with it, maybe while
+                    // vipd programs it: its stop event is on its way and settles it.
+                    info!(sandbox = %sandbox.display(), reason = %e, "sandbox gone while it was programmed");
+                    if let Some(st) = self.sandboxes.get_mut(&sandbox) {
+                        st.in_sync = false;
+                        st.error = Some(e);
+                    }
+                    self.applied.remove(&sandbox);
+                }
                 Err(e) => {
-                    // A container that died mid-programming takes its namespace with it:
-                    // the next event or resync settles it; nothing piles up.
+                    // Gone a second time while its container still runs, or any other
+                    // error: the next event or resync tries again; nothing piles up.
+                    let e = e.to_string();
                     warn!(sandbox = %sandbox.display(), error = %e, "sandbox not programmed");
                     self.cfg.metrics.error(ErrorKind::Sandbox);
                     if let Some(st) = self.sandboxes.get_mut(&sandbox) {
@@ -1111,7 +1175,7 @@ mod tests {
     /// last call for each sandbox asked for a full read.
     #[derive(Default)]
     struct Recorder(
-        Mutex<BTreeMap<PathBuf, SandboxSpec>>,
+        Mutex<BTreeMap<PathBuf, Arc<SandboxSpec>>>,
         Mutex<usize>,
         Mutex<BTreeMap<PathBuf, bool>>,
         /// The host rules last programmed.
@@ -1124,13 +1188,16 @@ mod tests {
         fn program(
             &self,
             sandbox: &Path,
-            spec: &SandboxSpec,
+            spec: &Arc<SandboxSpec>,
             _: &SysctlSettings,
             full: bool,
-        ) -> Result<usize, String> {
+        ) -> Result<usize, ProgramError> {
             *self.1.lock().unwrap() += 1;
             self.2.lock().unwrap().insert(sandbox.to_owned(), full);
-            self.0.lock().unwrap().insert(sandbox.to_owned(), spec.clone());
+            self.0
+                .lock()
+                .unwrap()
+                .insert(sandbox.to_owned(), Arc::clone(spec));
             Ok(1)
         }
 
@@ -1836,18 +1903,25 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
     /// Fails for one sandbox, as a kernel without IPVS or a vanished namespace would.
-    struct FailFor(PathBuf, Recorder);
+    /// Fails with its error for one sandbox while `.3` is set; records the others.
+    struct FailFor(PathBuf, Recorder, ProgramError, std::sync::atomic::AtomicBool);
+
+    impl FailFor {
+        fn new(sandbox: &Path, error: ProgramError) -> Self {
+            FailFor(sandbox.to_owned(), Recorder::default(), error, true.into())
+        }
+    }
 
     impl SandboxProgrammer for FailFor {
         fn program(
             &self,
             sb: &Path,
-            spec: &SandboxSpec,
+            spec: &Arc<SandboxSpec>,
             sys: &SysctlSettings,
             full: bool,
-        ) -> Result<usize, String> {
-            if sb == self.0 {
-                return Err("this kernel has no IPVS".into());
+        ) -> Result<usize, ProgramError> {
+            if sb == self.0 && self.3.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(self.2.clone());
             }
             self.1.program(sb, spec, sys, full)
         }
@@ -1863,6 +1937,62 @@ mod tests {
         fn marked_services(&self, sb: &Path) -> Result<Vec<MarkedService>, String> {
             self.1.marked_services(sb)
         }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sandbox_gone_while_programmed_is_no_error_once_and_an_error_if_it_stays_gone() {
+        let (engine, _, _) = two_tasks_and_a_client("gone").await;
+        let client = PathBuf::from("/run/docker/netns/claaaaaaaaaa");
+        let gone = ProgramError::Gone("network namespace cannot be opened".into());
+        let prog = Arc::new(FailFor::new(&client, gone));
+        let mut agent = Agent::new(
+            Arc::new(engine.clone()),
+            prog.clone(),
+            config(&tempdir("gone2")),
+            None,
+        )
+        .unwrap();
+        agent.relist().await.unwrap();
+        let sandbox_error = |agent: &Agent| {
+            let s = agent.status().borrow().clone();
+            let sb = s
+                .sandboxes
+                .iter()
+                .find(|x| x.path == client)
+                .cloned()
+                .expect("listed");
+            (sb.in_sync, sb.error.is_some())
+        };
+
+        // Gone at the first try: the container is stopping; no error, not in sync.
+        let r = agent.sync(true).await;
+        assert_eq!((r.sandboxes_programmed, r.errors.len()), (2, 0), "{r:?}");
+        assert_eq!(sandbox_error(&agent), (false, true));
+        // Its stop arrives: the sandbox is simply no longer wanted.
+        let mut stopped = on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]);
+        stopped.running = false;
+        engine.upsert_container(stopped.clone());
+        agent.on_event(&event("claaaaaaaaaa", "die", &[])).await.unwrap();
+        let r = agent.sync(false).await;
+        assert_eq!(r.errors.len(), 0, "{r:?}");
+        assert!(agent.status().borrow().sandboxes.iter().all(|x| x.path != client));
+
+        // Back, then gone at two syncs in a row while it still runs: an error.
+        stopped.running = true;
+        engine.upsert_container(stopped);
+        agent
+            .on_event(&event("claaaaaaaaaa", "start", &[]))
+            .await
+            .unwrap();
+        assert_eq!(agent.sync(false).await.errors.len(), 0);
+        let r = agent.sync(true).await;
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("the namespace is gone"), "{r:?}");
+        // And once it can be programmed, it is in sync.
+        prog.3.store(false, std::sync::atomic::Ordering::Relaxed);
+        let r = agent.sync(false).await;
+        assert_eq!((r.sandboxes_programmed, r.errors.len()), (1, 0), "{r:?}");
+        assert_eq!(sandbox_error(&agent), (true, false));
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -1939,7 +2069,7 @@ mod tests {
         ));
         engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
         let client = PathBuf::from("/run/docker/netns/claaaaaaaaaa");
-        let prog = Arc::new(FailFor(client.clone(), Recorder::default()));
+        let prog = Arc::new(FailFor::new(&client, "this kernel has no IPVS".into()));
         let dir = tempdir("status");
         let mut agent = Agent::new(Arc::new(engine.clone()), prog, config(&dir), None).unwrap();
         let status = agent.status();
@@ -1978,7 +2108,7 @@ mod tests {
             .iter()
             .find(|x| x.container == "w1")
             .expect("task sandbox listed");
-        assert!(w1.in_sync && w1.error.is_none() && w1.services == ["web"]);
+        assert!(w1.in_sync && w1.error.is_none() && *w1.services == ["web"]);
 
         // The engine goes away: status says so on the next listing.
         engine.fail(EngineError::Unavailable {

@@ -149,7 +149,7 @@ pub fn reconcile(
         let plan = plan::plan(spec, &seen, sysctls)?;
         Outcome { plan, applied: 0 }
     } else {
-        update(sb, &mut seen, spec, sysctls)?
+        update(sb, &mut seen, None, spec, sysctls)?
     };
     info!(
         services = spec.services.len(),
@@ -162,22 +162,30 @@ pub fn reconcile(
 }
 
 /// Bring a sandbox to `spec` from a view of it (kept since the last run, or just read),
-/// without reading the kernel again: the cheap path for a long-lived sandbox, where a backend change is a
-/// few IPVS messages and nothing else (no process, no dump). `seen` is updated to what
-/// the kernel holds afterwards; on error it is left as it was, and the caller should
-/// [`observe`] again (the periodic resync does).
+/// without reading the kernel again: the cheap path for a long-lived sandbox, where a
+/// backend change is a few IPVS messages and nothing else (no process, no dump). `prev`:
+/// the spec `seen` was last brought to, if it was; then only what changed since is
+/// planned ([`plan::plan_change`]). `seen` is updated to what the kernel holds
+/// afterwards; on error it is left as it was, and the caller should [`observe`] again
+/// (the periodic resync does).
 pub fn update(
     sb: &mut Sandbox<'_>,
     seen: &mut ObservedSandbox,
+    prev: Option<&SandboxSpec>,
     spec: &SandboxSpec,
     sysctls: &SysctlSettings,
 ) -> Result<Outcome, ReconcileError> {
-    let plan = plan::plan(spec, seen, sysctls)?;
-    for line in plan.lines() {
-        debug!(op = %line, "planned");
+    let plan = match prev {
+        Some(prev) => plan::plan_change(prev, spec, seen, sysctls)?,
+        None => plan::plan(spec, seen, sysctls)?,
+    };
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for line in plan.lines() {
+            debug!(op = %line, "planned");
+        }
     }
     let applied = if plan.is_empty() { 0 } else { apply(sb, &plan)? };
-    *seen = seen.after(&plan);
+    seen.apply(&plan);
     Ok(Outcome { plan, applied })
 }
 
@@ -217,11 +225,12 @@ fn with_sandbox<R: Send>(
 pub fn update_netns(
     ns: &NetnsPath,
     seen: &mut ObservedSandbox,
+    prev: Option<&SandboxSpec>,
     spec: &SandboxSpec,
     sysctls: &SysctlSettings,
 ) -> Result<Outcome, ReconcileError> {
     let addrs = seen.addrs.clone();
-    with_sandbox(ns, Some(addrs), |sb| update(sb, seen, spec, sysctls))
+    with_sandbox(ns, Some(addrs), |sb| update(sb, seen, prev, spec, sysctls))
 }
 
 /// Read the namespace `ns` and reconcile it with the real kernel interfaces; returns the
@@ -233,7 +242,7 @@ pub fn reconcile_netns_kept(
 ) -> Result<(Outcome, ObservedSandbox), ReconcileError> {
     with_sandbox(ns, None, |sb| {
         let mut seen = observe(sb, spec, sysctls)?;
-        let outcome = update(sb, &mut seen, spec, sysctls)?;
+        let outcome = update(sb, &mut seen, None, spec, sysctls)?;
         Ok((outcome, seen))
     })
 }
@@ -482,6 +491,7 @@ mod tests {
             observe(&mut sb, &want, &SysctlSettings::default()).unwrap()
         };
         let (saves, restores) = (k.fw.saves, k.fw.restores);
+        let before = want.clone();
         want.services[3].backends.pop();
         want.services[4].backends[0].weight = 0;
         let mut sb = Sandbox {
@@ -490,7 +500,14 @@ mod tests {
             sysctls: &mut k.sysctls,
             addrs: &mut k.addrs,
         };
-        let out = update(&mut sb, &mut seen, &want, &SysctlSettings::default()).unwrap();
+        let out = update(
+            &mut sb,
+            &mut seen,
+            Some(&before),
+            &want,
+            &SysctlSettings::default(),
+        )
+        .unwrap();
         assert_eq!(out.plan.len(), 2, "{:#?}", out.plan);
         assert_eq!(
             (k.fw.saves, k.fw.restores),
@@ -511,7 +528,7 @@ mod tests {
             sysctls: &mut k.sysctls,
             addrs: &mut k.addrs,
         };
-        update(&mut sb, &mut seen, &more, &SysctlSettings::default()).unwrap();
+        update(&mut sb, &mut seen, Some(&want), &more, &SysctlSettings::default()).unwrap();
         assert_eq!(k.fw.saves, saves);
         assert_eq!(k.run(&more).unwrap().plan.len(), 0);
     }

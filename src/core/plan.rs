@@ -11,7 +11,7 @@ use super::ipvs::{
     DestConfig, DestKey, Destination, IpvsOp, ServiceConfig, ServiceFlags, ServiceKey, Stats, Timeouts,
     VirtualService,
 };
-use super::model::{FwMark, Ipv4Net};
+use super::model::{BackendAddr, FwMark, Ipv4Net};
 use super::spec::{SandboxSpec, ServiceSpec};
 
 /// The `net.ipv4.vs.*` settings vipd keeps in a sandbox that has its services, by name
@@ -107,20 +107,27 @@ impl ObservedSandbox {
     /// periodic resync reads it). New services and destinations start with zero counters.
     pub fn after(&self, plan: &Plan) -> ObservedSandbox {
         let mut next = self.clone();
+        next.apply(plan);
+        next
+    }
+
+    /// [`ObservedSandbox::after`] in place: the cost is that of the plan's operations,
+    /// not of everything the sandbox holds.
+    pub fn apply(&mut self, plan: &Plan) {
         for op in plan.ipvs_remove.iter().chain(&plan.ipvs_add) {
             match op {
                 IpvsOp::AddService { key, config } | IpvsOp::EditService { key, config } => {
-                    next.services.retain(|s| s.key != *key);
-                    next.services.push(VirtualService {
+                    self.services.retain(|s| s.key != *key);
+                    self.services.push(VirtualService {
                         key: *key,
                         config: config.clone(),
                         stats: Stats::default(),
                     });
-                    next.dests.entry(*key).or_default();
+                    self.dests.entry(*key).or_default();
                 }
                 IpvsOp::DelService { key } => {
-                    next.services.retain(|s| s.key != *key);
-                    next.dests.remove(key);
+                    self.services.retain(|s| s.key != *key);
+                    self.dests.remove(key);
                 }
                 IpvsOp::AddDest {
                     service,
@@ -132,7 +139,7 @@ impl ObservedSandbox {
                     dest,
                     config,
                 } => {
-                    let d = next.dests.entry(*service).or_default();
+                    let d = self.dests.entry(*service).or_default();
                     d.retain(|x| x.key != *dest);
                     d.push(Destination {
                         key: *dest,
@@ -144,43 +151,42 @@ impl ObservedSandbox {
                     });
                 }
                 IpvsOp::DelDest { service, dest } => {
-                    next.dests.entry(*service).or_default().retain(|x| x.key != *dest)
+                    self.dests.entry(*service).or_default().retain(|x| x.key != *dest)
                 }
-                IpvsOp::SetTimeouts(t) => next.timeouts = *t,
+                IpvsOp::SetTimeouts(t) => self.timeouts = *t,
             }
         }
         for op in &plan.firewall {
             match op {
                 FwOp::NewChain(c) => {
-                    next.firewall.chains.entry(*c).or_default();
+                    self.firewall.chains.entry(*c).or_default();
                 }
-                FwOp::AddJump(c) => *next.firewall.jumps.entry(*c).or_default() += 1,
+                FwOp::AddJump(c) => *self.firewall.jumps.entry(*c).or_default() += 1,
                 FwOp::DelJump(c) => {
-                    let n = next.firewall.jumps.entry(*c).or_default();
+                    let n = self.firewall.jumps.entry(*c).or_default();
                     *n = n.saturating_sub(1);
                 }
-                FwOp::AddRule(r) => next
+                FwOp::AddRule(r) => self
                     .firewall
                     .chains
                     .entry(r.chain)
                     .or_default()
                     .push(r.spec.clone()),
                 FwOp::DelRule(r) => {
-                    let rules = next.firewall.chains.entry(r.chain).or_default();
+                    let rules = self.firewall.chains.entry(r.chain).or_default();
                     if let Some(i) = rules.iter().position(|x| *x == r.spec) {
                         rules.remove(i);
                     }
                 }
                 FwOp::DelChain(c) => {
-                    next.firewall.chains.remove(c);
+                    self.firewall.chains.remove(c);
                 }
             }
         }
-        next.firewall.jumps.retain(|_, n| *n > 0);
+        self.firewall.jumps.retain(|_, n| *n > 0);
         for op in plan.sysctls_before.iter().chain(&plan.sysctls_after) {
-            next.sysctls.insert(op.name.clone(), op.value);
+            self.sysctls.insert(op.name.clone(), op.value);
         }
-        next
     }
 }
 
@@ -260,7 +266,6 @@ impl Plan {
 /// The firewall rules a sandbox should have for `spec`, given its own addresses.
 pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Rule> {
     let mut rules = Vec::new();
-    let mut snat = BTreeSet::new();
     for svc in &spec.services {
         if let Some(publish) = &svc.publish {
             // The ingress namespace: the port on its own address, and every forwarded
@@ -275,16 +280,26 @@ pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Rule> {
         }
         rules.push(firewall::mark_rule(&svc.name, svc.vip, svc.fwmark));
         rules.push(firewall::ping_rule(&svc.name, svc.vip, svc.fwmark));
-        for b in &svc.backends {
-            if let IpAddr::V4(ip) = b.addr.addr() {
-                if let Some(own) = addrs.iter().find(|a| a.contains(ip)) {
-                    snat.insert((own.network(), own.addr));
-                }
-            }
-        }
     }
-    rules.extend(snat.into_iter().map(|(net, src)| firewall::snat_rule(net, src)));
+    rules.extend(
+        snat_sources(spec, addrs)
+            .into_iter()
+            .map(|(net, src)| firewall::snat_rule(net, src)),
+    );
     rules
+}
+
+/// The sandbox's own networks that hold a backend of a VIP service, each with the
+/// sandbox's address on it: a connection to such a backend leaves from that address
+/// (one SNAT rule each), so the reply comes back through the sandbox's IPVS.
+fn snat_sources(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> BTreeSet<(Ipv4Net, std::net::Ipv4Addr)> {
+    spec.services
+        .iter()
+        .filter(|s| s.publish.is_none())
+        .flat_map(|s| &s.backends)
+        .filter_map(|b| own_network(addrs, &b.addr))
+        .map(|own| (own.network(), own.addr))
+        .collect()
 }
 
 fn service_config(svc: &ServiceSpec) -> ServiceConfig {
@@ -345,59 +360,12 @@ pub fn plan(spec: &SandboxSpec, seen: &ObservedSandbox, sysctls: &SysctlSettings
     }
 
     for svc in &spec.services {
-        let key = ServiceKey::fwmark(svc.fwmark);
-        let config = service_config(svc);
-        let want: BTreeMap<DestKey, DestConfig> = svc
-            .backends
-            .iter()
-            .map(|b| {
-                (
-                    DestKey {
-                        addr: b.addr.addr(),
-                        port: b.port,
-                    },
-                    DestConfig::masq(b.weight),
-                )
-            })
-            .collect();
-        let have: BTreeMap<DestKey, DestConfig> = match present.get(&key) {
-            None => {
-                plan.ipvs_add.push(IpvsOp::AddService { key, config });
-                BTreeMap::new()
-            }
-            Some(existing) => {
-                if !existing.config.satisfies(&config) {
-                    plan.ipvs_add.push(IpvsOp::EditService { key, config });
-                }
-                seen.dests
-                    .get(&key)
-                    .into_iter()
-                    .flatten()
-                    .map(|d| (d.key, d.config))
-                    .collect()
-            }
-        };
-        for dest in have.keys().filter(|d| !want.contains_key(d)) {
-            plan.ipvs_remove.push(IpvsOp::DelDest {
-                service: key,
-                dest: *dest,
-            });
-        }
-        for (dest, config) in &want {
-            match have.get(dest) {
-                None => plan.ipvs_add.push(IpvsOp::AddDest {
-                    service: key,
-                    dest: *dest,
-                    config: *config,
-                }),
-                Some(now) if now != config => plan.ipvs_add.push(IpvsOp::EditDest {
-                    service: key,
-                    dest: *dest,
-                    config: *config,
-                }),
-                Some(_) => {}
-            }
-        }
+        plan_service(
+            svc,
+            present.get(&ServiceKey::fwmark(svc.fwmark)).copied(),
+            seen,
+            &mut plan,
+        );
     }
 
     if let Some(t) = spec.timeouts {
@@ -408,6 +376,143 @@ pub fn plan(spec: &SandboxSpec, seen: &ObservedSandbox, sysctls: &SysctlSettings
 
     plan.firewall = firewall::plan(&desired_rules(spec, &seen.addrs), &seen.firewall);
     Ok(plan)
+}
+
+/// The plan from `prev` to `next` for a sandbox that `seen` describes right after `prev`
+/// was applied in full. When only backends changed, and not which of the sandbox's own
+/// networks need a SNAT rule, only the changed services are planned: a task's start or
+/// die costs each sandbox the same however many services it has. Anything else is
+/// planned in full, by [`plan`]; both give the same plan.
+pub fn plan_change(
+    prev: &SandboxSpec,
+    next: &SandboxSpec,
+    seen: &ObservedSandbox,
+    sysctls: &SysctlSettings,
+) -> Result<Plan, PlanError> {
+    let same_but_backends = |a: &ServiceSpec, b: &ServiceSpec| {
+        a.name == b.name
+            && a.vip == b.vip
+            && a.fwmark == b.fwmark
+            && a.scheduler == b.scheduler
+            && a.persistence == b.persistence
+            && a.publish == b.publish
+    };
+    if prev.timeouts != next.timeouts
+        || prev.services.len() != next.services.len()
+        || !prev
+            .services
+            .iter()
+            .zip(&next.services)
+            .all(|(a, b)| same_but_backends(a, b))
+    {
+        return plan(next, seen, sysctls);
+    }
+    let changed: Vec<(&ServiceSpec, &ServiceSpec)> = prev
+        .services
+        .iter()
+        .zip(&next.services)
+        .filter(|(was, svc)| was.backends != svc.backends)
+        .collect();
+    // A SNAT rule comes or goes only with the first backend on one of the sandbox's
+    // networks, or its last: look at the networks of the backends that came or went.
+    let snat_changes = changed.iter().any(|(was, svc)| {
+        let before: BTreeSet<_> = was.backends.iter().map(|b| b.addr).collect();
+        let after: BTreeSet<_> = svc.backends.iter().map(|b| b.addr).collect();
+        svc.publish.is_none()
+            && before.symmetric_difference(&after).any(|addr| {
+                own_network(&seen.addrs, addr).is_some_and(|net| covers(prev, net) != covers(next, net))
+            })
+    });
+    if snat_changes {
+        return plan(next, seen, sysctls);
+    }
+    let mut plan = Plan::default();
+    for (_, svc) in changed {
+        let key = ServiceKey::fwmark(svc.fwmark);
+        let present = seen.services.iter().find(|s| s.key == key);
+        plan_service(svc, present, seen, &mut plan);
+    }
+    Ok(plan)
+}
+
+/// The sandbox's own network (of `addrs`) that holds the backend `addr`, if any.
+fn own_network(addrs: &[Ipv4Net], addr: &BackendAddr) -> Option<Ipv4Net> {
+    let IpAddr::V4(ip) = addr.addr() else {
+        return None;
+    };
+    addrs.iter().find(|a| a.contains(ip)).copied()
+}
+
+/// Whether a backend of one of `spec`'s VIP services is on the network `net`: then the
+/// sandbox needs the SNAT rule of `net`.
+fn covers(spec: &SandboxSpec, net: Ipv4Net) -> bool {
+    spec.services
+        .iter()
+        .filter(|s| s.publish.is_none())
+        .flat_map(|s| &s.backends)
+        .any(|b| matches!(b.addr.addr(), IpAddr::V4(ip) if net.contains(ip)))
+}
+
+/// Add to `plan` what brings one service, and its destinations, from `seen` to `svc`.
+fn plan_service(
+    svc: &ServiceSpec,
+    present: Option<&VirtualService>,
+    seen: &ObservedSandbox,
+    plan: &mut Plan,
+) {
+    let key = ServiceKey::fwmark(svc.fwmark);
+    let config = service_config(svc);
+    let want: BTreeMap<DestKey, DestConfig> = svc
+        .backends
+        .iter()
+        .map(|b| {
+            (
+                DestKey {
+                    addr: b.addr.addr(),
+                    port: b.port,
+                },
+                DestConfig::masq(b.weight),
+            )
+        })
+        .collect();
+    let have: BTreeMap<DestKey, DestConfig> = match present {
+        None => {
+            plan.ipvs_add.push(IpvsOp::AddService { key, config });
+            BTreeMap::new()
+        }
+        Some(existing) => {
+            if !existing.config.satisfies(&config) {
+                plan.ipvs_add.push(IpvsOp::EditService { key, config });
+            }
+            seen.dests
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .map(|d| (d.key, d.config))
+                .collect()
+        }
+    };
+    for dest in have.keys().filter(|d| !want.contains_key(d)) {
+        plan.ipvs_remove.push(IpvsOp::DelDest {
+            service: key,
+            dest: *dest,
+        });
+    }
+    for (dest, config) in &want {
+        match have.get(dest) {
+            None => plan.ipvs_add.push(IpvsOp::AddDest {
+                service: key,
+                dest: *dest,
+                config: *config,
+            }),
+            Some(now) if now != config => plan.ipvs_add.push(IpvsOp::EditDest {
+                service: key,
+                dest: *dest,
+                config: *config,
+            }),
+            Some(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -436,6 +541,156 @@ mod tests {
             .iter()
             .map(|(n, v)| ((*n).to_owned(), *v))
             .collect()
+    }
+
+    /// A sandbox spec from `(name, fwmark, scheduler, backends as "ip" or "ip/weight")`,
+    /// each service's VIP 10.9.0.<fwmark - 255>.
+    fn sandbox(services: &[(&str, u32, &str, &[&str])], timeouts: bool) -> SandboxSpec {
+        let svcs: Vec<String> = services
+            .iter()
+            .map(|(name, mark, sched, backends)| {
+                let b: Vec<String> = backends
+                    .iter()
+                    .map(|b| match b.split_once('/') {
+                        Some((ip, w)) => format!(r#"{{"ip":"{ip}","weight":{w}}}"#),
+                        None => format!(r#"{{"ip":"{b}"}}"#),
+                    })
+                    .collect();
+                format!(
+                    r#"{{"name":"{name}","vip":"10.9.0.{}","fwmark":{mark},"scheduler":"{sched}","backends":[{}]}}"#,
+                    mark - 255,
+                    b.join(",")
+                )
+            })
+            .collect();
+        let t = if timeouts {
+            r#","timeouts":{"tcp":900,"tcpfin":120,"udp":300}"#
+        } else {
+            ""
+        };
+        spec(&format!(r#"{{"services":[{}]{t}}}"#, svcs.join(",")))
+    }
+
+    #[test]
+    fn planning_only_the_change_gives_the_whole_plan_and_touches_no_rule_for_a_backend_change() {
+        // Two networks of its own; at first only 10.0.0.0/24 holds backends.
+        let own = vec![
+            Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap(),
+            Ipv4Net::new("10.1.0.2".parse().unwrap(), 24).unwrap(),
+        ];
+        let s = SysctlSettings::default();
+        let base: &[(&str, u32, &str, &[&str])] = &[
+            ("api", 257, "rr", &["10.0.0.7", "10.0.0.8"]),
+            ("web", 256, "rr", &["10.0.0.3", "10.0.0.4"]),
+        ];
+        let prev = sandbox(base, false);
+        let empty = ObservedSandbox {
+            addrs: own,
+            sysctls: kernel_defaults(),
+            ..Default::default()
+        };
+        let seen = empty.after(&plan(&prev, &empty, &s).unwrap());
+        // (what changes, the spec after it, whether it is a backend change only)
+        let cases: Vec<(&str, SandboxSpec, bool)> = vec![
+            (
+                "a backend added",
+                sandbox(
+                    &[base[0], ("web", 256, "rr", &["10.0.0.3", "10.0.0.4", "10.0.0.5"])],
+                    false,
+                ),
+                true,
+            ),
+            (
+                "a backend gone",
+                sandbox(&[base[0], ("web", 256, "rr", &["10.0.0.4"])], false),
+                true,
+            ),
+            (
+                "a weight changed, and a backend swapped",
+                sandbox(&[("api", 257, "rr", &["10.0.0.7/0", "10.0.0.9"]), base[1]], false),
+                true,
+            ),
+            (
+                "the last backend gone",
+                sandbox(&[("api", 257, "rr", &[]), base[1]], false),
+                true,
+            ),
+            (
+                "a backend on a network with none before (a new SNAT rule)",
+                sandbox(&[base[0], ("web", 256, "rr", &["10.0.0.3", "10.1.0.3"])], false),
+                false,
+            ),
+            (
+                "a scheduler changed",
+                sandbox(&[base[0], ("web", 256, "wrr", &["10.0.0.3", "10.0.0.4"])], false),
+                false,
+            ),
+            ("a service gone", sandbox(&[base[1]], false), false),
+            (
+                "a service added",
+                sandbox(&[base[0], ("db", 258, "rr", &["10.0.0.9"]), base[1]], false),
+                false,
+            ),
+            ("timeouts set", sandbox(base, true), false),
+            ("nothing", sandbox(base, false), true),
+        ];
+        for (what, next, backends_only) in cases {
+            let whole = plan(&next, &seen, &s).unwrap();
+            let change = plan_change(&prev, &next, &seen, &s).unwrap();
+            assert_eq!(change.lines(), whole.lines(), "{what}");
+            if backends_only {
+                assert!(
+                    change.firewall.is_empty() && change.sysctls_before.is_empty(),
+                    "{what}"
+                );
+            } else {
+                assert!(!change.is_empty(), "{what}");
+            }
+            // Applied, it leaves the sandbox where a full read would: nothing more to do.
+            assert!(
+                plan(&next, &seen.after(&change), &s).unwrap().is_empty(),
+                "{what}"
+            );
+        }
+        // A backend change is planned from `prev` alone, without looking at the rules:
+        // with a view that has lost them, a whole plan takes the services for someone
+        // else's, and this one is still the one IPVS operation.
+        let added = sandbox(
+            &[base[0], ("web", 256, "rr", &["10.0.0.3", "10.0.0.4", "10.0.0.5"])],
+            false,
+        );
+        let bare = ObservedSandbox {
+            firewall: ObservedFirewall::default(),
+            ..seen.clone()
+        };
+        assert_eq!(
+            plan_change(&prev, &added, &bare, &s).unwrap().lines(),
+            ["ipvsadm -a -f 256 -r 10.0.0.5:0 -m -w 1"]
+        );
+        assert!(matches!(
+            plan(&added, &bare, &s),
+            Err(PlanError::ForeignFwMark { .. })
+        ));
+        // The last backend on a network goes: its SNAT rule goes too.
+        let two = sandbox(&[base[0], ("web", 256, "rr", &["10.0.0.3", "10.1.0.3"])], false);
+        let seen_two = empty.after(&plan(&two, &empty, &s).unwrap());
+        let p = plan_change(&two, &prev, &seen_two, &s).unwrap();
+        assert_eq!(p.lines(), plan(&prev, &seen_two, &s).unwrap().lines());
+        assert!(
+            p.lines()
+                .iter()
+                .any(|l| l.starts_with("iptables -t nat -D") && l.contains("10.1.0.0/24")),
+            "{:#?}",
+            p.lines()
+        );
+        // The SNAT case does add a rule: the new network's.
+        let snat = sandbox(&[base[0], ("web", 256, "rr", &["10.0.0.3", "10.1.0.3"])], false);
+        let p = plan_change(&prev, &snat, &seen, &s).unwrap();
+        assert!(
+            p.lines().iter().any(|l| l.contains("10.1.0.0/24")),
+            "{:#?}",
+            p.lines()
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -75,8 +76,8 @@ pub struct SandboxStatus {
     pub path: PathBuf,
     /// The name of the container it belongs to.
     pub container: String,
-    /// The services it should have.
-    pub services: Vec<String>,
+    /// The services it should have (shared: a sync copies every sandbox's status).
+    pub services: Arc<[String]>,
     /// Whether its kernel state was last brought to what it should be.
     pub in_sync: bool,
     /// Why not, if it is not.
@@ -327,7 +328,7 @@ mod tests {
             sandboxes: vec![SandboxStatus {
                 path: "/run/docker/netns/abc".into(),
                 container: "client".into(),
-                services: vec!["web".into()],
+                services: vec!["web".into()].into(),
                 in_sync: false,
                 error: Some("this kernel has no IPVS".into()),
                 last_operations: 0,

@@ -7,45 +7,41 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::alloc::Allocations;
 use super::cluster::{Container, ContainerId, NetworkId};
+use super::ipvs::Timeouts;
 use super::labels::{EndpointMode, ServiceDef};
 use super::model::{BackendAddr, ServiceName};
 use super::spec::{Backend, SandboxSpec, ServiceSpec};
 
-/// The desired state of every sandbox, keyed by its namespace path.
+/// The desired state of every sandbox, keyed by its namespace path, each with the IPVS
+/// `timeouts` to set.
 ///
 /// A sandbox's services depend only on the networks it is attached to, so they are
-/// worked out once per set of networks and copied to every sandbox with that set: one
+/// worked out once per set of networks and shared by every sandbox with that set: one
 /// event on a host with many sandboxes on one network costs one pass over the services,
 /// not one per sandbox.
 pub fn desired(
     containers: &[Container],
     defs: &BTreeMap<ServiceName, ServiceDef>,
     allocs: &Allocations,
-) -> BTreeMap<PathBuf, SandboxSpec> {
+    timeouts: Option<Timeouts>,
+) -> BTreeMap<PathBuf, Arc<SandboxSpec>> {
     let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
-    let mut by_networks: BTreeMap<BTreeSet<&NetworkId>, Vec<ServiceSpec>> = BTreeMap::new();
+    let mut by_networks: BTreeMap<BTreeSet<&NetworkId>, Arc<SandboxSpec>> = BTreeMap::new();
     let mut out = BTreeMap::new();
     for c in containers.iter().filter(|c| c.running) {
         let Some(sandbox) = &c.sandbox else { continue };
         let mine: BTreeSet<&NetworkId> = c.attachments.iter().map(|a| &a.network).collect();
-        let services = match by_networks.get(&mine) {
-            Some(services) => services.clone(),
-            None => {
-                let services = services_on(&mine, &by_id, defs, allocs);
-                by_networks.insert(mine, services.clone());
-                services
-            }
-        };
-        out.insert(
-            sandbox.clone(),
-            SandboxSpec {
-                services,
-                timeouts: None,
-            },
-        );
+        let spec = by_networks.entry(mine).or_insert_with_key(|mine| {
+            Arc::new(SandboxSpec {
+                services: services_on(mine, &by_id, defs, allocs),
+                timeouts,
+            })
+        });
+        out.insert(sandbox.clone(), Arc::clone(spec));
     }
     out
 }
@@ -105,7 +101,7 @@ mod tests {
 
     use crate::core::cluster::fixture::container as c;
 
-    fn plan(cs: &[Container]) -> BTreeMap<PathBuf, SandboxSpec> {
+    fn plan(cs: &[Container]) -> BTreeMap<PathBuf, Arc<SandboxSpec>> {
         let (defs, errors) = labels::services(cs);
         assert!(errors.is_empty(), "{errors:#?}");
         let mut allocs = Allocations::default();
@@ -113,7 +109,7 @@ mod tests {
         for name in defs.keys() {
             allocs.ensure(name, pool).unwrap();
         }
-        desired(cs, &defs, &allocs)
+        desired(cs, &defs, &allocs, None)
     }
 
     fn backends(spec: &SandboxSpec, svc: &str) -> Vec<String> {
