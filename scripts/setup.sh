@@ -70,10 +70,9 @@ systemd=0
 [[ -e /proc/net/ip_vs ]] || modprobe ip_vs 2>/dev/null || true
 [[ -e /proc/net/ip_vs ]] || die "this kernel has no IPVS (no /proc/net/ip_vs, and 'modprobe ip_vs' failed): vipd needs it. On a host whose kernel lacks it, try vipd in the project's VM: scripts/vm/run.sh -- scripts/demo.sh"
 
-# A Docker engine: the one DOCKER_HOST names, or the system one, started when it does not
-# answer (and installed when it is not there).
-# ensure-docker.sh installs the engine, its client and docker-compose when missing, and
-# starts nothing itself.
+# A Docker engine: the one DOCKER_HOST names, or the system one. ensure-docker.sh installs
+# the engine, its client and docker-compose when missing (it starts nothing); an engine
+# that does not answer is started here.
 scripts/docker/ensure-docker.sh
 engine_up() { timeout 10 docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 if ! engine_up; then
