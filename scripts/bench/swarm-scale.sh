@@ -26,6 +26,8 @@
 # each time, the medians and the ratio vipd / swarm; and apart, the part after the new
 # task container's start event (`docker events`, .TimeNano): what is left once the
 # container runs, i.e. the load balancer's own delay (plus the requests' resolution).
+# Last, the floor: vipd's time until its container's start event over Swarm's whole time,
+# the ratio vipd would reach if its own part took no time at all.
 #
 # Needs a kernel with IPVS; on a host without, in the VM (emulated: compare ratios):
 #   scripts/vm/run.sh --timeout 5400 --mem 3072 --env VIPD=.cache/target-bench2/release/vipd \
@@ -180,7 +182,7 @@ started_at() {
 }
 
 # --- repetitions ----------------------------------------------------------------------------
-T_VIPD=() T_SWARM=() E_VIPD=() E_SWARM=()
+T_VIPD=() T_SWARM=() E_VIPD=() E_SWARM=() S_VIPD=()
 for ((r = 1; r <= REPEAT; r++)); do
   # vipd: docker run of one more task.
   known=$(d ps -q --filter label=vipd.service=web | tr '\n' ' ')
@@ -194,7 +196,9 @@ $(tail -n 20 "$work/vipd.log")"
   read -r t1 n who <"$work/answer"
   [[ "$who" == "${id:0:12}" ]] || die "vipd: answered by $who, not the new task ${id:0:12}"
   T_VIPD+=("$(secs "$t0" "$t1")")
-  E_VIPD+=("$(secs "$(started_at "$id")" "$t1")")
+  started=$(started_at "$id")
+  E_VIPD+=("$(secs "$started" "$t1")")
+  S_VIPD+=("$(secs "$t0" "$started")")
   log "vipd  $r/$REPEAT: ${T_VIPD[-1]} s, ${E_VIPD[-1]} s after the start event (docker run returned after $(secs "$t0" "$t_ret") s; $n requests)"
   d rm -f "$id" >/dev/null
   wait_dests "$VNS" "$N"
@@ -235,5 +239,8 @@ echo "of which after the new container's start event:"
 echo "vipd:                               ${E_VIPD[*]}  median $ev"
 echo "swarm:                              ${E_SWARM[*]}  median $es"
 echo "vipd / swarm: $(ratio "$ev" "$es")"
+sv=$(median "${S_VIPD[@]}")
+echo "vipd until its container's start event:   ${S_VIPD[*]}  median $sv"
+echo "floor, vipd's part taking no time at all: vipd / swarm $(ratio "$sv" "$ms")"
 echo "resolution: one request every >= $REQUEST_GAP s + its own time, from the client's namespace"
 grep -E 'WARN|ERROR' "$work/vipd.log" | tail -n 20 | sed 's/^/vipd: /' || true
