@@ -456,6 +456,7 @@ pub async fn serve_udp<H: RequestHandler>(
     let mut shuffler = Shuffler::new(RandomState::new().hash_one(0x6661_7374_u64));
     let mut slow = JoinSet::new();
     let metrics = catalog.metrics().clone();
+    let mut acl = acl.view();
     loop {
         let (len, src) = match socket.recv_from(&mut buf).await {
             Ok(received) => received,

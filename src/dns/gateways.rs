@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::dns::server::{loopback_networks, CatalogHandle, DnsConfig, DnsServer};
+use crate::dns::server::{loopback_networks, Acl, CatalogHandle, DnsConfig, DnsServer};
 use crate::docker::NetworkInfo;
 
 /// Where to listen and whom to answer, for a set of networks.
@@ -61,7 +61,17 @@ pub struct GatewayDns {
     catalog: CatalogHandle,
     upstreams: Option<Vec<SocketAddr>>,
     current: GatewayPlan,
-    running: Vec<(SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    running: Vec<Listener>,
+    /// How many listeners were started (bound) so far.
+    started: usize,
+}
+
+/// One address served: who may ask it, and how to stop it.
+struct Listener {
+    addr: SocketAddr,
+    acl: Acl,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl GatewayDns {
@@ -72,12 +82,18 @@ impl GatewayDns {
             upstreams,
             current: GatewayPlan::default(),
             running: Vec::new(),
+            started: 0,
         }
     }
 
     /// The addresses being served.
     pub fn serving(&self) -> Vec<SocketAddr> {
-        self.running.iter().map(|(a, _, _)| *a).collect()
+        self.running.iter().map(|l| l.addr).collect()
+    }
+
+    /// How many listeners were started (bound) so far.
+    pub fn started(&self) -> usize {
+        self.started
     }
 
     /// Whether every address of the plan is served.
@@ -85,32 +101,37 @@ impl GatewayDns {
         self.running.len() == self.current.listen.len()
     }
 
-    /// Serve `plan`: when it differs from what is served, every listener is replaced
-    /// (the allowed networks are part of each). An address that cannot be bound is
-    /// reported and left out; the same plan again tries only the addresses not served
-    /// (one another process held, say), and says so only when it works.
+    /// Serve `plan`. A listener whose address stays keeps its sockets, and answers the
+    /// plan's sources from now on: a network created or removed does not interrupt the
+    /// others' DNS. Addresses that left are stopped, new ones bound; one that cannot be
+    /// bound is reported and left out, and tried again at each update (the same plan
+    /// again, every 10 s), which says so only when it works.
     pub async fn update(&mut self, plan: GatewayPlan) {
-        if plan == self.current {
-            let serving: BTreeSet<SocketAddr> = self.serving().into_iter().collect();
-            let missing: Vec<SocketAddr> = plan.listen.difference(&serving).copied().collect();
-            let mut started = false;
-            for addr in missing {
-                started |= self.start(addr, &plan.allowed, false).await;
+        if plan.allowed != self.current.allowed {
+            for l in &self.running {
+                l.acl.set(plan.allowed.iter().copied());
             }
-            if started {
-                info!(listen = ?self.serving(), "DNS serving on the Docker networks' gateways");
-            }
-            return;
         }
-        for (addr, stop, task) in self.running.drain(..) {
-            let _ = stop.send(());
-            let _ = task.await;
-            tracing::debug!(%addr, "DNS listener stopped");
+        let (kept, gone): (Vec<Listener>, Vec<Listener>) = self
+            .running
+            .drain(..)
+            .partition(|l| plan.listen.contains(&l.addr));
+        self.running = kept;
+        for l in gone {
+            let _ = l.stop.send(());
+            let _ = l.task.await;
+            info!(addr = %l.addr, "DNS listener stopped: its network is gone");
         }
-        for addr in &plan.listen {
-            self.start(*addr, &plan.allowed, true).await;
+        let serving: BTreeSet<SocketAddr> = self.serving().into_iter().collect();
+        let missing: Vec<SocketAddr> = plan.listen.difference(&serving).copied().collect();
+        let mut started = false;
+        for addr in missing {
+            let first = !self.current.listen.contains(&addr);
+            started |= self.start(addr, &plan.allowed, first).await;
         }
-        info!(listen = ?self.serving(), "DNS serving on the Docker networks' gateways");
+        if started {
+            info!(listen = ?self.serving(), "DNS serving on the Docker networks' gateways");
+        }
         self.current = plan;
     }
 
@@ -121,6 +142,8 @@ impl GatewayDns {
         config.upstreams = self.upstreams.clone();
         match DnsServer::bind(config, self.catalog.clone()).await {
             Ok(server) => {
+                self.started += 1;
+                let acl = server.acl();
                 let (stop, stopped) = oneshot::channel();
                 let task = tokio::spawn(async move {
                     if let Err(e) = server
@@ -132,7 +155,12 @@ impl GatewayDns {
                         warn!(%addr, error = %e, "DNS listener failed");
                     }
                 });
-                self.running.push((addr, stop, task));
+                self.running.push(Listener {
+                    addr,
+                    acl,
+                    stop,
+                    task,
+                });
                 true
             }
             Err(e) if first => {
@@ -210,6 +238,52 @@ mod tests {
         assert_eq!(dns.serving(), vec!["127.0.0.1:0".parse::<SocketAddr>().unwrap()]);
         dns.update(GatewayPlan::default()).await;
         assert!(dns.serving().is_empty());
+    }
+
+    /// The response code of a query for `web.` A sent to `addr` over UDP.
+    async fn rcode(addr: SocketAddr) -> u8 {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        query.extend_from_slice(b"\x03web\x00\x00\x01\x00\x01");
+        socket.send_to(&query, addr).await.unwrap();
+        let mut buf = [0u8; 512];
+        let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(5), socket.recv_from(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n >= 12 && buf[..2] == [0x12, 0x34]);
+        buf[3] & 0x0f
+    }
+
+    #[tokio::test]
+    async fn a_listener_whose_address_stays_keeps_serving_and_takes_the_new_sources() {
+        const REFUSED: u8 = 5;
+        let free = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut dns = GatewayDns::new(CatalogHandle::default(), Some(vec![]));
+        let mut plan = GatewayPlan {
+            listen: BTreeSet::from([free]),
+            allowed: loopback_networks(),
+        };
+        dns.update(plan.clone()).await;
+        assert_eq!((dns.serving(), dns.started()), (vec![free], 1));
+        assert_ne!(rcode(free).await, REFUSED);
+        // A network comes (a new gateway, a new source network) and the host is no
+        // longer among the sources: the listener is not bound again, and refuses.
+        plan.listen.insert("127.0.0.1:0".parse().unwrap());
+        plan.allowed = vec!["10.1.0.0/24".parse().unwrap()];
+        dns.update(plan.clone()).await;
+        assert_eq!(dns.serving().len(), 2);
+        assert_eq!(dns.started(), 2, "only the new address was bound");
+        assert_eq!(rcode(free).await, REFUSED);
+        // The new address goes again: the first one still serves, as it was.
+        plan.listen.remove(&"127.0.0.1:0".parse().unwrap());
+        plan.allowed = loopback_networks();
+        dns.update(plan).await;
+        assert_eq!((dns.serving(), dns.started()), (vec![free], 2));
+        assert_ne!(rcode(free).await, REFUSED);
     }
 
     #[tokio::test]
