@@ -194,16 +194,9 @@ impl SandboxProgrammer for KernelProgrammer {
             }
             // Nothing is kept after an error: the next call reads the kernel again.
             Err(e) => Err(match &e {
-                reconcile::ReconcileError::Netns(crate::netns::NetnsError::Open { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
+                reconcile::ReconcileError::Netns(n) if n.is_absent() || n.is_not_netns() => {
                     ProgramError::Gone(e.to_string())
                 }
-                // `setns` on what is left of a torn-down namespace: an empty file.
-                reconcile::ReconcileError::Netns(crate::netns::NetnsError::Enter {
-                    source: nix::errno::Errno::EINVAL,
-                    ..
-                }) => ProgramError::Gone(e.to_string()),
                 _ => ProgramError::Failed(e.to_string()),
             }),
         }

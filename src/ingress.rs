@@ -449,13 +449,8 @@ enum NetnsFile {
 fn netns_file(ns: &NetnsPath) -> Result<NetnsFile, IngressError> {
     match crate::netns::run_in(ns, || ()) {
         Ok(()) => Ok(NetnsFile::Netns),
-        Err(NetnsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            Ok(NetnsFile::Absent)
-        }
-        Err(NetnsError::Enter {
-            source: Errno::EINVAL,
-            ..
-        }) => Ok(NetnsFile::NotNetns),
+        Err(e) if e.is_absent() => Ok(NetnsFile::Absent),
+        Err(e) if e.is_not_netns() => Ok(NetnsFile::NotNetns),
         Err(e) => Err(e.into()),
     }
 }

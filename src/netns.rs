@@ -56,6 +56,25 @@ pub enum NetnsError {
     Thread { path: NetnsPath, reason: String },
 }
 
+impl NetnsError {
+    /// The namespace file does not exist.
+    pub fn is_absent(&self) -> bool {
+        matches!(self, NetnsError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
+    /// The file exists but is no network namespace: `setns` gives `EINVAL` for an empty
+    /// regular file (what a torn-down or half-made namespace leaves) or another type.
+    pub fn is_not_netns(&self) -> bool {
+        matches!(
+            self,
+            NetnsError::Enter {
+                source: nix::errno::Errno::EINVAL,
+                ..
+            }
+        )
+    }
+}
+
 /// Check that `ns` names something that can be opened, without entering it.
 pub fn check(ns: &NetnsPath) -> Result<(), NetnsError> {
     File::open(ns.path())

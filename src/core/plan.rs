@@ -389,13 +389,23 @@ pub fn plan_change(
     seen: &ObservedSandbox,
     sysctls: &SysctlSettings,
 ) -> Result<Plan, PlanError> {
+    // Every field but the backends: a field added to `ServiceSpec` must be named here.
     let same_but_backends = |a: &ServiceSpec, b: &ServiceSpec| {
-        a.name == b.name
-            && a.vip == b.vip
-            && a.fwmark == b.fwmark
-            && a.scheduler == b.scheduler
-            && a.persistence == b.persistence
-            && a.publish == b.publish
+        let ServiceSpec {
+            name,
+            vip,
+            fwmark,
+            scheduler,
+            persistence,
+            backends: _,
+            publish,
+        } = a;
+        *name == b.name
+            && *vip == b.vip
+            && *fwmark == b.fwmark
+            && *scheduler == b.scheduler
+            && *persistence == b.persistence
+            && *publish == b.publish
     };
     if prev.timeouts != next.timeouts
         || prev.services.len() != next.services.len()
