@@ -798,7 +798,7 @@ impl Agent {
         }
 
         if let Some(dns) = &self.dns {
-            let (catalog, warnings) = crate::dns::cluster::catalog(
+            let (catalog, warnings) = crate::dns::records::catalog(
                 &containers,
                 &defs,
                 &self.allocs,

@@ -27,7 +27,8 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
-pub use crate::core::labels::{NamedPort, PortProtocol};
+use super::names;
+use crate::core::labels::{EndpointMode, NamedPort};
 use crate::core::model::{BackendAddr, ServiceName, Vip};
 
 /// The TTL of every record when none is configured. Short on purpose: Swarm's fixed 600 s
@@ -37,20 +38,15 @@ pub const DEFAULT_TTL: u32 = 5;
 /// The weight of every SRV record: all tasks are equal.
 pub const SRV_WEIGHT: u16 = 10;
 
-/// How a service is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EndpointMode {
-    /// Through its virtual IP, load-balanced by IPVS: `<svc>` answers the VIP.
-    Vip(Vip),
-    /// DNS round robin: `<svc>` answers every task address, in a new order each time.
-    Dnsrr,
-}
-
 /// One service as DNS sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRecord {
     pub name: ServiceName,
-    pub endpoint: EndpointMode,
+    /// [`EndpointMode::Vip`]: `<svc>` answers `vip`, load-balanced by IPVS.
+    /// [`EndpointMode::Dnsrr`]: `<svc>` answers every task address, in a new order each time.
+    pub mode: EndpointMode,
+    /// The service's virtual IP: set in VIP mode, and only then.
+    pub vip: Option<Vip>,
     /// The addresses of its running tasks (IPv6 ones are ignored for now).
     pub tasks: Vec<BackendAddr>,
     /// Named ports for SRV answers.
@@ -73,6 +69,9 @@ pub enum CatalogError {
     /// Two services with one name.
     #[error("service {0:?} appears twice")]
     DuplicateService(String),
+    /// A VIP service without its VIP, or a DNSRR service with one.
+    #[error("service {0:?}: a VIP-mode service needs its VIP, a DNSRR one has none")]
+    EndpointMismatch(String),
     /// A service with two named ports of the same name and protocol.
     #[error("service {service:?} has the port _{port}._{protocol} twice")]
     DuplicatePort {
@@ -185,7 +184,8 @@ enum Node {
 }
 
 /// An immutable snapshot of everything one DNS view serves; see the module documentation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Two catalogs are equal when built from equal parts: the indexes follow from them.
+#[derive(Debug, Clone)]
 pub struct Catalog {
     services: Vec<ServiceRecord>,
     containers: Vec<ContainerRecord>,
@@ -199,6 +199,17 @@ pub struct Catalog {
     /// Address → relative name for PTR.
     reverse: HashMap<Ipv4Addr, String>,
 }
+
+impl PartialEq for Catalog {
+    fn eq(&self, other: &Self) -> bool {
+        self.services == other.services
+            && self.containers == other.containers
+            && self.domain == other.domain
+            && self.ttl == other.ttl
+    }
+}
+
+impl Eq for Catalog {}
 
 impl Default for Catalog {
     fn default() -> Self {
@@ -246,7 +257,7 @@ impl CatalogBuilder {
         let domain = match self.domain {
             None => None,
             Some(d) => {
-                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                let d = names::domain(&d);
                 check_name("domain", &d)?;
                 Some(d)
             }
@@ -257,19 +268,21 @@ impl CatalogBuilder {
 
         // Services first: their names win over a container or alias that collides.
         for (i, svc) in self.services.iter().enumerate() {
-            let name = svc.name.as_str().to_ascii_lowercase();
+            let name = names::key(svc.name.as_str());
             check_name("service name", &name)?;
             if !roots.insert(name.clone()) {
                 return Err(CatalogError::DuplicateService(svc.name.to_string()));
             }
+            if (svc.mode == EndpointMode::Vip) != svc.vip.is_some() {
+                return Err(CatalogError::EndpointMismatch(svc.name.to_string()));
+            }
             names.insert(name.clone(), Node::Service(i));
-            names.insert(format!("tasks.{name}"), Node::Tasks(i));
+            names.insert(names::tasks(&name), Node::Tasks(i));
             for ip in v4_tasks(svc) {
-                names.insert(format!("{}.{name}", dashed(ip)), Node::TaskHost(ip));
+                names.insert(names::task_host(ip, &name), Node::TaskHost(ip));
             }
             for (p, port) in svc.ports.iter().enumerate() {
-                let label = port.name.to_ascii_lowercase();
-                let proto = port.protocol.label();
+                let label = names::key(&port.name);
                 check_name("port name", &label)?;
                 if label.contains('.') {
                     return Err(CatalogError::InvalidName {
@@ -277,32 +290,30 @@ impl CatalogBuilder {
                         name: port.name.clone(),
                     });
                 }
-                let srv = format!("_{label}._{proto}.{name}");
+                let srv = names::srv(&label, port.protocol, &name);
                 if names.insert(srv, Node::Srv(i, p)).is_some() {
                     return Err(CatalogError::DuplicatePort {
                         service: svc.name.to_string(),
                         port: port.name.clone(),
-                        protocol: proto,
+                        protocol: port.protocol.label(),
                     });
                 }
-                names.insert(format!("_{proto}.{name}"), Node::Empty);
+                names.insert(names::protocol_node(port.protocol, &name), Node::Empty);
             }
-            if let EndpointMode::Vip(vip) = svc.endpoint {
-                if let IpAddr::V4(ip) = vip.addr() {
-                    reverse.insert(ip, name.clone());
-                }
+            if let Some(IpAddr::V4(ip)) = svc.vip.map(|vip| vip.addr()) {
+                reverse.insert(ip, name.clone());
             }
         }
 
         for c in &self.containers {
-            let cname = c.name.to_ascii_lowercase();
+            let cname = names::key(&c.name);
             check_name("container name", &cname)?;
             if let IpAddr::V4(ip) = c.addr {
                 reverse.entry(ip).or_insert_with(|| cname.clone());
             }
             let mut aliases = vec![cname];
             for alias in &c.aliases {
-                let alias = alias.to_ascii_lowercase();
+                let alias = names::key(alias);
                 check_name("alias", &alias)?;
                 aliases.push(alias);
             }
@@ -323,11 +334,9 @@ impl CatalogBuilder {
 
         // Tasks without a container of their own get their per-task name.
         for svc in &self.services {
-            let name = svc.name.as_str().to_ascii_lowercase();
+            let name = names::key(svc.name.as_str());
             for ip in v4_tasks(svc) {
-                reverse
-                    .entry(ip)
-                    .or_insert_with(|| format!("{}.{name}", dashed(ip)));
+                reverse.entry(ip).or_insert_with(|| names::task_host(ip, &name));
             }
         }
 
@@ -384,13 +393,22 @@ impl Catalog {
         self.ttl
     }
 
+    /// Every relative name the catalog answers (services and what derives from them,
+    /// containers, aliases), lowercase; each is also served under the domain.
+    pub fn relative_names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
+    /// Every IPv4 address whose PTR name ([`names::reverse`]) the catalog answers.
+    pub fn reverse_addrs(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.reverse.keys().copied()
+    }
+
     /// True when the relative name is at or below a service or container name, or is
     /// `tasks.<one label>`.
     fn owns_below(&self, rel: &str) -> bool {
-        if let Some(rest) = rel.strip_prefix("tasks.") {
-            if !rest.contains('.') {
-                return true;
-            }
+        if names::is_tasks_of_a_label(rel) {
+            return true;
         }
         let mut rest = rel;
         loop {
@@ -407,10 +425,7 @@ impl Catalog {
     /// An absolute name for a relative one, in the domain when `in_domain` (unless it is
     /// there already).
     fn absolute(&self, rel: &str, in_domain: bool) -> String {
-        match (&self.domain, in_domain) {
-            (Some(d), true) if !is_within(rel, d) => format!("{rel}.{d}."),
-            _ => format!("{rel}."),
-        }
+        names::absolute(rel, self.domain.as_deref().filter(|_| in_domain))
     }
 }
 
@@ -422,12 +437,12 @@ pub fn answer(catalog: &Catalog, query: &Query<'_>, shuffle_seed: u64) -> Answer
     if asked.is_empty() {
         return Answer::NotOurs;
     }
-    let lower = asked.to_ascii_lowercase();
+    let lower = names::key(asked);
     let owner = format!("{asked}.");
     let class_ok = matches!(query.qclass, CLASS_IN | CLASS_ANY);
     let wants = |t: QueryType| class_ok && (query.qtype == t || query.qtype == QueryType::Any);
 
-    if let Some(ip) = parse_in_addr_arpa(&lower) {
+    if let Some(ip) = names::parse_reverse(&lower) {
         let Some(target) = catalog.reverse.get(&ip) else {
             return Answer::NotOurs;
         };
@@ -448,7 +463,7 @@ pub fn answer(catalog: &Catalog, query: &Query<'_>, shuffle_seed: u64) -> Answer
     let (rel, in_domain) = match &catalog.domain {
         _ if catalog.names.contains_key(&lower) => (lower.as_str(), false),
         Some(d) if lower == *d => return Answer::NoData,
-        Some(d) => match lower.strip_suffix(d.as_str()).and_then(|r| r.strip_suffix('.')) {
+        Some(d) => match names::strip_domain(&lower, d) {
             Some(rel) => (rel, true),
             None => (lower.as_str(), false),
         },
@@ -473,10 +488,10 @@ pub fn answer(catalog: &Catalog, query: &Query<'_>, shuffle_seed: u64) -> Answer
     let found = match node {
         Node::Service(i) if wants(QueryType::A) => {
             let svc = &catalog.services[*i];
-            match svc.endpoint {
-                EndpointMode::Vip(vip) => match vip.addr() {
-                    IpAddr::V4(ip) => vec![a(ip)],
-                    IpAddr::V6(_) => Vec::new(),
+            match svc.mode {
+                EndpointMode::Vip => match svc.vip.map(|vip| vip.addr()) {
+                    Some(IpAddr::V4(ip)) => vec![a(ip)],
+                    Some(IpAddr::V6(_)) | None => Vec::new(),
                 },
                 EndpointMode::Dnsrr => {
                     let mut ips: Vec<Ipv4Addr> = v4_tasks(svc).collect();
@@ -499,13 +514,13 @@ pub fn answer(catalog: &Catalog, query: &Query<'_>, shuffle_seed: u64) -> Answer
         Node::Srv(i, p) if wants(QueryType::Srv) => {
             let svc = &catalog.services[*i];
             let port = svc.ports[*p].port;
-            let svc_name = svc.name.as_str().to_ascii_lowercase();
+            let svc_name = names::key(svc.name.as_str());
             let mut ips: Vec<Ipv4Addr> = v4_tasks(svc).collect();
             shuffle(&mut ips, &mut rng);
             let mut answers = Vec::with_capacity(ips.len());
             let mut additionals = Vec::with_capacity(ips.len());
             for ip in ips {
-                let target = catalog.absolute(&format!("{}.{svc_name}", dashed(ip)), in_domain);
+                let target = catalog.absolute(&names::task_host(ip, &svc_name), in_domain);
                 answers.push(Record {
                     name: owner.clone(),
                     ttl,
@@ -550,53 +565,8 @@ fn v4_tasks(svc: &ServiceRecord) -> impl Iterator<Item = Ipv4Addr> + '_ {
     })
 }
 
-/// True when `name` is `domain` or below it.
-fn is_within(name: &str, domain: &str) -> bool {
-    name.strip_suffix(domain)
-        .is_some_and(|head| head.is_empty() || head.ends_with('.'))
-}
-
-/// `10.0.0.5` → `10-0-0-5`: one label naming a task.
-fn dashed(ip: Ipv4Addr) -> String {
-    let [a, b, c, d] = ip.octets();
-    format!("{a}-{b}-{c}-{d}")
-}
-
-/// `5.0.0.10.in-addr.arpa` (lowercase, no trailing dot) → `10.0.0.5`; anything else → None.
-fn parse_in_addr_arpa(name: &str) -> Option<Ipv4Addr> {
-    let rest = name.strip_suffix(".in-addr.arpa")?;
-    let mut octets = [0u8; 4];
-    let mut labels = rest.split('.');
-    for slot in octets.iter_mut().rev() {
-        let label = labels.next()?;
-        if label.is_empty() || label.len() > 3 || !label.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        *slot = label.parse().ok()?;
-    }
-    labels.next().is_none().then(|| Ipv4Addr::from(octets))
-}
-
-/// Dot-separated labels of 1-63 characters from a-z, 0-9, '-', '_' (lowercase already),
-/// neither starting nor ending with '-', at most 253 characters.
-/// Whether `name` (lowercase) can be a name in the catalog: dot-separated labels of 1-63
-/// characters from a-z, 0-9, '-' and '_', not starting or ending with '-', 253 at most.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        })
-}
-
 fn check_name(what: &'static str, name: &str) -> Result<(), CatalogError> {
-    if valid_name(name) {
+    if names::valid(name) {
         Ok(())
     } else {
         Err(CatalogError::InvalidName {
@@ -657,6 +627,7 @@ impl fmt::Display for RecordData {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::labels::PortProtocol;
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -671,13 +642,15 @@ mod tests {
             .ttl(7)
             .service(ServiceRecord {
                 name: ServiceName::new("web").unwrap(),
-                endpoint: EndpointMode::Vip(Vip::new("10.0.0.100".parse().unwrap())),
+                mode: EndpointMode::Vip,
+                vip: Some(Vip::new("10.0.0.100".parse().unwrap())),
                 tasks: tasks(&["10.0.0.5", "10.0.0.6"]),
                 ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
             })
             .service(ServiceRecord {
                 name: ServiceName::new("db").unwrap(),
-                endpoint: EndpointMode::Dnsrr,
+                mode: EndpointMode::Dnsrr,
+                vip: None,
                 tasks: tasks(&["10.0.0.7", "10.0.0.8", "10.0.0.9", "fd00::9"]),
                 ports: vec![
                     NamedPort::new("pg", PortProtocol::Tcp, 5432),
@@ -686,7 +659,8 @@ mod tests {
             })
             .service(ServiceRecord {
                 name: ServiceName::new("idle").unwrap(),
-                endpoint: EndpointMode::Dnsrr,
+                mode: EndpointMode::Dnsrr,
+                vip: None,
                 tasks: Vec::new(),
                 ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
             })
@@ -808,7 +782,7 @@ mod tests {
             assert_eq!(*port, 5432);
             let glue = additionals.iter().find(|g| &g.name == target).expect("glue");
             let RecordData::A(addr) = glue.data else { panic!() };
-            assert_eq!(target, &format!("{}.db.", dashed(addr)));
+            assert_eq!(target, &format!("{}.db.", names::task_label(addr)));
             // The target resolves too.
             assert_eq!(data(&ask(&c, target, QueryType::A)), [format!("A {addr}")]);
         }
@@ -942,7 +916,8 @@ mod tests {
     fn building_checks_names() {
         let svc = |name: &str| ServiceRecord {
             name: ServiceName::new(name).unwrap(),
-            endpoint: EndpointMode::Dnsrr,
+            mode: EndpointMode::Dnsrr,
+            vip: None,
             tasks: vec![],
             ports: vec![],
         };

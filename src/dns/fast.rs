@@ -1,56 +1,35 @@
-//! The UDP fast path: the common query for a name vipd owns, answered from pre-encoded
-//! records in the loop that receives it, without decoding it into a message, a task or a
-//! channel; every other datagram goes to the [`RequestHandler`] as hickory-server would
-//! pass it.
+//! The fast path's wire codec: the common query for a name vipd owns, answered from
+//! pre-encoded records without decoding it into a message. Pure: bytes in, bytes out, no
+//! socket and no runtime; [`super::udp`] runs it in its receive loop.
 //!
 //! A [`Table`] is built once per catalog snapshot (when it is stored): for every name the
 //! catalog answers (services, `tasks.<svc>`, task hosts, SRV names, containers, aliases,
-//! PTR names, each also under the search domain), and for the types A, AAAA, SRV and PTR,
-//! what [`catalog::answer`] says, with its records already in wire format. Only records and
-//! NODATA are kept: NXDOMAIN, forwarded names and everything else take the slow path.
+//! PTR names, each also under the search domain, as [`super::names`] spells them), and for
+//! the types A, AAAA, SRV and PTR, what [`catalog::answer`] says, with its records already
+//! in wire format. Only records and NODATA are kept: NXDOMAIN, forwarded names and
+//! everything else take the slow path.
 //!
-//! [`serve_udp`] owns a UDP socket. A datagram takes the fast path when it comes from an
-//! allowed source and is one standard query (QR=0, opcode QUERY, no TC, RCODE 0), one
-//! question of class IN whose name (labels of letters, digits, `-` and `_`, any case, no
-//! compression) and type are in the table, no answer or authority records, and at most an
-//! EDNS(0) OPT record without options the decoder could reject (NSID, client subnet). The
-//! response is what the slow path sends: the ID, RD and CD bits and question copied, QR, AA
-//! and RA set, the answer records (owner: a pointer to the question, so the name as asked),
-//! the SRV targets' addresses as additionals, and an OPT advertising the client's payload
-//! size (512 at least) when the query had one. Several records are shuffled per answer, as
-//! the catalog shuffles every answer of several records (DNSRR services, `tasks.<svc>`,
-//! shared aliases, SRV with their additionals in the same order). When the response could
-//! exceed 512 bytes (the EDNS payload size) even uncompressed, the slow path answers, as it
-//! is the one that truncates.
+//! [`respond`] answers a datagram that is one standard query (QR=0, opcode QUERY, no TC,
+//! RCODE 0), one question of class IN whose name (labels of letters, digits, `-` and `_`,
+//! any case, no compression) and type are in the table, no answer or authority records,
+//! and at most an EDNS(0) OPT record without options the decoder could reject (NSID,
+//! client subnet). The response is what the slow path sends: the ID, RD and CD bits and
+//! question copied, QR, AA and RA set, the answer records (owner: a pointer to the
+//! question, so the name as asked), the SRV targets' addresses as additionals, and an OPT
+//! advertising the client's payload size (512 at least) when the query had one. Several
+//! records are shuffled per answer, as the catalog shuffles every answer of several
+//! records (DNSRR services, `tasks.<svc>`, shared aliases, SRV with their additionals in
+//! the same order). When the response could exceed 512 bytes (the EDNS payload size) even
+//! uncompressed, the slow path answers, as it is the one that truncates.
 //!
-//! The slow path mirrors hickory-server's UDP loop: sources it cannot answer are dropped,
-//! datagrams shorter than a header are dropped, ones that do not decode get FORMERR,
-//! responses are dropped, and each query runs in a task of its own, its response encoded
-//! within the size the client accepts (SERVFAIL when that fails).
+//! Such a query whose OPT record asks for an EDNS version above 0 gets BADVERS whatever its
+//! name (RFC 6891 6.1.3), as from the slow path: the question, no records, and an OPT of
+//! version 0 carrying the upper bits of the response code.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
-use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::time::Instant;
 
-use hickory_server::net::runtime::TokioTime;
-use hickory_server::net::xfer::Protocol;
-use hickory_server::net::NetError;
-use hickory_server::proto::op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_server::proto::rr::Record as WireRecord;
-use hickory_server::proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
-use tokio::net::UdpSocket;
-use tokio::task::JoinSet;
-use tracing::{debug, warn};
-
-use super::catalog::{self, Answer, Catalog, EndpointMode, Query, QueryType, RecordData, CLASS_IN};
-use super::server::{Acl, CatalogHandle};
-use crate::metrics::{DnsPath, Metrics};
+use super::catalog::{self, Answer, Catalog, Query, QueryType, RecordData, CLASS_IN};
+use super::names;
 
 const TYPE_A: u16 = 1;
 const TYPE_PTR: u16 = 12;
@@ -63,10 +42,12 @@ const FAST_TYPES: [u16; 4] = [TYPE_A, TYPE_AAAA, TYPE_SRV, TYPE_PTR];
 const CHECKED_OPTIONS: [u16; 2] = [3, 8];
 /// A name on the wire: 255 bytes at most.
 const MAX_NAME: usize = 255;
-/// The largest datagram read, as hickory-server reads them.
-const RECEIVE_BUFFER: usize = 4096;
 /// The UDP response size without EDNS, and the least one with it.
-const MIN_PAYLOAD: u16 = 512;
+pub(super) const MIN_PAYLOAD: u16 = 512;
+/// BADVERS (16): the response code of a query of an EDNS version vipd does not implement.
+pub const RCODE_BADVERS: u16 = 16;
+/// The EDNS version vipd implements.
+const EDNS_VERSION: u8 = 0;
 /// The header of a DNS message.
 const HEADER_LEN: usize = 12;
 /// An OPT record without options.
@@ -135,47 +116,14 @@ impl Table {
 /// Every name the catalog may answer, lowercase, without trailing dot: what it answers
 /// decides what the table keeps.
 fn candidate_names(catalog: &Catalog) -> HashSet<String> {
-    let mut names = HashSet::new();
-    let mut reverse = Vec::new();
-    for svc in catalog.services() {
-        let name = svc.name.as_str().to_ascii_lowercase();
-        names.insert(format!("tasks.{name}"));
-        for task in &svc.tasks {
-            if let IpAddr::V4(ip) = task.addr() {
-                let [a, b, c, d] = ip.octets();
-                names.insert(format!("{a}-{b}-{c}-{d}.{name}"));
-                reverse.push(ip);
-            }
-        }
-        for port in &svc.ports {
-            let proto = port.protocol.label();
-            names.insert(format!("_{}._{proto}.{name}", port.name.to_ascii_lowercase()));
-            names.insert(format!("_{proto}.{name}"));
-        }
-        if let EndpointMode::Vip(vip) = svc.endpoint {
-            if let IpAddr::V4(ip) = vip.addr() {
-                reverse.push(ip);
-            }
-        }
-        names.insert(name);
-    }
-    for c in catalog.containers() {
-        names.insert(c.name.to_ascii_lowercase());
-        names.extend(c.aliases.iter().map(|a| a.to_ascii_lowercase()));
-        if let IpAddr::V4(ip) = c.addr {
-            reverse.push(ip);
-        }
-    }
+    let mut candidates: HashSet<String> = catalog.relative_names().map(str::to_owned).collect();
     if let Some(domain) = catalog.domain() {
-        let within: Vec<String> = names.iter().map(|n| format!("{n}.{domain}")).collect();
-        names.extend(within);
-        names.insert(domain.to_owned());
+        let within: Vec<String> = candidates.iter().map(|n| names::within(n, domain)).collect();
+        candidates.extend(within);
+        candidates.insert(domain.to_owned());
     }
-    names.extend(reverse.into_iter().map(|ip| {
-        let [a, b, c, d] = ip.octets();
-        format!("{d}.{c}.{b}.{a}.in-addr.arpa")
-    }));
-    names
+    candidates.extend(catalog.reverse_addrs().map(names::reverse));
+    candidates
 }
 
 /// The wire form of the records of an answer to `name`; None when they are not what the
@@ -269,6 +217,8 @@ struct Parsed {
     key_len: usize,
     /// The OPT record's payload size, when there is one.
     payload: Option<u16>,
+    /// The OPT record's EDNS version; 0 without one.
+    version: u8,
     /// The question's type.
     qtype: u16,
 }
@@ -316,10 +266,11 @@ fn parse(packet: &[u8], key: &mut [u8; MAX_NAME + 2]) -> Option<Parsed> {
     }
     key[k..k + 2].copy_from_slice(&fixed[..2]);
     let question_end = at + 4;
-    let payload = if count(10) == 0 {
-        None
+    let (payload, version) = if count(10) == 0 {
+        (None, 0)
     } else {
-        Some(parse_opt(packet.get(question_end..)?)?)
+        let (payload, version) = parse_opt(packet.get(question_end..)?)?;
+        (Some(payload), version)
     };
     if payload.is_none() && packet.len() != question_end {
         return None;
@@ -329,16 +280,17 @@ fn parse(packet: &[u8], key: &mut [u8; MAX_NAME + 2]) -> Option<Parsed> {
         name_len,
         key_len: k + 2,
         payload,
+        version,
         qtype: u16::from_be_bytes([fixed[0], fixed[1]]),
     })
 }
 
 /// An OPT record that is the whole rest of a query: root owner, no extended RCODE,
-/// version 0, well-formed options the decoder cannot reject. Its payload size.
-fn parse_opt(opt: &[u8]) -> Option<u16> {
+/// well-formed options the decoder cannot reject. Its payload size and EDNS version.
+fn parse_opt(opt: &[u8]) -> Option<(u16, u8)> {
     let fixed = opt.get(..OPT_LEN)?;
     let be = |i: usize| u16::from_be_bytes([fixed[i], fixed[i + 1]]);
-    if fixed[0] != 0 || be(1) != TYPE_OPT || fixed[5] != 0 || fixed[6] != 0 {
+    if fixed[0] != 0 || be(1) != TYPE_OPT || fixed[5] != 0 {
         return None;
     }
     let mut options = &opt[OPT_LEN..];
@@ -354,7 +306,7 @@ fn parse_opt(opt: &[u8]) -> Option<u16> {
         }
         options = options.get(4 + len..)?;
     }
-    Some(be(3))
+    Some((be(3), fixed[6]))
 }
 
 /// A small, fast generator for shuffling answers (not for anything secret).
@@ -393,11 +345,28 @@ impl Shuffler {
     }
 }
 
-/// The response to `packet` from `table` into `out`, and the type of the question it
-/// answers; `None` (and `out` unspecified) when it is not a query for the fast path.
-pub fn respond(table: &Table, packet: &[u8], out: &mut Vec<u8>, shuffler: &mut Shuffler) -> Option<u16> {
+/// What [`respond`] answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Responded {
+    /// The question's type.
+    pub qtype: u16,
+    /// The response code, extended bits included (0 NOERROR, [`RCODE_BADVERS`]).
+    pub rcode: u16,
+}
+
+/// The response to `packet` from `table` into `out`, and what it answers; `None` (and
+/// `out` unspecified) when it is not a query for the fast path.
+pub fn respond(
+    table: &Table,
+    packet: &[u8],
+    out: &mut Vec<u8>,
+    shuffler: &mut Shuffler,
+) -> Option<Responded> {
     let mut key = [0u8; MAX_NAME + 2];
     let q = parse(packet, &mut key)?;
+    if q.version > EDNS_VERSION {
+        return Some(respond_badvers(packet, &q, out));
+    }
     let entry = table.entries.get(&key[..q.key_len])?;
     let n = entry.answers.len();
     let edns_len = if q.payload.is_some() { OPT_LEN } else { 0 };
@@ -414,15 +383,8 @@ pub fn respond(table: &Table, packet: &[u8], out: &mut Vec<u8>, shuffler: &mut S
         return None;
     }
 
-    out.clear();
-    out.extend_from_slice(&packet[..2]);
     // QR, opcode QUERY, AA, RD as asked; RA, CD as asked, RCODE NOERROR.
-    out.push(0x84 | (packet[2] & 0x01));
-    out.push(0x80 | (packet[3] & 0x10));
-    out.extend_from_slice(&[0, 1]);
-    out.extend_from_slice(&answers.to_be_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&additionals.to_be_bytes());
+    put_header(out, packet, 0x84, answers, additionals);
     out.extend_from_slice(&packet[HEADER_LEN..q.question_end]);
     shuffler.shuffle(n);
     for &i in &shuffler.order {
@@ -436,399 +398,60 @@ pub fn respond(table: &Table, packet: &[u8], out: &mut Vec<u8>, shuffler: &mut S
         }
     }
     if let Some(payload) = q.payload {
-        let [hi, lo] = payload.max(MIN_PAYLOAD).to_be_bytes();
-        out.extend_from_slice(&[0, 0, TYPE_OPT as u8, hi, lo, 0, 0, 0, 0, 0, 0]);
+        put_opt(out, payload, 0);
     }
-    Some(q.qtype)
+    Some(Responded {
+        qtype: q.qtype,
+        rcode: 0,
+    })
 }
 
-/// Serve DNS over UDP on `socket` until it fails: the fast path for what [`respond`]
-/// answers from the current catalog's table, `handler` for the rest.
-pub async fn serve_udp<H: RequestHandler>(
-    socket: UdpSocket,
-    catalog: CatalogHandle,
-    acl: Acl,
-    handler: Arc<H>,
-) -> Result<(), NetError> {
-    let socket = Arc::new(socket);
-    let mut buf = vec![0u8; RECEIVE_BUFFER];
-    let mut out = Vec::with_capacity(RECEIVE_BUFFER);
-    let mut shuffler = Shuffler::new(RandomState::new().hash_one(0x6661_7374_u64));
-    let mut slow = JoinSet::new();
-    let metrics = catalog.metrics().clone();
-    let mut acl = acl.view();
-    loop {
-        let (len, src) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(error) if is_unrecoverable(&error) => return Err(error.into()),
-            Err(error) => {
-                warn!(%error, "error receiving a DNS query over UDP");
-                continue;
-            }
-        };
-        if !can_answer(src) {
-            continue;
-        }
-        let received = metrics.is_enabled().then(Instant::now);
-        let packet = &buf[..len];
-        let fast = acl
-            .allows(src.ip())
-            .then(|| catalog.with_table(|table| respond(table, packet, &mut out, &mut shuffler)))
-            .flatten();
-        if let Some(qtype) = fast {
-            if let Err(error) = socket.send_to(&out, src).await {
-                debug!(%error, %src, "cannot send a DNS response");
-            }
-            if let Some(received) = received {
-                metrics.dns_answered(DnsPath::Fast, qtype, 0, received.elapsed());
-            }
-            continue;
-        }
-        slow.spawn(slow_path(
-            handler.clone(),
-            socket.clone(),
-            packet.to_vec(),
-            src,
-            metrics.clone(),
-        ));
-        while slow.try_join_next().is_some() {}
+/// BADVERS to a query of a later EDNS version, into `out`: not authoritative (nothing was
+/// looked up), the question, and an OPT of version 0 whose extended RCODE completes the
+/// header's 0 to 16.
+fn respond_badvers(packet: &[u8], q: &Parsed, out: &mut Vec<u8>) -> Responded {
+    put_header(out, packet, 0x80, 0, 1);
+    out.extend_from_slice(&packet[HEADER_LEN..q.question_end]);
+    // The upper 8 of the 12 bits of the response code; the header holds the lower 4.
+    let [_, high] = (RCODE_BADVERS >> 4).to_be_bytes();
+    put_opt(out, q.payload.unwrap_or(MIN_PAYLOAD), high);
+    Responded {
+        qtype: q.qtype,
+        rcode: RCODE_BADVERS,
     }
 }
 
-/// As hickory-server: no response to port 0, an unspecified or a broadcast address.
-fn can_answer(src: SocketAddr) -> bool {
-    src.port() != 0
-        && match src.ip() {
-            IpAddr::V4(ip) => !ip.is_unspecified() && ip != Ipv4Addr::BROADCAST,
-            IpAddr::V6(ip) => !ip.is_unspecified(),
-        }
+/// A response's header into `out` (cleared first): the query's ID, `flags` (QR, AA) with
+/// the query's RD and CD, RA, the lower bits of RCODE 0 or 16, one question.
+fn put_header(out: &mut Vec<u8>, packet: &[u8], flags: u8, answers: u16, additionals: u16) {
+    out.clear();
+    out.extend_from_slice(&packet[..2]);
+    out.push(flags | (packet[2] & 0x01));
+    out.push(0x80 | (packet[3] & 0x10));
+    out.extend_from_slice(&[0, 1]);
+    out.extend_from_slice(&answers.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&additionals.to_be_bytes());
 }
 
-fn is_unrecoverable(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
-    )
-}
-
-/// One datagram the fast path does not answer, as hickory-server handles it over UDP. The
-/// handler counts the queries it answers in the metrics; one that does not decode (FORMERR)
-/// is counted here.
-async fn slow_path<H: RequestHandler>(
-    handler: Arc<H>,
-    socket: Arc<UdpSocket>,
-    bytes: Vec<u8>,
-    src: SocketAddr,
-    metrics: Metrics,
-) {
-    let received = Instant::now();
-    let Ok(header) = Header::read(&mut BinDecoder::new(&bytes)) else {
-        return; // shorter than a header: not a query
-    };
-    let mut response = UdpResponse { socket, dst: src };
-    match Request::from_bytes(bytes, src, Protocol::Udp) {
-        Ok(request) if request.metadata.message_type == MessageType::Response => {}
-        Ok(request) => {
-            handler.handle_request::<_, TokioTime>(&request, response).await;
-        }
-        Err(error) => {
-            debug!(%error, %src, "cannot decode a DNS query");
-            let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
-                return;
-            };
-            let message = MessageResponseBuilder::new(&queries, None)
-                .error_msg(&header.metadata, ResponseCode::FormErr);
-            if let Err(error) = response.send_response(message).await {
-                debug!(%error, %src, "cannot send a DNS response");
-            }
-            let formerr = u16::from(ResponseCode::FormErr);
-            metrics.dns_answered(DnsPath::Slow, 0, formerr, received.elapsed());
-        }
-    }
-}
-
-/// Sends a response to one UDP client, within the size it accepts.
-#[derive(Clone)]
-struct UdpResponse {
-    socket: Arc<UdpSocket>,
-    dst: SocketAddr,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for UdpResponse {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a WireRecord> + Send + 'a,
-            impl Iterator<Item = &'a WireRecord> + Send + 'a,
-            impl Iterator<Item = &'a WireRecord> + Send + 'a,
-            impl Iterator<Item = &'a WireRecord> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let id = response.metadata().id;
-        let max = response.edns().map_or(MIN_PAYLOAD, |e| e.max_payload());
-        let mut bytes = Vec::with_capacity(usize::from(MIN_PAYLOAD));
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(max);
-        let info = match response.destructive_emit(&mut encoder) {
-            Ok(info) => info,
-            Err(error) => {
-                warn!(%error, "cannot encode a DNS response");
-                bytes.clear();
-                let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
-                metadata.response_code = ResponseCode::ServFail;
-                let header = Header {
-                    metadata,
-                    counts: HeaderCounts::default(),
-                };
-                header.emit(&mut BinEncoder::new(&mut bytes))?;
-                ResponseInfo::from(header)
-            }
-        };
-        self.socket.send_to(&bytes, self.dst).await?;
-        Ok(info)
-    }
+/// An OPT record of EDNS version 0 without options into `out`, advertising the client's
+/// payload size (512 at least), with `rcode_high` as its extended RCODE.
+fn put_opt(out: &mut Vec<u8>, payload: u16, rcode_high: u8) {
+    let [hi, lo] = payload.max(MIN_PAYLOAD).to_be_bytes();
+    // Owner root, type, class: the payload size, TTL: extended RCODE, version, flags 0,
+    // no data.
+    out.extend_from_slice(&[0, 0, TYPE_OPT as u8, hi, lo, rcode_high, EDNS_VERSION, 0, 0, 0, 0]);
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
-    use std::time::Duration;
 
-    use hickory_server::proto::op::{Edns, Message, Query as WireQuery};
-    use hickory_server::proto::rr::{DNSClass, Name, RData, RecordType};
+    use hickory_server::proto::op::{Message, ResponseCode};
+    use hickory_server::proto::rr::{DNSClass, RData, RecordType};
 
     use super::*;
-    use crate::core::model::{BackendAddr, ServiceName, Vip};
-    use crate::dns::catalog::{ContainerRecord, NamedPort, PortProtocol, ServiceRecord};
-    use crate::dns::server::{loopback_networks, DnsConfig, Handler};
-
-    fn tasks(ips: &[&str]) -> Vec<BackendAddr> {
-        ips.iter().map(|s| BackendAddr::new(s.parse().unwrap())).collect()
-    }
-
-    fn test_catalog() -> Catalog {
-        Catalog::builder()
-            .ttl(9)
-            .domain("vipd.local")
-            .service(ServiceRecord {
-                name: ServiceName::new("web").unwrap(),
-                endpoint: EndpointMode::Vip(Vip::new("10.0.0.100".parse().unwrap())),
-                tasks: tasks(&["10.0.0.5", "10.0.0.6"]),
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
-            })
-            .service(ServiceRecord {
-                name: ServiceName::new("db").unwrap(),
-                endpoint: EndpointMode::Dnsrr,
-                tasks: tasks(&["10.0.0.7", "10.0.0.8", "10.0.0.9", "fd00::9"]),
-                ports: vec![
-                    NamedPort::new("pg", PortProtocol::Tcp, 5432),
-                    NamedPort::new("Stats", PortProtocol::Udp, 9125),
-                ],
-            })
-            .service(ServiceRecord {
-                name: ServiceName::new("idle").unwrap(),
-                endpoint: EndpointMode::Dnsrr,
-                tasks: Vec::new(),
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
-            })
-            .service(ServiceRecord {
-                name: ServiceName::new("big").unwrap(),
-                endpoint: EndpointMode::Dnsrr,
-                tasks: (1..=60).map(|i| BackendAddr::new([10, 1, 0, i].into())).collect(),
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
-            })
-            .container(ContainerRecord {
-                name: "web.1.abc".into(),
-                addr: "10.0.0.5".parse().unwrap(),
-                aliases: vec!["frontend".into()],
-            })
-            .container(ContainerRecord {
-                name: "cache".into(),
-                addr: "10.0.0.20".parse().unwrap(),
-                aliases: vec!["shared".into()],
-            })
-            .container(ContainerRecord {
-                name: "cache2".into(),
-                addr: "10.0.0.21".parse().unwrap(),
-                aliases: vec!["Shared".into()],
-            })
-            .build()
-            .unwrap()
-    }
-
-    /// A query as a stub resolver sends it: RD, and an OPT record when `payload` is some.
-    fn query(id: u16, name: &str, qtype: RecordType, payload: Option<u16>) -> Vec<u8> {
-        let mut m = Message::query();
-        m.metadata.id = id;
-        m.metadata.recursion_desired = true;
-        m.add_query(WireQuery::query(Name::from_ascii(name).unwrap(), qtype));
-        if let Some(p) = payload {
-            let mut e = Edns::new();
-            e.set_max_payload(p);
-            m.set_edns(e);
-        }
-        m.to_vec().unwrap()
-    }
-
-    fn fast(table: &Table, packet: &[u8]) -> Option<Message> {
-        let mut out = Vec::new();
-        respond(table, packet, &mut out, &mut Shuffler::new(7)).map(|_| Message::from_vec(&out).unwrap())
-    }
-
-    /// The slow path's response, through a real socket.
-    struct Slow {
-        handler: Arc<Handler>,
-        server: Arc<UdpSocket>,
-        client: UdpSocket,
-    }
-
-    impl Slow {
-        async fn new(catalog: CatalogHandle) -> Slow {
-            let config = DnsConfig::new(vec![], loopback_networks());
-            Slow {
-                handler: Arc::new(Handler::new(&config, catalog, vec![])),
-                server: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
-                client: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-            }
-        }
-
-        async fn ask(&self, packet: &[u8]) -> Message {
-            let src = self.client.local_addr().unwrap();
-            slow_path(
-                self.handler.clone(),
-                self.server.clone(),
-                packet.to_vec(),
-                src,
-                Metrics::disabled(),
-            )
-            .await;
-            let mut buf = vec![0u8; 65_536];
-            let n = tokio::time::timeout(Duration::from_secs(5), self.client.recv(&mut buf))
-                .await
-                .expect("a response")
-                .unwrap();
-            Message::from_vec(&buf[..n]).unwrap()
-        }
-    }
-
-    /// Records as text (owner names in the case sent), sorted: the order is random.
-    fn sorted(records: &[WireRecord]) -> Vec<String> {
-        let mut v: Vec<String> = records.iter().map(|r| r.to_string()).collect();
-        v.sort();
-        v
-    }
-
-    fn assert_same(fast: &Message, slow: &Message, what: &str) {
-        assert_eq!(fast.metadata, slow.metadata, "{what}");
-        assert_eq!(fast.queries, slow.queries, "{what}");
-        let names = |m: &Message| m.queries.iter().map(|q| q.name().to_string()).collect::<Vec<_>>();
-        assert_eq!(names(fast), names(slow), "{what}");
-        assert_eq!(sorted(&fast.answers), sorted(&slow.answers), "{what}");
-        assert_eq!(sorted(&fast.authorities), sorted(&slow.authorities), "{what}");
-        assert_eq!(sorted(&fast.additionals), sorted(&slow.additionals), "{what}");
-        assert_eq!(fast.edns, slow.edns, "{what}");
-    }
-
-    /// Every kind of owned name, in every case, with and without EDNS: the fast path
-    /// answers, with what the slow path answers.
-    #[tokio::test]
-    async fn fast_answers_equal_the_slow_paths() {
-        let handle = CatalogHandle::new(test_catalog());
-        let table = Table::build(&test_catalog());
-        let slow = Slow::new(handle).await;
-        let cases = [
-            ("web.", RecordType::A),
-            ("WeB.ViPd.LoCaL.", RecordType::A),
-            ("db.", RecordType::A),
-            ("db.vipd.local.", RecordType::A),
-            ("tasks.web.", RecordType::A),
-            ("TASKS.db.vipd.local.", RecordType::A),
-            ("10-0-0-6.web.", RecordType::A),
-            ("10-0-0-8.DB.vipd.local.", RecordType::A),
-            ("_http._tcp.web.", RecordType::SRV),
-            ("_PG._tcp.db.vipd.local.", RecordType::SRV),
-            ("_stats._udp.db.", RecordType::SRV),
-            ("web.1.abc.", RecordType::A),
-            ("frontend.vipd.local.", RecordType::A),
-            ("Shared.", RecordType::A),
-            ("100.0.0.10.in-addr.arpa.", RecordType::PTR),
-            ("5.0.0.10.IN-ADDR.arpa.", RecordType::PTR),
-            ("9.0.0.10.in-addr.arpa.", RecordType::PTR),
-            ("21.0.0.10.in-addr.arpa.", RecordType::PTR),
-            // NODATA: other types, names without addresses.
-            ("web.", RecordType::AAAA),
-            ("cache.vipd.local.", RecordType::AAAA),
-            ("web.", RecordType::SRV),
-            ("web.", RecordType::PTR),
-            ("_http._tcp.web.", RecordType::A),
-            ("_tcp.db.", RecordType::SRV),
-            ("idle.", RecordType::A),
-            ("tasks.idle.", RecordType::A),
-            ("_http._tcp.idle.", RecordType::SRV),
-            ("vipd.local.", RecordType::A),
-            ("100.0.0.10.in-addr.arpa.", RecordType::A),
-            ("big.", RecordType::A),
-        ];
-        for (name, qtype) in cases {
-            for payload in [None, Some(1232), Some(100), Some(4096)] {
-                let what = format!("{name} {qtype} {payload:?}");
-                let packet = query(0x1234, name, qtype, payload);
-                let slow = slow.ask(&packet).await;
-                if name == "big." && payload.is_none_or(|p| p < 1024) {
-                    // 60 addresses: truncated by the slow path.
-                    assert!(fast(&table, &packet).is_none(), "{what}");
-                    assert!(slow.metadata.truncation, "{what}");
-                    continue;
-                }
-                let fast = fast(&table, &packet).unwrap_or_else(|| panic!("no fast answer: {what}"));
-                assert_same(&fast, &slow, &what);
-                if qtype == RecordType::AAAA || name.starts_with("idle") {
-                    assert!(fast.answers.is_empty(), "{what}");
-                }
-            }
-        }
-    }
-
-    /// The header bits the slow path copies (RD, CD) or drops (AD), the DO bit and EDNS
-    /// options, the ID: all as the slow path.
-    #[tokio::test]
-    async fn header_bits_and_edns_options_as_the_slow_path() {
-        let table = Table::build(&test_catalog());
-        let slow = Slow::new(CatalogHandle::new(test_catalog())).await;
-        for (rd, ad, cd, dnssec_ok) in [
-            (false, false, false, false),
-            (true, true, true, true),
-            (false, true, false, true),
-            (true, false, true, false),
-        ] {
-            let mut m = Message::query();
-            m.metadata.id = 0xbeef;
-            m.metadata.recursion_desired = rd;
-            m.metadata.authentic_data = ad;
-            m.metadata.checking_disabled = cd;
-            m.add_query(WireQuery::query(
-                Name::from_ascii("Tasks.Web.").unwrap(),
-                RecordType::A,
-            ));
-            let mut e = Edns::new();
-            e.set_max_payload(1400);
-            e.set_dnssec_ok(dnssec_ok);
-            m.set_edns(e);
-            let mut packet = m.to_vec().unwrap();
-            // A cookie option, as dig sends: rewrite the OPT record's data.
-            let opt_data_len = packet.len() - 2;
-            packet[opt_data_len..].copy_from_slice(&12u16.to_be_bytes());
-            packet.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
-            let what = format!("rd {rd} ad {ad} cd {cd} do {dnssec_ok}");
-            let fast = fast(&table, &packet).unwrap_or_else(|| panic!("no fast answer: {what}"));
-            assert_same(&fast, &slow.ask(&packet).await, &what);
-            assert_eq!(fast.metadata.id, 0xbeef);
-            assert_eq!(fast.answers[0].name.to_string(), "Tasks.Web.");
-        }
-    }
+    use crate::dns::testing::{fast, query, query_edns, test_catalog};
 
     #[test]
     fn names_are_case_insensitive_and_answered_as_asked() {
@@ -933,7 +556,6 @@ mod tests {
         patch("opt owner", &|p| p[opt] = 1);
         patch("not opt", &|p| p[opt + 2] = 1);
         patch("extended rcode", &|p| p[opt + 5] = 1);
-        patch("edns version", &|p| p[opt + 6] = 1);
         patch("opt length", &|p| p[opt + 10] = 4);
         for (what, option) in [
             ("nsid", vec![0, 3, 0, 0]),
@@ -996,55 +618,6 @@ mod tests {
         }
     }
 
-    /// Each path counts the queries it answers in the catalog's metrics.
-    #[tokio::test]
-    async fn the_udp_loop_counts_what_each_path_answers() {
-        let metrics = Metrics::new();
-        let catalog = CatalogHandle::new(test_catalog()).with_metrics(metrics.clone());
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let config = DnsConfig::new(vec![], loopback_networks());
-        let handler = Arc::new(Handler::new(&config, catalog.clone(), vec![]));
-        let acl = Acl::new(loopback_networks());
-        let server = tokio::spawn(serve_udp(socket, catalog, acl, handler));
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut bad = query(4, "web.", RecordType::A, None);
-        bad[5] = 2;
-        for packet in [
-            query(1, "web.", RecordType::A, None),
-            query(2, "_http._tcp.web.", RecordType::SRV, Some(1232)),
-            query(3, "example.com.", RecordType::A, None),
-            bad,
-        ] {
-            client.send_to(&packet, addr).await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
-                .await
-                .expect("a response")
-                .unwrap();
-        }
-        let want = [
-            "vipd_dns_queries_total{path=\"fast\",qtype=\"A\",rcode=\"NOERROR\"} 1",
-            "vipd_dns_queries_total{path=\"fast\",qtype=\"SRV\",rcode=\"NOERROR\"} 1",
-            "vipd_dns_queries_total{path=\"slow\",qtype=\"A\",rcode=\"SERVFAIL\"} 1",
-            "vipd_dns_queries_total{path=\"slow\",qtype=\"other\",rcode=\"FORMERR\"} 1",
-            "vipd_dns_answer_duration_seconds_count{path=\"fast\"} 2",
-            "vipd_dns_answer_duration_seconds_count{path=\"slow\"} 2",
-        ];
-        let mut text = String::new();
-        for _ in 0..50 {
-            text = metrics.render().await.unwrap();
-            if want.iter().all(|w| text.lines().any(|l| l == *w)) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        for w in want {
-            assert!(text.lines().any(|l| l == w), "no {w:?} in:\n{text}");
-        }
-        server.abort();
-    }
-
     #[test]
     fn a_fast_response_says_the_question_type_it_answers() {
         let table = Table::build(&test_catalog());
@@ -1060,72 +633,69 @@ mod tests {
             let packet = query(7, name, qtype, None);
             assert_eq!(
                 respond(&table, &packet, &mut out, &mut Shuffler::new(1)),
-                Some(code),
+                Some(Responded {
+                    qtype: code,
+                    rcode: 0
+                }),
                 "{name}"
             );
         }
         assert_eq!(respond(&table, &[0; 12], &mut out, &mut Shuffler::new(1)), None);
     }
 
-    /// The whole loop on a socket: owned names, a catalog update, a foreign name (no
-    /// upstream: SERVFAIL), an undecodable query (FORMERR), a source outside the ACL.
-    #[tokio::test]
-    async fn the_udp_loop_answers_fast_and_slow() {
-        let catalog = CatalogHandle::new(Catalog::empty());
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let config = DnsConfig::new(vec![], loopback_networks());
-        let handler = Arc::new(Handler::new(&config, catalog.clone(), vec![]));
-        let acl = Acl::new(loopback_networks());
-        let server = tokio::spawn(serve_udp(socket, catalog.clone(), acl, handler));
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let ask = |packet: Vec<u8>| {
-            let client = &client;
-            async move {
-                client.send_to(&packet, addr).await.unwrap();
-                let mut buf = vec![0u8; 4096];
-                let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
-                    .await
-                    .expect("a response")
-                    .unwrap();
-                Message::from_vec(&buf[..n]).unwrap()
+    /// RFC 6891 6.1.3: a version vipd does not implement gets BADVERS, whatever the name
+    /// (owned, missing, foreign), never an answer.
+    #[test]
+    fn a_later_edns_version_gets_badvers_with_an_opt_of_version_0() {
+        let table = Table::build(&test_catalog());
+        for name in ["web.", "_http._tcp.web.", "nope.web.", "example.com.", "big."] {
+            for version in [1, 255] {
+                let what = format!("{name} version {version}");
+                let packet = query_edns(0x4242, name, RecordType::A, Some((1232, version)));
+                let mut out = Vec::new();
+                let responded = respond(&table, &packet, &mut out, &mut Shuffler::new(1));
+                assert_eq!(responded, Some(Responded { qtype: 1, rcode: 16 }), "{what}");
+                // On the wire: RCODE 0 in the header, 1 in the OPT's extended RCODE, version 0.
+                assert_eq!(out[3] & 0x0f, 0, "{what}");
+                assert_eq!(
+                    out[out.len() - 11..out.len() - 4],
+                    [0, 0, 41, 0x04, 0xd0, 1, 0],
+                    "{what}"
+                );
+                let m = Message::from_vec(&out).unwrap();
+                // 16 decodes as BADSIG, its TSIG twin: compare the number.
+                assert_eq!(u16::from(m.metadata.response_code), RCODE_BADVERS, "{what}");
+                assert!(
+                    !m.metadata.authoritative && m.metadata.recursion_available,
+                    "{what}"
+                );
+                assert_eq!(m.metadata.id, 0x4242);
+                assert_eq!(m.queries[0].name().to_string(), name, "{what}");
+                assert!(m.answers.is_empty() && m.additionals.is_empty(), "{what}");
+                let edns = m.edns.expect("an OPT record");
+                assert_eq!((edns.version(), edns.max_payload()), (0, 1232), "{what}");
             }
-        };
-        let m = ask(query(1, "tasks.web.", RecordType::A, None)).await;
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-        catalog.store(test_catalog());
-        let m = ask(query(2, "WEB.", RecordType::A, None)).await;
-        assert_eq!(
-            (m.metadata.id, m.answers[0].data.to_string()),
-            (2, "10.0.0.100".into())
-        );
-        let m = ask(query(3, "example.com.", RecordType::A, None)).await;
-        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
-        let mut bad = query(4, "web.", RecordType::A, None);
-        bad[5] = 2;
-        let m = ask(bad).await;
-        assert_eq!(
-            (m.metadata.id, m.metadata.response_code),
-            (4, ResponseCode::FormErr)
-        );
-        server.abort();
+        }
+        // Version 0 is answered as before.
+        let m = fast(&table, &query_edns(1, "web.", RecordType::A, Some((1232, 0)))).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+    }
 
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let config = DnsConfig::new(vec![], vec![]);
-        let handler = Arc::new(Handler::new(&config, catalog.clone(), vec![]));
-        let server = tokio::spawn(serve_udp(socket, catalog.clone(), Acl::default(), handler));
-        client
-            .send_to(&query(5, "web.", RecordType::A, None), addr)
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = client.recv(&mut buf).await.unwrap();
-        let m = Message::from_vec(&buf[..n]).unwrap();
-        assert_eq!(
-            (m.metadata.id, m.metadata.response_code),
-            (5, ResponseCode::Refused)
-        );
-        server.abort();
+    /// The whole BADVERS datagram, byte by byte, for a query with RD and CD set.
+    #[test]
+    fn badvers_bytes_copy_the_id_rd_cd_and_question() {
+        let mut packet = query_edns(0x0102, "Web.", RecordType::AAAA, Some((100, 1)));
+        packet[3] |= 0x10; // CD
+        let mut out = Vec::new();
+        let responded = respond(&Table::default(), &packet, &mut out, &mut Shuffler::new(1));
+        assert_eq!(responded, Some(Responded { qtype: 28, rcode: 16 }));
+        #[rustfmt::skip]
+        let want: Vec<u8> = vec![
+            0x01, 0x02, 0x81, 0x90, 0, 1, 0, 0, 0, 0, 0, 1,
+            3, b'W', b'e', b'b', 0, 0, 28, 0, 1,
+            0, 0, 41, 0x02, 0x00, 1, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(out, want);
     }
 }

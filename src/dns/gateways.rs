@@ -9,7 +9,9 @@ use ipnet::IpNet;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::dns::server::{loopback_networks, Acl, CatalogHandle, DnsConfig, DnsServer};
+use super::acl::{loopback_networks, Acl};
+use super::handle::CatalogHandle;
+use super::server::{DnsConfig, DnsServer};
 use crate::docker::NetworkInfo;
 
 /// Where to listen and whom to answer, for a set of networks.

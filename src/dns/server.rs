@@ -1,4 +1,4 @@
-//! The DNS server: UDP loops of vipd's own ([`fast`]) and hickory-server's TCP listeners
+//! The DNS server: UDP loops of vipd's own ([`udp`]) and hickory-server's TCP listeners
 //! around [`catalog::answer`].
 //!
 //! Every query the fast path does not answer goes through one [`RequestHandler`]:
@@ -6,10 +6,12 @@
 //! 1. a question section with a compression pointer gets FORMERR without the question
 //!    (see [`question_is_echoable`]); then a source outside the allowed networks
 //!    ([`DnsConfig::allowed`]) gets REFUSED: this is not an open resolver;
-//! 2. anything but one standard query gets NOTIMP or FORMERR;
-//! 3. the current [`Catalog`] (read lock-free from a [`CatalogHandle`]) answers names vipd
+//! 2. a query whose OPT record asks for an EDNS version above 0 gets BADVERS, with an OPT
+//!    of version 0 (RFC 6891 6.1.3), whatever its name: it is neither answered nor relayed;
+//! 3. anything but one standard query gets NOTIMP or FORMERR;
+//! 4. the current [`Catalog`](catalog::Catalog) (read lock-free from a [`CatalogHandle`]) answers names vipd
 //!    owns, authoritatively, with its TTL;
-//! 4. other names are relayed, as the client's own bytes under a fresh message ID, to the
+//! 5. other names are relayed, as the client's own bytes under a fresh message ID, to the
 //!    upstream resolvers: over UDP (TCP when the upstream truncates a query that came over
 //!    TCP), at most [`DnsConfig::max_upstreams`] of them in turn, each within
 //!    [`DnsConfig::upstream_timeout`]; SERVFAIL when none answers. At most
@@ -33,7 +35,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::net::NetError;
@@ -52,9 +53,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, debug_span, Instrument};
 
-use super::catalog::{self, Answer, Catalog, Query, QueryType, RecordData};
-use super::fast;
-use crate::metrics::{DnsPath, Metrics};
+pub use super::acl::{loopback_networks, Acl, AclView};
+use super::catalog::{self, Answer, Query, QueryType, RecordData};
+pub use super::handle::CatalogHandle;
+use super::udp;
+use crate::metrics::DnsPath;
 
 /// Where the system's resolvers are listed; the default upstreams.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -73,144 +76,8 @@ const TCP_RESPONSE_BUFFER: usize = 32;
 const MAX_UDP_REPLY: usize = 65_535;
 /// Attempts to find one free port for UDP and TCP when a listen port is 0.
 const PORT_ATTEMPTS: usize = 16;
-
-/// The catalog the server answers from, shared with the daemon: reads are lock-free and
-/// cheap; [`CatalogHandle::store`] swaps in a new snapshot, seen by the next query. It
-/// also carries the metrics the servers that answer from it count their queries in.
-#[derive(Debug, Clone)]
-pub struct CatalogHandle {
-    snapshot: Arc<ArcSwap<Snapshot>>,
-    metrics: Metrics,
-}
-
-/// One catalog and the fast path's table of its answers.
-#[derive(Debug)]
-struct Snapshot {
-    catalog: Arc<Catalog>,
-    table: fast::Table,
-}
-
-impl Snapshot {
-    fn new(catalog: Catalog) -> Self {
-        Snapshot {
-            table: fast::Table::build(&catalog),
-            catalog: Arc::new(catalog),
-        }
-    }
-}
-
-impl CatalogHandle {
-    pub fn new(catalog: Catalog) -> Self {
-        CatalogHandle {
-            snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::new(catalog))),
-            metrics: Metrics::disabled(),
-        }
-    }
-
-    /// The same catalog, whose servers count every query they answer in `metrics`.
-    pub fn with_metrics(self, metrics: Metrics) -> Self {
-        CatalogHandle { metrics, ..self }
-    }
-
-    /// Where queries answered from this catalog are counted.
-    pub(super) fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// Replace the catalog (and encode the fast path's answers); queries already being
-    /// answered finish with the old one.
-    pub fn store(&self, catalog: Catalog) {
-        self.snapshot.store(Arc::new(Snapshot::new(catalog)));
-    }
-
-    /// The current catalog.
-    pub fn load(&self) -> Arc<Catalog> {
-        self.snapshot.load().catalog.clone()
-    }
-
-    /// Run `f` on the current catalog's fast path table.
-    pub(super) fn with_table<R>(&self, f: impl FnOnce(&fast::Table) -> R) -> R {
-        f(&self.snapshot.load().table)
-    }
-}
-
-impl Default for CatalogHandle {
-    fn default() -> Self {
-        CatalogHandle::new(Catalog::empty())
-    }
-}
-
-/// The source networks allowed to query. An empty list allows nobody. Clones share the
-/// list: [`Acl::set`] changes it for every listener that holds one, with no rebind.
-#[derive(Debug, Clone, Default)]
-pub struct Acl {
-    networks: Arc<ArcSwap<Vec<IpNet>>>,
-    /// Bumped by each [`Acl::set`], after the new list is in place.
-    generation: Arc<AtomicU64>,
-}
-
-impl Acl {
-    pub fn new(networks: impl IntoIterator<Item = IpNet>) -> Self {
-        Acl {
-            networks: Arc::new(ArcSwap::from_pointee(networks.into_iter().collect())),
-            generation: Arc::default(),
-        }
-    }
-
-    /// True when `ip` (an IPv4-mapped IPv6 address counts as IPv4) is in a network.
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        contains(&self.networks.load(), ip)
-    }
-
-    /// Allow `networks` from now on, in every clone of this list.
-    pub fn set(&self, networks: impl IntoIterator<Item = IpNet>) {
-        self.networks.store(Arc::new(networks.into_iter().collect()));
-        self.generation.fetch_add(1, Ordering::Release);
-    }
-
-    /// A copy for one receive loop, which reads the shared list again only after a
-    /// [`Acl::set`]: a query costs one atomic load, not a shared-pointer load.
-    pub fn view(&self) -> AclView {
-        AclView {
-            generation: self.generation.load(Ordering::Acquire),
-            networks: self.networks.load_full(),
-            acl: self.clone(),
-        }
-    }
-}
-
-/// See [`Acl::view`].
-#[derive(Debug)]
-pub struct AclView {
-    acl: Acl,
-    generation: u64,
-    networks: Arc<Vec<IpNet>>,
-}
-
-impl AclView {
-    /// [`Acl::allows`], from the copy, taken again if the list changed.
-    pub fn allows(&mut self, ip: IpAddr) -> bool {
-        let now = self.acl.generation.load(Ordering::Acquire);
-        if now != self.generation {
-            self.generation = now;
-            self.networks = self.acl.networks.load_full();
-        }
-        contains(&self.networks, ip)
-    }
-}
-
-fn contains(networks: &[IpNet], ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    networks.iter().any(|n| n.contains(&ip))
-}
-
-/// `127.0.0.0/8` and `::1/128`: the host itself.
-pub fn loopback_networks() -> Vec<IpNet> {
-    ["127.0.0.0/8", "::1/128"]
-        .iter()
-        .map(|n| n.parse().expect("a valid network"))
-        .collect()
-}
+/// The EDNS version vipd implements: a query of a later one gets BADVERS.
+const EDNS_VERSION: u8 = 0;
 
 /// How to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,7 +163,7 @@ pub fn system_upstreams() -> Result<Vec<SocketAddr>, DnsError> {
 pub struct DnsServer {
     /// hickory-server: the TCP listeners.
     server: Server<SharedHandler>,
-    /// The UDP loops ([`fast::serve_udp`]), one per listen address.
+    /// The UDP loops ([`udp::serve_udp`]), one per listen address.
     udp: JoinSet<Result<(), NetError>>,
     local: Vec<SocketAddr>,
     upstreams: Vec<SocketAddr>,
@@ -324,7 +191,7 @@ impl DnsServer {
         let mut udp_loops = JoinSet::new();
         for (udp, tcp, _) in sockets {
             let acl = handler.acl.clone();
-            udp_loops.spawn(fast::serve_udp(udp, catalog.clone(), acl, handler.clone()));
+            udp_loops.spawn(udp::serve_udp(udp, catalog.clone(), acl, handler.clone()));
             server.register_listener(tcp, config.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
         }
         debug!(?local, ?upstreams, "DNS server bound");
@@ -447,6 +314,15 @@ impl Handler {
             debug!("refused: the source is outside the allowed networks");
             return send_code(request, ResponseCode::Refused, false, response).await;
         }
+        if let Some(version) = request
+            .edns
+            .as_ref()
+            .map(Edns::version)
+            .filter(|v| *v > EDNS_VERSION)
+        {
+            debug!(version, "answered BADVERS: a later EDNS version");
+            return send_code(request, ResponseCode::BADVERS, false, response).await;
+        }
         if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
             debug!(op = %request.metadata.op_code, "not a standard query");
             return send_code(request, ResponseCode::NotImp, false, response).await;
@@ -461,11 +337,10 @@ impl Handler {
             qtype: QueryType::from(u16::from(query.query_type())),
             qclass: u16::from(query.query_class()),
         };
-        let answer = catalog::answer(
-            &self.catalog.snapshot.load().catalog,
-            &question,
-            self.next_random(),
-        );
+        let seed = self.next_random();
+        let answer = self
+            .catalog
+            .with_catalog(|catalog| catalog::answer(catalog, &question, seed));
         let qtype = query.query_type();
         match answer {
             Answer::Records { answers, additionals } => {
@@ -885,8 +760,9 @@ mod tests {
     use hickory_server::zone_handler::MessageResponse;
 
     use super::*;
+    use crate::core::labels::{EndpointMode, NamedPort, PortProtocol};
     use crate::core::model::{BackendAddr, ServiceName, Vip};
-    use crate::dns::catalog::{ContainerRecord, EndpointMode, NamedPort, PortProtocol, ServiceRecord};
+    use crate::dns::catalog::{Catalog, ContainerRecord, ServiceRecord};
 
     /// Collects the encoded responses.
     #[derive(Clone, Default)]
@@ -920,7 +796,8 @@ mod tests {
             .ttl(9)
             .service(ServiceRecord {
                 name: ServiceName::new("web").unwrap(),
-                endpoint: EndpointMode::Vip(Vip::new("10.0.0.100".parse().unwrap())),
+                mode: EndpointMode::Vip,
+                vip: Some(Vip::new("10.0.0.100".parse().unwrap())),
                 tasks: vec![BackendAddr::new("10.0.0.5".parse().unwrap())],
                 ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
             })
@@ -1273,30 +1150,6 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         assert_eq!(parse_resolv_conf(text), want);
-    }
-
-    #[test]
-    fn acl_matches_networks() {
-        let acl = Acl::new(["10.0.0.0/24".parse().unwrap()]);
-        assert!(acl.allows("10.0.0.200".parse().unwrap()));
-        assert!(acl.allows("::ffff:10.0.0.1".parse().unwrap()));
-        assert!(!acl.allows("10.0.1.1".parse().unwrap()));
-        assert!(!Acl::default().allows("127.0.0.1".parse().unwrap()));
-        let lo = Acl::new(loopback_networks());
-        assert!(lo.allows("127.1.2.3".parse().unwrap()));
-        assert!(lo.allows("::1".parse().unwrap()));
-        assert!(!lo.allows("::2".parse().unwrap()));
-    }
-
-    #[test]
-    fn a_changed_acl_reaches_its_clones_and_their_views() {
-        let acl = Acl::new(loopback_networks());
-        let (clone, mut view) = (acl.clone(), acl.view());
-        let ten: IpAddr = "10.0.0.7".parse().unwrap();
-        assert!(!view.allows(ten) && view.allows("127.0.0.1".parse().unwrap()));
-        acl.set(["10.0.0.0/24".parse().unwrap()]);
-        assert!(clone.allows(ten) && view.allows(ten));
-        assert!(!view.allows("127.0.0.1".parse().unwrap()));
     }
 
     /// Deterministic noise for the fuzz tests.

@@ -1,13 +1,14 @@
-//! The DNS catalog from what vipd knows of the Docker host: services with their VIP (or
-//! their tasks, for dnsrr), and containers by name and alias.
+//! The DNS records of the Docker host: its services with their VIP (or their tasks, for
+//! dnsrr) and its containers by name, built into a [`Catalog`] from what vipd knows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::catalog::{valid_name, Catalog, ContainerRecord, EndpointMode, ServiceRecord};
+use super::catalog::{Catalog, ContainerRecord, ServiceRecord};
+use super::names;
 use crate::core::alloc::Allocations;
 use crate::core::cluster::Container;
-use crate::core::labels::{self, ServiceDef};
+use crate::core::labels::{EndpointMode, ServiceDef};
 use crate::core::model::{BackendAddr, ServiceName};
 
 /// Build the catalog; names DNS cannot carry are left out and reported, one line each.
@@ -26,15 +27,15 @@ pub fn catalog(
     }
     let mut taken = BTreeSet::new();
     for def in defs.values() {
-        let lower = def.name.as_str().to_ascii_lowercase();
-        if !valid_name(&lower) {
+        let lower = names::key(def.name.as_str());
+        if !names::valid(&lower) {
             warnings.push(format!("service {}: not a DNS name, not served by DNS", def.name));
             continue;
         }
-        let endpoint = match def.mode {
-            labels::EndpointMode::Dnsrr => EndpointMode::Dnsrr,
-            labels::EndpointMode::Vip => match allocs.get(&def.name) {
-                Some((vip, _)) => EndpointMode::Vip(vip),
+        let vip = match def.mode {
+            EndpointMode::Dnsrr => None,
+            EndpointMode::Vip => match allocs.get(&def.name) {
+                Some((vip, _)) => Some(vip),
                 None => {
                     warnings.push(format!(
                         "service {}: no VIP allocated, not served by DNS",
@@ -56,15 +57,16 @@ pub fn catalog(
         taken.insert(lower);
         builder = builder.service(ServiceRecord {
             name: def.name.clone(),
-            endpoint,
+            mode: def.mode,
+            vip,
             tasks,
             ports: def.ports.clone(),
         });
     }
     for c in containers.iter().filter(|c| c.running) {
         let Some(addr) = first_address(c) else { continue };
-        let name = c.name.trim_start_matches('/').to_ascii_lowercase();
-        if !valid_name(&name) {
+        let name = names::key(c.name.trim_start_matches('/'));
+        if !names::valid(&name) {
             warnings.push(format!(
                 "container {} ({}): not a DNS name, not served by DNS",
                 c.id, c.name
@@ -101,6 +103,7 @@ fn first_address(c: &Container) -> Option<IpAddr> {
 mod tests {
     use super::*;
     use crate::core::cluster::fixture;
+    use crate::core::labels;
     use crate::core::model::Ipv4Net;
     use crate::dns::catalog::{answer, Answer, Query, QueryType, RecordData, CLASS_IN};
 
