@@ -3,12 +3,13 @@
 //! - the UDP fast path, `vipd::dns::fast::respond`, over the table of a small catalog
 //!   (a VIP service, DNSRR services, one with no tasks and one with many, SRV ports,
 //!   containers with shared aliases, a search domain);
-//! - the slow path as `src/dns/fast.rs` and `src/dns/server.rs` run it: the datagram
+//! - the slow path as `src/dns/udp.rs` and `src/dns/server.rs` run it: the datagram
 //!   decoded by hickory (`Request::from_bytes`; FORMERR when it does not decode), checked
-//!   (a question it can repeat, a query, opcode QUERY, one question), answered by
+//!   (a question it can repeat, EDNS version 0 or BADVERS, a query, opcode QUERY, one
+//!   question), answered by
 //!   `vipd::dns::catalog::answer`, and the response built with hickory's
 //!   `MessageResponseBuilder` and encoded within the client's payload size, as
-//!   `src/dns/fast.rs`'s `UdpResponse` does. Names that are not vipd's would be forwarded
+//!   `src/dns/udp.rs`'s `UdpResponse` does. Names that are not vipd's would be forwarded
 //!   upstream; there is no upstream here, so they stop at the answer.
 //!
 //! Nothing may panic. Asserted on top:
@@ -31,10 +32,10 @@ use hickory_server::proto::serialize::binary::{BinDecodable, BinDecoder, BinEnco
 use hickory_server::server::Request;
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 use libfuzzer_sys::fuzz_target;
+use vipd::core::labels::{EndpointMode, NamedPort, PortProtocol};
 use vipd::core::model::{BackendAddr, ServiceName, Vip};
 use vipd::dns::catalog::{
-    self, Answer, Catalog, ContainerRecord, EndpointMode, NamedPort, PortProtocol, Query, QueryType,
-    RecordData, ServiceRecord,
+    self, Answer, Catalog, ContainerRecord, Query, QueryType, RecordData, ServiceRecord,
 };
 use vipd::dns::fast::{respond, Shuffler, Table};
 use vipd::dns::server::question_is_echoable;
@@ -59,13 +60,15 @@ fn fixture() -> &'static Fixture {
             .domain("vipd.local")
             .service(ServiceRecord {
                 name: ServiceName::new("web").unwrap(),
-                endpoint: EndpointMode::Vip(Vip::new("10.0.0.100".parse().unwrap())),
+                mode: EndpointMode::Vip,
+                vip: Some(Vip::new("10.0.0.100".parse().unwrap())),
                 tasks: tasks(&["10.0.0.5", "10.0.0.6"]),
                 ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
             })
             .service(ServiceRecord {
                 name: ServiceName::new("db").unwrap(),
-                endpoint: EndpointMode::Dnsrr,
+                mode: EndpointMode::Dnsrr,
+                vip: None,
                 tasks: tasks(&["10.0.0.7", "10.0.0.8", "10.0.0.9", "fd00::9"]),
                 ports: vec![
                     NamedPort::new("pg", PortProtocol::Tcp, 5432),
@@ -74,13 +77,15 @@ fn fixture() -> &'static Fixture {
             })
             .service(ServiceRecord {
                 name: ServiceName::new("idle").unwrap(),
-                endpoint: EndpointMode::Dnsrr,
+                mode: EndpointMode::Dnsrr,
+                vip: None,
                 tasks: Vec::new(),
                 ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
             })
             .service(ServiceRecord {
                 name: ServiceName::new("big").unwrap(),
-                endpoint: EndpointMode::Dnsrr,
+                mode: EndpointMode::Dnsrr,
+                vip: None,
                 tasks: (1..=60).map(|i| BackendAddr::new([10, 1, 0, i].into())).collect(),
                 ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
             })
@@ -133,7 +138,7 @@ fn to_wire(record: &catalog::Record) -> Option<WireRecord> {
     Some(WireRecord::from_rdata(name, record.ttl, data))
 }
 
-/// A response encoded as `src/dns/fast.rs`'s `UdpResponse` sends it: within the client's
+/// A response encoded as `src/dns/udp.rs`'s `UdpResponse` sends it: within the client's
 /// payload size, a SERVFAIL header when that fails.
 fn encode_udp<'a, A, N, S, D>(response: MessageResponse<'_, 'a, A, N, S, D>) -> Vec<u8>
 where
@@ -165,7 +170,7 @@ where
 /// The slow path's response to `packet`, encoded as the UDP loop sends it; None when it
 /// sends none (shorter than a header, or a response) or would forward the query upstream.
 fn slow(catalog: &Catalog, packet: &[u8], seed: u64) -> Option<Vec<u8>> {
-    // fast.rs's slow_path: what hickory does not decode gets FORMERR.
+    // udp.rs's slow_path: what hickory does not decode gets FORMERR.
     let header = Header::read(&mut BinDecoder::new(packet)).ok()?;
     let src: SocketAddr = (IpAddr::from([127, 0, 0, 1]), 40_000).into();
     let request = match Request::from_bytes(packet.to_vec(), src, Protocol::Udp) {
@@ -197,8 +202,10 @@ fn slow(catalog: &Catalog, packet: &[u8], seed: u64) -> Option<Vec<u8>> {
         metadata.response_code = ResponseCode::FormErr;
         return Some(encode_udp(builder.build_no_records(metadata)));
     }
-    // Then what to answer.
-    let (code, authoritative, answers, additionals) = if request.metadata.message_type != MessageType::Query
+    // Then what to answer: BADVERS to a later EDNS version, whatever the question.
+    let (code, authoritative, answers, additionals) = if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        (ResponseCode::BADVERS, false, Vec::new(), Vec::new())
+    } else if request.metadata.message_type != MessageType::Query
         || request.metadata.op_code != OpCode::Query
     {
         (ResponseCode::NotImp, false, Vec::new(), Vec::new())

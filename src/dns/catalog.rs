@@ -925,6 +925,17 @@ mod tests {
             Catalog::builder().service(svc("a")).service(svc("A")).build(),
             Err(CatalogError::DuplicateService("A".into()))
         );
+        let mut no_vip = svc("v");
+        no_vip.mode = EndpointMode::Vip;
+        let mut dnsrr_vip = svc("d");
+        dnsrr_vip.vip = Some(Vip::new("10.0.0.1".parse().unwrap()));
+        for wrong in [no_vip, dnsrr_vip] {
+            let name = wrong.name.to_string();
+            assert_eq!(
+                Catalog::builder().service(wrong).build(),
+                Err(CatalogError::EndpointMismatch(name))
+            );
+        }
         let mut two_ports = svc("b");
         two_ports.ports = vec![
             NamedPort::new("http", PortProtocol::Tcp, 80),

@@ -1127,6 +1127,43 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 
+    /// RFC 6891 6.1.3 on the handler (the UDP slow path and TCP): BADVERS with an OPT of
+    /// version 0, for owned and foreign names alike; a foreign one is not relayed.
+    #[tokio::test]
+    async fn a_later_edns_version_gets_badvers_and_is_never_relayed() {
+        let up = fake_upstream(Ipv4Addr::new(192, 0, 2, 9), false).await;
+        let h = handler(&config(vec![up]));
+        for name in ["web.", "example.com."] {
+            for proto in [Protocol::Udp, Protocol::Tcp] {
+                let what = format!("{name} over {proto}");
+                let mut m = Message::query();
+                m.metadata.id = 31;
+                m.add_query(WireQuery::query(Name::from_ascii(name).unwrap(), RecordType::A));
+                let mut e = Edns::new();
+                e.set_max_payload(1232);
+                e.set_version(1);
+                m.set_edns(e);
+                let bytes = m.to_vec().unwrap();
+                let m = ask(&h, bytes, "127.0.0.1:5", proto).await.unwrap();
+                // 16 decodes as BADSIG, its TSIG twin: compare the number.
+                assert_eq!(u16::from(m.metadata.response_code), 16, "{what}");
+                assert!(m.answers.is_empty() && !m.metadata.authoritative, "{what}");
+                let edns = m.edns.expect("an OPT record");
+                assert_eq!((edns.version(), edns.rcode_high()), (0, 1), "{what}");
+            }
+        }
+        // Version 0 of the same foreign name is relayed.
+        let m = ask(
+            &h,
+            query_bytes(32, "example.com.", RecordType::A, true),
+            "127.0.0.1:5",
+            Protocol::Udp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(addresses(&m), ["192.0.2.9"]);
+    }
+
     #[tokio::test]
     async fn truncated_upstream_replies_go_to_tcp_for_tcp_clients_only() {
         let up = fake_upstream(Ipv4Addr::new(192, 0, 2, 8), true).await;

@@ -9,8 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+use vipd::core::labels::{EndpointMode, NamedPort, PortProtocol};
 use vipd::core::model::{BackendAddr, ServiceName, Vip};
-use vipd::dns::catalog::{Catalog, ContainerRecord, EndpointMode, NamedPort, PortProtocol, ServiceRecord};
+use vipd::dns::catalog::{Catalog, ContainerRecord, ServiceRecord};
 use vipd::dns::server::{loopback_networks, CatalogHandle, DnsConfig, DnsServer};
 use vipd::netns::{run_in, NetnsPath};
 
@@ -75,10 +76,16 @@ impl Drop for Running {
     }
 }
 
-fn svc(name: &str, endpoint: EndpointMode, tasks: &[&str], ports: Vec<NamedPort>) -> ServiceRecord {
+/// A service reached through `vip`, or by DNS round robin when None.
+fn svc(name: &str, vip: Option<Vip>, tasks: &[&str], ports: Vec<NamedPort>) -> ServiceRecord {
     ServiceRecord {
         name: ServiceName::new(name).unwrap(),
-        endpoint,
+        mode: if vip.is_some() {
+            EndpointMode::Vip
+        } else {
+            EndpointMode::Dnsrr
+        },
+        vip,
         tasks: tasks
             .iter()
             .map(|t| BackendAddr::new(t.parse().unwrap()))
@@ -95,8 +102,8 @@ fn container(name: &str, addr: &str, aliases: &[&str]) -> ContainerRecord {
     }
 }
 
-fn vip(addr: &str) -> EndpointMode {
-    EndpointMode::Vip(Vip::new(addr.parse().unwrap()))
+fn vip(addr: &str) -> Option<Vip> {
+    Some(Vip::new(addr.parse().unwrap()))
 }
 
 /// The catalog under test: a VIP service, a DNSRR service with 3 tasks, named ports,
@@ -113,7 +120,7 @@ fn main_catalog() -> Catalog {
         ))
         .service(svc(
             "db",
-            EndpointMode::Dnsrr,
+            None,
             &["10.10.0.7", "10.10.0.8", "10.10.0.9"],
             vec![
                 NamedPort::new("pg", PortProtocol::Tcp, 5432),
@@ -529,6 +536,31 @@ fn dns_foreign_names_are_relayed_to_the_upstream() {
     // The upstream's NXDOMAIN is relayed as well.
     assert_eq!(dig(main.addr, &["missing.example", "A"]).status, "NXDOMAIN");
     assert_eq!(dig(main.addr, &["-x", "203.0.113.7"]).data(), ["ext.example."]);
+}
+
+/// RFC 6891 6.1.3: an EDNS version above 0 gets BADVERS with an OPT of version 0, over
+/// UDP (the fast path for an owned name, the handler for the others) and TCP, and a
+/// foreign name is not relayed; EDNS version 0 is answered as ever.
+#[test]
+fn dns_a_later_edns_version_gets_badvers() {
+    require_root();
+    let (main, _up) = pair();
+    for name in ["web", "tasks.db", "nope.web", "ext.example"] {
+        for transport in ["+notcp", "+tcp"] {
+            let d = dig(
+                main.addr,
+                &["+edns=1", "+noednsnegotiation", transport, name, "A"],
+            );
+            let what = format!("{name} {transport}: {}", d.raw);
+            assert_eq!(d.status, "BADVERS", "{what}");
+            assert!(d.raw.contains("EDNS: version: 0"), "{what}");
+            assert!(d.answers.is_empty(), "{what}");
+        }
+        let d = dig(main.addr, &["+edns=0", name, "A"]);
+        assert!(d.raw.contains("EDNS: version: 0"), "{name}: {}", d.raw);
+        let want = if name == "nope.web" { "NXDOMAIN" } else { "NOERROR" };
+        assert_eq!(d.status, want, "{name}: {}", d.raw);
+    }
 }
 
 #[test]
