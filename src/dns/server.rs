@@ -763,6 +763,7 @@ mod tests {
     use crate::core::labels::{EndpointMode, NamedPort, PortProtocol};
     use crate::core::model::{BackendAddr, ServiceName, Vip};
     use crate::dns::catalog::{Catalog, ContainerRecord, ServiceRecord};
+    use crate::dns::testing::query_edns;
 
     /// Collects the encoded responses.
     #[derive(Clone, Default)]
@@ -1136,14 +1137,7 @@ mod tests {
         for name in ["web.", "example.com."] {
             for proto in [Protocol::Udp, Protocol::Tcp] {
                 let what = format!("{name} over {proto}");
-                let mut m = Message::query();
-                m.metadata.id = 31;
-                m.add_query(WireQuery::query(Name::from_ascii(name).unwrap(), RecordType::A));
-                let mut e = Edns::new();
-                e.set_max_payload(1232);
-                e.set_version(1);
-                m.set_edns(e);
-                let bytes = m.to_vec().unwrap();
+                let bytes = query_edns(31, name, RecordType::A, Some((1232, 1)));
                 let m = ask(&h, bytes, "127.0.0.1:5", proto).await.unwrap();
                 // 16 decodes as BADSIG, its TSIG twin: compare the number.
                 assert_eq!(u16::from(m.metadata.response_code), 16, "{what}");
