@@ -199,6 +199,10 @@ fn neighbour_parts(msg: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<MacAddr>
     for attr in &msg.attributes {
         match attr {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(*a),
+            // In an FDB entry (family AF_BRIDGE) the parser leaves the remote as bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+            }
             NeighbourAttribute::LinkLayerAddress(l) => mac = MacAddr::from_slice(l),
             _ => {}
         }
@@ -580,6 +584,19 @@ mod tests {
         let dev = observed_device(&vxlan_link(vec![InfoVxlan::Id(1)], false), Default::default());
         assert!(dev.learning);
         assert!(!dev.up);
+    }
+
+    #[test]
+    fn an_fdb_entry_gives_its_mac_and_remote_whichever_way_the_remote_was_parsed() {
+        let entry = FdbEntry {
+            mac: MacAddr([6, 0x76, 10, 230, 2, 0]),
+            dst: Ipv4Addr::new(192, 168, 1, 2),
+        };
+        let mut msg = fdb_message(&entry, 7);
+        assert_eq!(neighbour_parts(&msg), (Some(entry.dst), Some(entry.mac)));
+        // What a dump of AF_BRIDGE gives back.
+        msg.attributes[1] = NeighbourAttribute::Destination(NeighbourAddress::Other(vec![192, 168, 1, 2]));
+        assert_eq!(neighbour_parts(&msg), (Some(entry.dst), Some(entry.mac)));
     }
 
     #[test]
