@@ -444,6 +444,15 @@ fn must_recreate(want: &DeviceSpec, have: &ObservedDevice) -> bool {
         || have.mac != Some(want.mac)
 }
 
+/// One operation for each element of `these` that `those` lacks, in order.
+fn only_in<'a, T: Ord + Copy>(
+    these: &'a BTreeSet<T>,
+    those: &'a BTreeSet<T>,
+    op: fn(T) -> OverlayOp,
+) -> impl Iterator<Item = OverlayOp> + 'a {
+    these.difference(those).map(move |x| op(*x))
+}
+
 /// The operations from `observed` to `desired`. Stale objects go first, route first (no
 /// moment with a route whose neighbour or FDB entry is gone), then the device, then new
 /// objects, route last (no moment with a route packets would be lost on).
@@ -463,24 +472,13 @@ pub fn plan(desired: &DesiredOverlay, observed: &ObservedOverlay) -> Vec<Overlay
             &empty
         }
         Some(have) => {
-            ops.extend(
-                observed
-                    .routes
-                    .difference(&desired.routes)
-                    .map(|r| OverlayOp::DelRoute(*r)),
-            );
-            ops.extend(
-                observed
-                    .fdb
-                    .difference(&desired.fdb)
-                    .map(|e| OverlayOp::DelFdb(*e)),
-            );
-            ops.extend(
-                observed
-                    .neighbours
-                    .difference(&desired.neighbours)
-                    .map(|n| OverlayOp::DelNeighbour(*n)),
-            );
+            ops.extend(only_in(&observed.routes, &desired.routes, OverlayOp::DelRoute));
+            ops.extend(only_in(&observed.fdb, &desired.fdb, OverlayOp::DelFdb));
+            ops.extend(only_in(
+                &observed.neighbours,
+                &desired.neighbours,
+                OverlayOp::DelNeighbour,
+            ));
             if have.mtu != want.mtu {
                 ops.push(OverlayOp::SetMtu(want.mtu));
             }
@@ -493,24 +491,13 @@ pub fn plan(desired: &DesiredOverlay, observed: &ObservedOverlay) -> Vec<Overlay
             observed
         }
     };
-    ops.extend(
-        desired
-            .neighbours
-            .difference(&on_device.neighbours)
-            .map(|n| OverlayOp::AddNeighbour(*n)),
-    );
-    ops.extend(
-        desired
-            .fdb
-            .difference(&on_device.fdb)
-            .map(|e| OverlayOp::AddFdb(*e)),
-    );
-    ops.extend(
-        desired
-            .routes
-            .difference(&on_device.routes)
-            .map(|r| OverlayOp::AddRoute(*r)),
-    );
+    ops.extend(only_in(
+        &desired.neighbours,
+        &on_device.neighbours,
+        OverlayOp::AddNeighbour,
+    ));
+    ops.extend(only_in(&desired.fdb, &on_device.fdb, OverlayOp::AddFdb));
+    ops.extend(only_in(&desired.routes, &on_device.routes, OverlayOp::AddRoute));
     ops
 }
 

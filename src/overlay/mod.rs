@@ -210,20 +210,12 @@ fn neighbour_parts(msg: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<MacAddr>
     (ip, mac)
 }
 
-fn route_table(r: &RouteMessage) -> u32 {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(r.header.table))
-}
-
 /// A route of ours: main table, unicast, out of the device, to a prefix via a gateway.
 /// The kernel's own routes (for an address with a prefix) are not.
 fn overlay_route(r: &RouteMessage, index: u32) -> Option<OverlayRoute> {
-    if route_table(r) != u32::from(RouteHeader::RT_TABLE_MAIN)
+    // The header names tables below 256, the main one among them; a table of a larger
+    // id has RT_TABLE_COMPAT there and is not ours either.
+    if r.header.table != RouteHeader::RT_TABLE_MAIN
         || r.header.kind != RouteType::Unicast
         || r.header.protocol == RouteProtocol::Kernel
     {
@@ -339,41 +331,14 @@ impl Kernel {
             device: Some(device),
             ..ObservedOverlay::default()
         };
-        let mut neighbours = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute();
-        while let Some(msg) = neighbours
-            .try_next()
-            .await
-            .map_err(netlink(format!("list the neighbours of {name}")))?
-        {
-            // Only permanent ones are vipd's: the others are the kernel's ARP cache.
-            if msg.header.ifindex != index || msg.header.state != NeighbourState::Permanent {
-                continue;
-            }
+        for msg in self.permanent_neighbours(AddressFamily::Inet, index).await? {
             if let (Some(ip), Some(mac)) = neighbour_parts(&msg) {
                 overlay.neighbours.insert(Neighbour { ip, mac });
             }
         }
-
-        let mut fdb = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute();
-        while let Some(msg) = fdb
-            .try_next()
-            .await
-            .map_err(netlink(format!("list the FDB entries of {name}")))?
-        {
-            if msg.header.ifindex != index
-                || msg.header.state != NeighbourState::Permanent
-                || !msg.header.flags.contains(NeighbourFlags::Own)
-            {
+        // The FDB: AF_BRIDGE entries the device holds itself (NTF_SELF).
+        for msg in self.permanent_neighbours(AddressFamily::Bridge, index).await? {
+            if !msg.header.flags.contains(NeighbourFlags::Own) {
                 continue;
             }
             if let (Some(dst), Some(mac)) = neighbour_parts(&msg) {
@@ -394,6 +359,31 @@ impl Kernel {
             index: Some(index),
             overlay,
         })
+    }
+
+    /// The permanent entries of one neighbour table (`family`) on the device: the others
+    /// are the kernel's cache, never vipd's.
+    async fn permanent_neighbours(
+        &self,
+        family: AddressFamily,
+        index: u32,
+    ) -> Result<Vec<NeighbourMessage>, OverlayKernelError> {
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = dump.try_next().await.map_err(netlink(format!(
+            "list the {family:?} neighbours of {}",
+            self.device
+        )))? {
+            if msg.header.ifindex == index && msg.header.state == NeighbourState::Permanent {
+                out.push(msg);
+            }
+        }
+        Ok(out)
     }
 
     async fn apply(&self, mut index: Option<u32>, ops: &[OverlayOp]) -> Result<(), OverlayKernelError> {
