@@ -31,23 +31,72 @@ die() { log "$*"; exit 1; }
 # Runtime: iptables-restore/-save, ip. Inspection: ipvsadm. Tests: curl, ping, busybox
 # (httpd backends), dig, jq (scripts/test.sh), the VM (qemu, kmod for depmod/modprobe, cpio for the initramfs),
 # systemd-analyze (the unit in scripts/ is verified), debootstrap (the container image's
-# bases, made locally: scripts/docker/vipd-image.sh). PACKAGE:COMMAND, a package counting
-# as there when its command is: that needs no dpkg database (the test VM hides it) and
-# no root.
+# bases, made locally: scripts/docker/vipd-image.sh). The cluster: protoc and the
+# well-known .proto files (building the etcd client), an etcd server and etcdctl (tests).
+# PACKAGE:COMMAND, a package counting as there when its command is (or, for a package
+# with no command, when the absolute path after the colon exists): that needs no dpkg
+# database (the test VM hides it) and no root.
 PACKAGES=(iptables:iptables-restore iproute2:ip ipvsadm:ipvsadm curl:curl iputils-ping:ping
   busybox-static:busybox dnsutils:dig procps:pgrep qemu-system-x86:qemu-system-x86_64
-  kmod:depmod cpio:cpio strace:strace systemd:systemd-analyze debootstrap:debootstrap jq:jq)
+  kmod:depmod cpio:cpio strace:strace systemd:systemd-analyze debootstrap:debootstrap jq:jq
+  protobuf-compiler:protoc libprotobuf-dev:/usr/include/google/protobuf/descriptor.proto
+  etcd-server:etcd etcd-client:etcdctl)
+
+# etcd-server's postinst starts an etcd on 127.0.0.1:2379, systemd or not; the tests run
+# their own on ports of their own. As scripts/docker/ensure-docker.sh does for Docker: a
+# /usr/sbin/policy-rc.d that exits 101 ("action forbidden") for the install, which
+# invoke-rc.d and deb-systemd-invoke honour, unless the one there already denies; a
+# different one is kept aside and put back.
+POLICY=/usr/sbin/policy-rc.d
+policy_backup=
+policy_ours=0
+deny_service_starts() {
+  local rc=0
+  [[ -x $POLICY ]] && { "$POLICY" etcd start >/dev/null 2>&1 || rc=$?; }
+  ((rc == 101)) && return 0
+  if [[ -e $POLICY ]]; then
+    policy_backup=$(mktemp "$POLICY.vipd-XXXXXX")
+    mv -f "$POLICY" "$policy_backup"
+  fi
+  policy_ours=1
+  printf '#!/bin/sh\n# Temporary, from vipd scripts/setup.sh: start no services.\nexit 101\n' >"$POLICY"
+  chmod 0755 "$POLICY"
+}
+allow_service_starts() {
+  ((policy_ours)) || return 0
+  rm -f "$POLICY"
+  [[ -z $policy_backup ]] || mv -f "$policy_backup" "$POLICY"
+  policy_ours=0
+}
 
 missing=()
 for pc in "${PACKAGES[@]}"; do
-  command -v "${pc#*:}" >/dev/null || missing+=("${pc%%:*}")
+  what=${pc#*:}
+  if [[ $what == /* ]]; then
+    [[ -e $what ]] || missing+=("${pc%%:*}")
+  else
+    command -v "$what" >/dev/null || missing+=("${pc%%:*}")
+  fi
 done
 if ((${#missing[@]})); then
   [[ $EUID -eq 0 ]] || die "need root to install ${missing[*]}"
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  etcd_before=$(pgrep -x etcd || true)
+  trap allow_service_starts EXIT
+  deny_service_starts
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  allow_service_starts
+  trap - EXIT
+  # Belt and braces: an etcd the install started anyway (an init system that ignores
+  # policy-rc.d) is stopped; one that ran before is not ours to stop.
+  for pid in $(pgrep -x etcd || true); do
+    grep -qxF "$pid" <<<"$etcd_before" && continue
+    log "the etcd-server package started an etcd (pid $pid): stopping it"
+    [[ -d /run/systemd/system ]] && systemctl disable --now etcd.service >/dev/null 2>&1 || true
+    kill "$pid" 2>/dev/null || true
+  done
 fi
 
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup)"

@@ -28,6 +28,7 @@ pub mod ingress;
 pub mod ipvs;
 pub mod metrics;
 pub mod netns;
+pub mod overlay;
 pub mod privileges;
 pub mod reconcile;
 pub mod show;

@@ -7,6 +7,7 @@ pub mod ipvs;
 pub mod labels;
 pub mod mesh;
 pub mod model;
+pub mod overlay;
 pub mod plan;
 pub mod spec;
 pub mod status;
