@@ -8,6 +8,7 @@ pub mod labels;
 pub mod mesh;
 pub mod model;
 pub mod plan;
+pub mod rules;
 pub mod spec;
 pub mod status;
 pub mod topology;

@@ -6,12 +6,13 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::firewall::{self, FwOp, ObservedFirewall, Rule};
+use super::firewall::{self, FwOp, ObservedFirewall};
 use super::ipvs::{
     DestConfig, DestKey, Destination, IpvsOp, ServiceConfig, ServiceFlags, ServiceKey, Stats, Timeouts,
     VirtualService,
 };
 use super::model::{BackendAddr, FwMark, Ipv4Net};
+use super::rules::Intent;
 use super::spec::{SandboxSpec, ServiceSpec};
 
 /// The `net.ipv4.vs.*` settings vipd keeps in a sandbox that has its services, by name
@@ -190,16 +191,29 @@ impl ObservedSandbox {
     }
 }
 
-/// The services the planner decides about: vipd's own (by its mark rules) and the wanted
+/// The fwmarks whose IPVS services are vipd's in a sandbox, from vipd's own records and
+/// not from any comment: the marks its MARK rules set in the chains it owns (of the kernel
+/// just read, or of the view kept of what vipd programmed there), and the mark the spec
+/// gives a VIP that vipd's ping rule answers for (a service whose mark rule was deleted by
+/// hand is still vipd's).
+pub fn owned_marks(spec: &SandboxSpec, fw: &ObservedFirewall) -> BTreeSet<FwMark> {
+    let mut owned = fw.marks();
+    let pinged = fw.pinged();
+    owned.extend(
+        spec.services
+            .iter()
+            .filter(|s| s.publish.is_none() && pinged.contains(&s.vip.addr()))
+            .map(|s| s.fwmark),
+    );
+    owned
+}
+
+/// The services the planner decides about: vipd's own ([`owned_marks`]) and the wanted
 /// ones.
 pub fn keys_to_confirm(spec: &SandboxSpec, fw: &ObservedFirewall) -> Vec<ServiceKey> {
-    let mut keys: BTreeSet<ServiceKey> = fw
-        .marked_services()
-        .iter()
-        .map(|m| ServiceKey::fwmark(m.fwmark))
-        .collect();
-    keys.extend(spec.services.iter().map(|s| ServiceKey::fwmark(s.fwmark)));
-    keys.into_iter().collect()
+    let mut keys: BTreeSet<FwMark> = owned_marks(spec, fw);
+    keys.extend(spec.services.iter().map(|s| s.fwmark));
+    keys.into_iter().map(ServiceKey::fwmark).collect()
 }
 
 /// The services whose destinations the planner needs: those of [`keys_to_confirm`] that
@@ -263,28 +277,39 @@ impl Plan {
     }
 }
 
-/// The firewall rules a sandbox should have for `spec`, given its own addresses.
-pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Rule> {
+/// The rules a sandbox should have for `spec`, given its own addresses, as intents.
+pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Intent> {
     let mut rules = Vec::new();
     for svc in &spec.services {
-        if let Some(publish) = &svc.publish {
+        if let Some(publish) = svc.publish {
             // The ingress namespace: the port on its own address, and every forwarded
             // packet leaves from that address.
-            rules.push(firewall::ingress_mark_rule(
-                &svc.name, svc.vip, publish, svc.fwmark,
-            ));
-            if let IpAddr::V4(own) = svc.vip.addr() {
-                rules.push(firewall::snat_all_rule(own));
+            rules.push(Intent::IngressMark {
+                service: svc.name.clone(),
+                addr: svc.vip,
+                publish,
+                mark: svc.fwmark,
+            });
+            if let IpAddr::V4(source) = svc.vip.addr() {
+                rules.push(Intent::SnatAllIpvs { source });
             }
             continue;
         }
-        rules.push(firewall::mark_rule(&svc.name, svc.vip, svc.fwmark));
-        rules.push(firewall::ping_rule(&svc.name, svc.vip, svc.fwmark));
+        rules.push(Intent::MarkVip {
+            service: svc.name.clone(),
+            vip: svc.vip,
+            mark: svc.fwmark,
+        });
+        rules.push(Intent::PingVip {
+            service: svc.name.clone(),
+            vip: svc.vip,
+            mark: svc.fwmark,
+        });
     }
     rules.extend(
         snat_sources(spec, addrs)
             .into_iter()
-            .map(|(net, src)| firewall::snat_rule(net, src)),
+            .map(|(dest_net, source)| Intent::SnatIpvs { dest_net, source }),
     );
     rules
 }
@@ -313,7 +338,7 @@ fn service_config(svc: &ServiceSpec) -> ServiceConfig {
 
 /// Compute the plan for one sandbox. Pure: reads nothing but its arguments.
 pub fn plan(spec: &SandboxSpec, seen: &ObservedSandbox, sysctls: &SysctlSettings) -> Result<Plan, PlanError> {
-    let owned: BTreeSet<FwMark> = seen.firewall.marked_services().iter().map(|m| m.fwmark).collect();
+    let owned = owned_marks(spec, &seen.firewall);
     let present: BTreeMap<ServiceKey, &VirtualService> = seen.services.iter().map(|s| (s.key, s)).collect();
 
     for svc in &spec.services {
@@ -829,16 +854,21 @@ mod tests {
         ];
         let want = web(&["10.0.0.3", "172.20.5.5", "192.168.1.1"]);
         let rules = desired_rules(&want, &own);
-        let snat: Vec<&str> = rules
+        let snat: Vec<&Intent> = rules
             .iter()
-            .filter(|r| r.chain == firewall::NAT_POSTROUTING)
-            .map(|r| r.spec.as_str())
+            .filter(|r| matches!(r, Intent::SnatIpvs { .. }))
             .collect();
         assert_eq!(
             snat,
             [
-                "-d 10.0.0.0/24 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.0.0.2",
-                "-d 172.20.0.0/16 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 172.20.0.7",
+                &Intent::SnatIpvs {
+                    dest_net: Ipv4Net::new("10.0.0.0".parse().unwrap(), 24).unwrap(),
+                    source: "10.0.0.2".parse().unwrap()
+                },
+                &Intent::SnatIpvs {
+                    dest_net: Ipv4Net::new("172.20.0.0".parse().unwrap(), 16).unwrap(),
+                    source: "172.20.0.7".parse().unwrap()
+                },
             ]
         );
     }

@@ -73,7 +73,14 @@ fn rendered_rules_are_exactly_what_iptables_save_prints() {
     let expected_mark: Vec<String> = want
         .services
         .iter()
-        .map(|s| fw::mark_rule(&s.name, s.vip, s.fwmark).spec)
+        .map(|s| {
+            fw::render(&fw::Rule::MarkVip {
+                service: s.name.clone(),
+                vip: s.vip,
+                mark: s.fwmark,
+            })
+            .spec
+        })
         .collect();
     let mut got_mark = seen.chains[&MANGLE_OUTPUT].clone();
     got_mark.sort();
