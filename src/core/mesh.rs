@@ -262,23 +262,18 @@ mod tests {
         );
 
         // The ingress namespace's rules: one mark per port, one SNAT to its address.
-        let addr = Vip::new(ingress.into());
+        let port_mark = |publish, mark| Intent::IngressMark {
+            service: web(),
+            addr: Vip::new(ingress.into()),
+            publish,
+            mark: FwMark::new(mark).unwrap(),
+        };
         assert_eq!(
             plan::desired_rules(&m.ingress, &[]),
             [
-                Intent::IngressMark {
-                    service: web(),
-                    addr,
-                    publish: http,
-                    mark: FwMark::new(0x11f90).unwrap()
-                },
+                port_mark(http, 0x11f90),
                 Intent::SnatAllIpvs { source: ingress },
-                Intent::IngressMark {
-                    service: web(),
-                    addr,
-                    publish: dns,
-                    mark: FwMark::new(0x20035).unwrap()
-                },
+                port_mark(dns, 0x20035),
                 Intent::SnatAllIpvs { source: ingress },
             ]
         );

@@ -817,6 +817,93 @@ mod tests {
     }
 
     #[test]
+    fn ownership_comes_from_what_vipds_rules_do_not_from_their_comments() {
+        let empty = ObservedSandbox {
+            addrs: addrs(),
+            ..Default::default()
+        };
+        let s = SysctlSettings::default();
+        let want = web(&["10.0.0.3"]);
+        let now = empty.after(&plan(&want, &empty, &s).unwrap());
+        let mark = FwMark::new(256).unwrap();
+        assert_eq!(owned_marks(&want, &now.firewall), [mark].into());
+
+        // An operator rewrote the comments: the rules still do what vipd's do, so the
+        // service is still vipd's; only the rules are put back as rendered.
+        let mut relabelled = now.clone();
+        for rules in relabelled.firewall.chains.values_mut() {
+            for r in rules.iter_mut() {
+                *r = r.replace("vipd:web:256", "hand-edited:999");
+            }
+        }
+        assert_eq!(
+            owned_marks(&SandboxSpec::default(), &relabelled.firewall),
+            [mark].into()
+        );
+        let p = plan(&want, &relabelled, &s).unwrap();
+        assert!(p.ipvs_remove.is_empty() && p.ipvs_add.is_empty(), "{p:#?}");
+        assert!(!p.firewall.is_empty());
+        assert!(plan(&want, &relabelled.after(&p), &s).unwrap().is_empty());
+
+        // The mark rule deleted by hand: the ping rule for the VIP is still vipd's, and
+        // the spec (vipd's record) says which mark that VIP has.
+        let mut unmarked = now.clone();
+        unmarked
+            .firewall
+            .chains
+            .get_mut(&firewall::MANGLE_OUTPUT)
+            .unwrap()
+            .clear();
+        assert!(unmarked.firewall.marks().is_empty());
+        assert_eq!(owned_marks(&want, &unmarked.firewall), [mark].into());
+        let p = plan(&want, &unmarked, &s).unwrap();
+        let mark_rule = Intent::MarkVip {
+            service: want.services[0].name.clone(),
+            vip: want.services[0].vip,
+            mark,
+        };
+        assert_eq!(p.firewall, [FwOp::AddRule(firewall::render(&mark_rule))]);
+        // ... but it proves nothing about another VIP's mark.
+        let elsewhere = spec(r#"{"services":[{"name":"web","vip":"10.0.0.200","fwmark":256}]}"#);
+        assert!(owned_marks(&elsewhere, &unmarked.firewall).is_empty());
+        assert!(matches!(
+            plan(&elsewhere, &unmarked, &s),
+            Err(PlanError::ForeignFwMark { .. })
+        ));
+    }
+
+    #[test]
+    fn a_comment_outside_vipds_chains_or_on_a_rule_that_marks_nothing_claims_nothing() {
+        // What iptables-save shows: vipd's comment on a foreign rule in a built-in chain,
+        // and on a rule in vipd's chain that does not mark.
+        let fw = firewall::parse_save(
+            "*mangle\n:OUTPUT ACCEPT [0:0]\n:VIPD-OUTPUT - [0:0]\n\
+             -A OUTPUT -d 10.0.0.100/32 -m comment --comment \"vipd:web:256\" -j MARK --set-xmark 0x100/0xffffffff\n\
+             -A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment \"vipd:web:256\" -j RETURN\n\
+             COMMIT\n",
+        );
+        let seen = ObservedSandbox {
+            services: vec![VirtualService {
+                key: ServiceKey::fwmark(FwMark::new(256).unwrap()),
+                config: ServiceConfig::new(crate::core::model::Scheduler::RoundRobin),
+                stats: Stats::default(),
+            }],
+            firewall: fw,
+            addrs: addrs(),
+            ..Default::default()
+        };
+        let want = web(&["10.0.0.3"]);
+        assert!(owned_marks(&want, &seen.firewall).is_empty());
+        assert!(matches!(
+            plan(&want, &seen, &SysctlSettings::default()),
+            Err(PlanError::ForeignFwMark { .. })
+        ));
+        // Unwanted, it is not removed either.
+        let p = plan(&SandboxSpec::default(), &seen, &SysctlSettings::default()).unwrap();
+        assert!(p.ipvs_remove.is_empty(), "{p:#?}");
+    }
+
+    #[test]
     fn foreign_services_are_left_alone_and_their_marks_refused() {
         let foreign = VirtualService {
             key: ServiceKey::fwmark(FwMark::new(256).unwrap()),

@@ -427,15 +427,8 @@ pub fn render_restore(ops: &[FwOp]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::render::tests::{name, vip};
     use super::*;
-
-    fn name(s: &str) -> ServiceName {
-        ServiceName::new(s).unwrap()
-    }
-
-    fn vip(s: &str) -> Vip {
-        Vip::new(s.parse().unwrap())
-    }
 
     fn mark_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
         Rule::MarkVip {
@@ -451,10 +444,6 @@ mod tests {
             vip,
             mark,
         }
-    }
-
-    fn line(intent: &Rule) -> ChainRule {
-        render(intent)
     }
 
     const SAVED: &str = "\
@@ -514,7 +503,7 @@ COMMIT
         let mut seen = parse_save(SAVED);
         // A foreign MARK rule in a built-in chain is not vipd's, whatever its comment.
         seen.chains.entry(NAT_OUTPUT).or_default().push(
-            line(&ping_rule(
+            render(&ping_rule(
                 &name("web"),
                 vip("10.0.0.100"),
                 FwMark::new(256).unwrap(),
@@ -608,7 +597,7 @@ COMMIT
 
     #[test]
     fn ops_print_as_iptables_commands() {
-        let r = line(&mark_rule(
+        let r = render(&mark_rule(
             &name("web"),
             vip("10.0.0.100"),
             FwMark::new(256).unwrap(),

@@ -175,20 +175,20 @@ pub fn read_service_name(spec: &str) -> Option<ServiceName> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::core::labels::{PortProtocol, Publish};
     use crate::core::model::Ipv4Net;
 
-    fn name(s: &str) -> ServiceName {
+    pub(in crate::core::firewall) fn name(s: &str) -> ServiceName {
         ServiceName::new(s).unwrap()
     }
 
-    fn vip(s: &str) -> Vip {
+    pub(in crate::core::firewall) fn vip(s: &str) -> Vip {
         Vip::new(s.parse().unwrap())
     }
 
-    fn mark(n: u32) -> FwMark {
+    pub(in crate::core::firewall) fn mark(n: u32) -> FwMark {
         FwMark::new(n).unwrap()
     }
 
