@@ -18,14 +18,28 @@ pub const DEFAULT_POOL: &str = "10.253.0.0/16";
 /// The first fwmark vipd hands out (Swarm also started at 256).
 pub const FIRST_FWMARK: u32 = 256;
 
+/// [`FIRST_FWMARK`] as a mark.
+fn first_fwmark() -> FwMark {
+    FwMark::new(FIRST_FWMARK).expect("256 is not 0")
+}
+
 /// One service's allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
     pub vip: Ipv4Addr,
+    /// The raw number, as saved on disk; [`Allocation::mark`] gives it as a [`FwMark`].
+    /// (A bare `u32` until the agent's own tests stop naming it as one.)
     pub fwmark: u32,
     /// When (unix seconds) the service last had no task; `None` while it has tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<u64>,
+}
+
+impl Allocation {
+    /// The service's mark; `None` only for a table written by hand with mark 0.
+    pub fn mark(&self) -> Option<FwMark> {
+        FwMark::new(self.fwmark)
+    }
 }
 
 /// Why a VIP could not be given.
@@ -78,7 +92,8 @@ pub fn check_pool(pool: Ipv4Net, others: &[(String, Ipv4Net)]) -> Result<(), Poo
 pub struct Allocations {
     pub services: BTreeMap<ServiceName, Allocation>,
     /// Marks are never reused while vipd runs with this table, so a stale rule somewhere
-    /// can never steer traffic to a new service.
+    /// can never steer traffic to a new service. A counter rather than a [`FwMark`]: it
+    /// is the next number to hand out, not a mark anything carries yet.
     pub next_fwmark: u32,
 }
 
@@ -100,15 +115,17 @@ impl Allocations {
                 pool,
                 size: pool_size(pool),
             })?;
-            let fwmark = self.next_fwmark;
-            self.next_fwmark = fwmark.checked_add(1).ok_or_else(|| AllocError::MarksExhausted {
+            let exhausted = || AllocError::MarksExhausted {
                 service: service.to_string(),
-            })?;
+            };
+            // A table read from disk may hold any number here: 0 is no mark.
+            let fwmark = FwMark::new(self.next_fwmark).ok_or_else(exhausted)?;
+            self.next_fwmark = fwmark.get().checked_add(1).ok_or_else(exhausted)?;
             self.services.insert(
                 service.clone(),
                 Allocation {
                     vip,
-                    fwmark,
+                    fwmark: fwmark.get(),
                     idle_since: None,
                 },
             );
@@ -142,19 +159,33 @@ impl Allocations {
     /// The VIP and fwmark of a service, if allocated.
     pub fn get(&self, service: &ServiceName) -> Option<(Vip, FwMark)> {
         let a = self.services.get(service)?;
-        Some((Vip::new(a.vip.into()), FwMark::new(a.fwmark)?))
+        Some((Vip::new(a.vip.into()), a.mark()?))
     }
 
     /// Take the VIP and fwmark the kernel shows for `service` (its rules in a sandbox, when
     /// the saved allocations were lost), if the service has none yet, the VIP is in the
     /// pool and neither is another service's. Returns whether it was taken.
-    pub fn adopt(&mut self, service: &ServiceName, vip: Ipv4Addr, fwmark: u32, pool: Ipv4Net) -> bool {
+    ///
+    /// `fwmark` is a [`FwMark`], or the kernel's raw number (0, no mark, is refused).
+    pub fn adopt<M: TryInto<FwMark>>(
+        &mut self,
+        service: &ServiceName,
+        vip: Ipv4Addr,
+        fwmark: M,
+        pool: Ipv4Net,
+    ) -> bool {
+        let Ok(fwmark) = fwmark.try_into() else {
+            return false;
+        };
         let (first, last) = pool_range(pool);
-        let taken = self.services.values().any(|a| a.vip == vip || a.fwmark == fwmark);
+        let taken = self
+            .services
+            .values()
+            .any(|a| a.vip == vip || a.mark() == Some(fwmark));
         if self.services.contains_key(service)
             || taken
             || !(first..=last).contains(&u32::from(vip))
-            || fwmark < FIRST_FWMARK
+            || fwmark < first_fwmark()
         {
             return false;
         }
@@ -162,11 +193,11 @@ impl Allocations {
             service.clone(),
             Allocation {
                 vip,
-                fwmark,
+                fwmark: fwmark.get(),
                 idle_since: None,
             },
         );
-        self.next_fwmark = self.next_fwmark.max(fwmark.saturating_add(1));
+        self.next_fwmark = self.next_fwmark.max(fwmark.get().saturating_add(1));
         true
     }
 
@@ -304,6 +335,64 @@ mod tests {
         );
         assert!(overlaps(net("10.0.0.0/8"), net("10.253.0.0/16")));
         assert!(!overlaps(net("10.252.0.0/16"), net("10.253.0.0/16")));
+    }
+
+    #[test]
+    fn a_state_file_written_by_a_running_vipd_still_loads() {
+        // The exact text a vipd of this version saves (state.rs writes it pretty-printed).
+        let saved = r#"{
+  "services": {
+    "api": {
+      "vip": "10.253.0.2",
+      "fwmark": 257,
+      "idle_since": 1700000000
+    },
+    "web": {
+      "vip": "10.253.0.1",
+      "fwmark": 256
+    }
+  },
+  "next_fwmark": 258
+}"#;
+        let t: Allocations = serde_json::from_str(saved).unwrap();
+        let mark = |n| FwMark::new(n).unwrap();
+        assert_eq!(
+            t.get(&name("web")),
+            Some((Vip::new("10.253.0.1".parse().unwrap()), mark(256)))
+        );
+        assert_eq!(t.services[&name("api")].mark(), Some(mark(257)));
+        assert_eq!(t.services[&name("api")].idle_since, Some(1_700_000_000));
+        assert_eq!(t.next_fwmark, 258);
+        assert_eq!(serde_json::to_string_pretty(&t).unwrap(), saved);
+    }
+
+    #[test]
+    fn adopting_takes_a_mark_or_the_kernels_raw_number_but_never_zero() {
+        let pool = net("10.9.0.0/24");
+        let mut t = Allocations::default();
+        assert!(!t.adopt(&name("web"), "10.9.0.7".parse().unwrap(), 0, pool));
+        assert!(t.adopt(
+            &name("web"),
+            "10.9.0.7".parse().unwrap(),
+            FwMark::new(300).unwrap(),
+            pool
+        ));
+        assert!(
+            !t.adopt(&name("db"), "10.9.0.8".parse().unwrap(), 300, pool),
+            "mark taken"
+        );
+    }
+
+    #[test]
+    fn a_mark_of_zero_read_from_disk_is_refused_not_handed_out() {
+        assert!(serde_json::from_str::<FwMark>("0").is_err());
+        assert_eq!(serde_json::from_str::<FwMark>("256").unwrap().get(), 256);
+        assert_eq!(serde_json::to_string(&FwMark::new(256).unwrap()).unwrap(), "256");
+        let mut t: Allocations = serde_json::from_str(r#"{"services":{},"next_fwmark":0}"#).unwrap();
+        assert!(matches!(
+            t.ensure(&name("web"), net(DEFAULT_POOL)),
+            Err(AllocError::MarksExhausted { .. })
+        ));
     }
 
     #[test]

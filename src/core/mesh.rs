@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use super::cluster::{Container, ContainerId};
-use super::firewall::{self, Rule};
 use super::labels::{PortProtocol, Publish, ServiceDef};
 use super::model::{BackendAddr, FwMark, ServiceName, Vip};
+use super::rules::{Direction, Intent, IpFamily, Origin};
 use super::spec::{Backend, SandboxSpec, ServiceSpec};
 
 /// A published port's identity on the host: its protocol and number.
@@ -44,8 +44,8 @@ pub struct IngressLink {
 pub struct MeshPlan {
     /// The ingress namespace's services, one per published port.
     pub ingress: SandboxSpec,
-    /// The host's rules in its owned chains; empty when nothing is published.
-    pub host_rules: Vec<Rule>,
+    /// The host's rules, as intents; empty when nothing is published.
+    pub host_rules: Vec<Intent>,
     /// Which service holds each published port.
     pub holders: BTreeMap<PortKey, ServiceName>,
     /// Ports a service asked for and did not get, with the reason.
@@ -127,11 +127,27 @@ pub fn plan(
             backends,
             publish: Some(publish),
         });
-        out.host_rules
-            .extend(firewall::host_dnat_rules(&def.name, &publish, link.addr));
+        for origin in [Origin::Arriving, Origin::Local] {
+            out.host_rules.push(Intent::DnatToIngress {
+                service: def.name.clone(),
+                publish,
+                ingress: link.addr,
+                origin,
+            });
+        }
     }
     if !out.holders.is_empty() {
-        out.host_rules.extend(firewall::host_link_rules(&link.host_iface));
+        out.host_rules.push(Intent::MasqueradeToIngress {
+            iface: link.host_iface.clone(),
+            family: IpFamily::V4,
+        });
+        for direction in [Direction::Out, Direction::In] {
+            out.host_rules.push(Intent::ForwardIngress {
+                iface: link.host_iface.clone(),
+                direction,
+                family: IpFamily::V4,
+            });
+        }
     }
     out
 }
@@ -140,7 +156,6 @@ pub fn plan(
 mod tests {
     use super::*;
     use crate::core::cluster::Health;
-    use crate::core::firewall::{HOST_FILTER_FORWARD, HOST_NAT_OUTPUT, HOST_NAT_PREROUTING};
     use crate::core::labels::{self, PUBLISH, SERVICE};
     use crate::core::plan;
 
@@ -205,44 +220,61 @@ mod tests {
             .iter()
             .all(|s| s.vip.to_string() == "10.254.255.2"));
 
-        let rules: Vec<String> = m
-            .host_rules
-            .iter()
-            .map(|r| format!("{} {}", r.chain.name, r.spec))
-            .collect();
-        assert!(rules.contains(&"VIPD-INGRESS -p tcp -m tcp --dport 8080 -m comment --comment vipd:web -j DNAT --to-destination 10.254.255.2:8080".to_owned()), "{rules:#?}");
-        assert!(rules.contains(&"VIPD-INGRESS-OUT -p udp -m udp --dport 53 -m comment --comment vipd:web -j DNAT --to-destination 10.254.255.2:53".to_owned()), "{rules:#?}");
+        let web = || ServiceName::new("web").unwrap();
+        let ingress: Ipv4Addr = "10.254.255.2".parse().unwrap();
+        let http = Publish {
+            protocol: TCP,
+            published: 8080,
+            target: 80,
+        };
+        let dns = Publish {
+            protocol: UDP,
+            published: 53,
+            target: 5353,
+        };
+        let dnat = |publish, origin| Intent::DnatToIngress {
+            service: web(),
+            publish,
+            ingress,
+            origin,
+        };
+        let forward = |direction| Intent::ForwardIngress {
+            iface: "vipd-ingress".into(),
+            direction,
+            family: IpFamily::V4,
+        };
+        // Two DNATs per published port (arriving, and the host's own connections; to the
+        // same port on the ingress namespace), then the link's masquerade and forwarding.
         assert_eq!(
-            m.host_rules
-                .iter()
-                .filter(|r| r.chain == HOST_NAT_PREROUTING)
-                .count(),
-            2
-        );
-        assert_eq!(
-            m.host_rules.iter().filter(|r| r.chain == HOST_NAT_OUTPUT).count(),
-            2
-        );
-        assert_eq!(
-            m.host_rules
-                .iter()
-                .filter(|r| r.chain == HOST_FILTER_FORWARD)
-                .count(),
-            2
+            m.host_rules,
+            [
+                dnat(http, Origin::Arriving),
+                dnat(http, Origin::Local),
+                dnat(dns, Origin::Arriving),
+                dnat(dns, Origin::Local),
+                Intent::MasqueradeToIngress {
+                    iface: "vipd-ingress".into(),
+                    family: IpFamily::V4
+                },
+                forward(Direction::Out),
+                forward(Direction::In),
+            ]
         );
 
         // The ingress namespace's rules: one mark per port, one SNAT to its address.
-        let want: Vec<String> = plan::desired_rules(&m.ingress, &[])
-            .iter()
-            .map(|r| format!("{} {}", r.chain.name, r.spec))
-            .collect();
+        let port_mark = |publish, mark| Intent::IngressMark {
+            service: web(),
+            addr: Vip::new(ingress.into()),
+            publish,
+            mark: FwMark::new(mark).unwrap(),
+        };
         assert_eq!(
-            want,
+            plan::desired_rules(&m.ingress, &[]),
             [
-                "VIPD-PREROUTING -d 10.254.255.2/32 -p tcp -m tcp --dport 8080 -m comment --comment vipd:web:73616 -j MARK --set-xmark 0x11f90/0xffffffff",
-                "VIPD-POSTROUTING -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.254.255.2",
-                "VIPD-PREROUTING -d 10.254.255.2/32 -p udp -m udp --dport 53 -m comment --comment vipd:web:131125 -j MARK --set-xmark 0x20035/0xffffffff",
-                "VIPD-POSTROUTING -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.254.255.2",
+                port_mark(http, 0x11f90),
+                Intent::SnatAllIpvs { source: ingress },
+                port_mark(dns, 0x20035),
+                Intent::SnatAllIpvs { source: ingress },
             ]
         );
     }

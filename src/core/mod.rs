@@ -9,6 +9,7 @@ pub mod mesh;
 pub mod model;
 pub mod overlay;
 pub mod plan;
+pub mod rules;
 pub mod spec;
 pub mod status;
 pub mod topology;

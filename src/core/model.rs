@@ -7,9 +7,30 @@ use std::str::FromStr;
 use serde::Serialize;
 
 /// A firewall mark that steers a VIP's packets to one IPVS virtual service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
+///
+/// Serialized as the bare number; reading one refuses 0, as [`FwMark::new`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
 pub struct FwMark(u32);
+
+/// A mark of 0, which means "no mark" to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("fwmark 0 is no mark")]
+pub struct ZeroFwMark;
+
+impl From<FwMark> for u32 {
+    fn from(mark: FwMark) -> u32 {
+        mark.0
+    }
+}
+
+impl TryFrom<u32> for FwMark {
+    type Error = ZeroFwMark;
+
+    fn try_from(raw: u32) -> Result<Self, ZeroFwMark> {
+        FwMark::new(raw).ok_or(ZeroFwMark)
+    }
+}
 
 impl FwMark {
     /// A mark; 0 is "no mark" to the kernel and is refused.

@@ -6,12 +6,13 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::firewall::{self, FwOp, ObservedFirewall, Rule};
+use super::firewall::{self, FwOp, ObservedFirewall};
 use super::ipvs::{
     DestConfig, DestKey, Destination, IpvsOp, ServiceConfig, ServiceFlags, ServiceKey, Stats, Timeouts,
     VirtualService,
 };
 use super::model::{BackendAddr, FwMark, Ipv4Net};
+use super::rules::Intent;
 use super::spec::{SandboxSpec, ServiceSpec};
 
 /// The `net.ipv4.vs.*` settings vipd keeps in a sandbox that has its services, by name
@@ -190,16 +191,29 @@ impl ObservedSandbox {
     }
 }
 
-/// The services the planner decides about: vipd's own (by its mark rules) and the wanted
+/// The fwmarks whose IPVS services are vipd's in a sandbox, from vipd's own records and
+/// not from any comment: the marks its MARK rules set in the chains it owns (of the kernel
+/// just read, or of the view kept of what vipd programmed there), and the mark the spec
+/// gives a VIP that vipd's ping rule answers for (a service whose mark rule was deleted by
+/// hand is still vipd's).
+pub fn owned_marks(spec: &SandboxSpec, fw: &ObservedFirewall) -> BTreeSet<FwMark> {
+    let mut owned = fw.marks();
+    let pinged = fw.pinged();
+    owned.extend(
+        spec.services
+            .iter()
+            .filter(|s| s.publish.is_none() && pinged.contains(&s.vip.addr()))
+            .map(|s| s.fwmark),
+    );
+    owned
+}
+
+/// The services the planner decides about: vipd's own ([`owned_marks`]) and the wanted
 /// ones.
 pub fn keys_to_confirm(spec: &SandboxSpec, fw: &ObservedFirewall) -> Vec<ServiceKey> {
-    let mut keys: BTreeSet<ServiceKey> = fw
-        .marked_services()
-        .iter()
-        .map(|m| ServiceKey::fwmark(m.fwmark))
-        .collect();
-    keys.extend(spec.services.iter().map(|s| ServiceKey::fwmark(s.fwmark)));
-    keys.into_iter().collect()
+    let mut keys: BTreeSet<FwMark> = owned_marks(spec, fw);
+    keys.extend(spec.services.iter().map(|s| s.fwmark));
+    keys.into_iter().map(ServiceKey::fwmark).collect()
 }
 
 /// The services whose destinations the planner needs: those of [`keys_to_confirm`] that
@@ -263,28 +277,39 @@ impl Plan {
     }
 }
 
-/// The firewall rules a sandbox should have for `spec`, given its own addresses.
-pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Rule> {
+/// The rules a sandbox should have for `spec`, given its own addresses, as intents.
+pub fn desired_rules(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> Vec<Intent> {
     let mut rules = Vec::new();
     for svc in &spec.services {
-        if let Some(publish) = &svc.publish {
+        if let Some(publish) = svc.publish {
             // The ingress namespace: the port on its own address, and every forwarded
             // packet leaves from that address.
-            rules.push(firewall::ingress_mark_rule(
-                &svc.name, svc.vip, publish, svc.fwmark,
-            ));
-            if let IpAddr::V4(own) = svc.vip.addr() {
-                rules.push(firewall::snat_all_rule(own));
+            rules.push(Intent::IngressMark {
+                service: svc.name.clone(),
+                addr: svc.vip,
+                publish,
+                mark: svc.fwmark,
+            });
+            if let IpAddr::V4(source) = svc.vip.addr() {
+                rules.push(Intent::SnatAllIpvs { source });
             }
             continue;
         }
-        rules.push(firewall::mark_rule(&svc.name, svc.vip, svc.fwmark));
-        rules.push(firewall::ping_rule(&svc.name, svc.vip, svc.fwmark));
+        rules.push(Intent::MarkVip {
+            service: svc.name.clone(),
+            vip: svc.vip,
+            mark: svc.fwmark,
+        });
+        rules.push(Intent::PingVip {
+            service: svc.name.clone(),
+            vip: svc.vip,
+            mark: svc.fwmark,
+        });
     }
     rules.extend(
         snat_sources(spec, addrs)
             .into_iter()
-            .map(|(net, src)| firewall::snat_rule(net, src)),
+            .map(|(dest_net, source)| Intent::SnatIpvs { dest_net, source }),
     );
     rules
 }
@@ -313,7 +338,7 @@ fn service_config(svc: &ServiceSpec) -> ServiceConfig {
 
 /// Compute the plan for one sandbox. Pure: reads nothing but its arguments.
 pub fn plan(spec: &SandboxSpec, seen: &ObservedSandbox, sysctls: &SysctlSettings) -> Result<Plan, PlanError> {
-    let owned: BTreeSet<FwMark> = seen.firewall.marked_services().iter().map(|m| m.fwmark).collect();
+    let owned = owned_marks(spec, &seen.firewall);
     let present: BTreeMap<ServiceKey, &VirtualService> = seen.services.iter().map(|s| (s.key, s)).collect();
 
     for svc in &spec.services {
@@ -792,6 +817,93 @@ mod tests {
     }
 
     #[test]
+    fn ownership_comes_from_what_vipds_rules_do_not_from_their_comments() {
+        let empty = ObservedSandbox {
+            addrs: addrs(),
+            ..Default::default()
+        };
+        let s = SysctlSettings::default();
+        let want = web(&["10.0.0.3"]);
+        let now = empty.after(&plan(&want, &empty, &s).unwrap());
+        let mark = FwMark::new(256).unwrap();
+        assert_eq!(owned_marks(&want, &now.firewall), [mark].into());
+
+        // An operator rewrote the comments: the rules still do what vipd's do, so the
+        // service is still vipd's; only the rules are put back as rendered.
+        let mut relabelled = now.clone();
+        for rules in relabelled.firewall.chains.values_mut() {
+            for r in rules.iter_mut() {
+                *r = r.replace("vipd:web:256", "hand-edited:999");
+            }
+        }
+        assert_eq!(
+            owned_marks(&SandboxSpec::default(), &relabelled.firewall),
+            [mark].into()
+        );
+        let p = plan(&want, &relabelled, &s).unwrap();
+        assert!(p.ipvs_remove.is_empty() && p.ipvs_add.is_empty(), "{p:#?}");
+        assert!(!p.firewall.is_empty());
+        assert!(plan(&want, &relabelled.after(&p), &s).unwrap().is_empty());
+
+        // The mark rule deleted by hand: the ping rule for the VIP is still vipd's, and
+        // the spec (vipd's record) says which mark that VIP has.
+        let mut unmarked = now.clone();
+        unmarked
+            .firewall
+            .chains
+            .get_mut(&firewall::MANGLE_OUTPUT)
+            .unwrap()
+            .clear();
+        assert!(unmarked.firewall.marks().is_empty());
+        assert_eq!(owned_marks(&want, &unmarked.firewall), [mark].into());
+        let p = plan(&want, &unmarked, &s).unwrap();
+        let mark_rule = Intent::MarkVip {
+            service: want.services[0].name.clone(),
+            vip: want.services[0].vip,
+            mark,
+        };
+        assert_eq!(p.firewall, [FwOp::AddRule(firewall::render(&mark_rule))]);
+        // ... but it proves nothing about another VIP's mark.
+        let elsewhere = spec(r#"{"services":[{"name":"web","vip":"10.0.0.200","fwmark":256}]}"#);
+        assert!(owned_marks(&elsewhere, &unmarked.firewall).is_empty());
+        assert!(matches!(
+            plan(&elsewhere, &unmarked, &s),
+            Err(PlanError::ForeignFwMark { .. })
+        ));
+    }
+
+    #[test]
+    fn a_comment_outside_vipds_chains_or_on_a_rule_that_marks_nothing_claims_nothing() {
+        // What iptables-save shows: vipd's comment on a foreign rule in a built-in chain,
+        // and on a rule in vipd's chain that does not mark.
+        let fw = firewall::parse_save(
+            "*mangle\n:OUTPUT ACCEPT [0:0]\n:VIPD-OUTPUT - [0:0]\n\
+             -A OUTPUT -d 10.0.0.100/32 -m comment --comment \"vipd:web:256\" -j MARK --set-xmark 0x100/0xffffffff\n\
+             -A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment \"vipd:web:256\" -j RETURN\n\
+             COMMIT\n",
+        );
+        let seen = ObservedSandbox {
+            services: vec![VirtualService {
+                key: ServiceKey::fwmark(FwMark::new(256).unwrap()),
+                config: ServiceConfig::new(crate::core::model::Scheduler::RoundRobin),
+                stats: Stats::default(),
+            }],
+            firewall: fw,
+            addrs: addrs(),
+            ..Default::default()
+        };
+        let want = web(&["10.0.0.3"]);
+        assert!(owned_marks(&want, &seen.firewall).is_empty());
+        assert!(matches!(
+            plan(&want, &seen, &SysctlSettings::default()),
+            Err(PlanError::ForeignFwMark { .. })
+        ));
+        // Unwanted, it is not removed either.
+        let p = plan(&SandboxSpec::default(), &seen, &SysctlSettings::default()).unwrap();
+        assert!(p.ipvs_remove.is_empty(), "{p:#?}");
+    }
+
+    #[test]
     fn foreign_services_are_left_alone_and_their_marks_refused() {
         let foreign = VirtualService {
             key: ServiceKey::fwmark(FwMark::new(256).unwrap()),
@@ -829,16 +941,21 @@ mod tests {
         ];
         let want = web(&["10.0.0.3", "172.20.5.5", "192.168.1.1"]);
         let rules = desired_rules(&want, &own);
-        let snat: Vec<&str> = rules
+        let snat: Vec<&Intent> = rules
             .iter()
-            .filter(|r| r.chain == firewall::NAT_POSTROUTING)
-            .map(|r| r.spec.as_str())
+            .filter(|r| matches!(r, Intent::SnatIpvs { .. }))
             .collect();
         assert_eq!(
             snat,
             [
-                "-d 10.0.0.0/24 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.0.0.2",
-                "-d 172.20.0.0/16 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 172.20.0.7",
+                &Intent::SnatIpvs {
+                    dest_net: Ipv4Net::new("10.0.0.0".parse().unwrap(), 24).unwrap(),
+                    source: "10.0.0.2".parse().unwrap()
+                },
+                &Intent::SnatIpvs {
+                    dest_net: Ipv4Net::new("172.20.0.0".parse().unwrap(), 16).unwrap(),
+                    source: "172.20.0.7".parse().unwrap()
+                },
             ]
         );
     }

@@ -73,7 +73,14 @@ fn rendered_rules_are_exactly_what_iptables_save_prints() {
     let expected_mark: Vec<String> = want
         .services
         .iter()
-        .map(|s| fw::mark_rule(&s.name, s.vip, s.fwmark).spec)
+        .map(|s| {
+            fw::render(&fw::Rule::MarkVip {
+                service: s.name.clone(),
+                vip: s.vip,
+                mark: s.fwmark,
+            })
+            .spec
+        })
         .collect();
     let mut got_mark = seen.chains[&MANGLE_OUTPUT].clone();
     got_mark.sort();
@@ -226,4 +233,79 @@ fn a_firewall_error_names_the_failing_line() {
     let text = err.to_string();
     assert!(text.contains("iptables-restore failed"), "{text}");
     assert!(text.contains("[line 2: -A NO-SUCH-CHAIN -j RETURN]"), "{text}");
+}
+
+#[test]
+fn the_meshs_host_intents_render_to_the_lines_iptables_save_prints_and_go_again() {
+    use vipd::core::labels::{PortProtocol, Publish};
+    use vipd::core::model::ServiceName;
+    use vipd::core::rules::{Direction, Intent, IpFamily, Origin};
+    use vipd::reconcile::host_firewall;
+
+    require_root();
+    let ns = Netns::new("vfw");
+    let pristine = (ns.iptables_save("nat"), ns.iptables_save("filter"));
+    let publish = Publish {
+        protocol: PortProtocol::Udp,
+        published: 5353,
+        target: 53,
+    };
+    let mut want: Vec<Intent> = [Origin::Arriving, Origin::Local]
+        .into_iter()
+        .map(|origin| Intent::DnatToIngress {
+            service: ServiceName::new("web").unwrap(),
+            publish,
+            ingress: "10.254.254.2".parse().unwrap(),
+            origin,
+        })
+        .collect();
+    want.push(Intent::MasqueradeToIngress {
+        iface: "vipd-ingress".into(),
+        family: IpFamily::V4,
+    });
+    want.extend(
+        [Direction::Out, Direction::In].map(|direction| Intent::ForwardIngress {
+            iface: "vipd-ingress".into(),
+            direction,
+            family: IpFamily::V4,
+        }),
+    );
+    let program = |want: &[Intent]| {
+        run_in(&NetnsPath::from_arg(&ns.name), || {
+            host_firewall(&mut Iptables::default(), want)
+        })
+        .expect("enter namespace")
+        .expect("host firewall")
+    };
+
+    assert!(!program(&want).is_empty());
+    let (nat, filter) = (ns.iptables_save("nat"), ns.iptables_save("filter"));
+    let seen = fw::parse_save(&(nat.clone() + &filter));
+    for intent in &want {
+        let line = fw::render(intent);
+        assert_eq!(
+            seen.chains[&line.chain]
+                .iter()
+                .filter(|r| **r == line.spec)
+                .count(),
+            1,
+            "{line:?} not printed back as rendered:\n{nat}{filter}"
+        );
+    }
+    assert!(
+        nat.contains("-A PREROUTING -m addrtype --dst-type LOCAL -j VIPD-INGRESS\n"),
+        "{nat}"
+    );
+    assert!(filter.contains("-A FORWARD -j VIPD-FORWARD\n"), "{filter}");
+
+    // Nothing changed: nothing is written.
+    assert_eq!(program(&want), []);
+    assert_eq!(
+        (ns.iptables_save("nat"), ns.iptables_save("filter")),
+        (nat, filter)
+    );
+
+    // Nothing published: nothing of vipd's is left.
+    assert!(!program(&[]).is_empty());
+    assert_eq!((ns.iptables_save("nat"), ns.iptables_save("filter")), pristine);
 }

@@ -1,4 +1,6 @@
-//! vipd's iptables rules in a sandbox: rendering, reading back, and the difference.
+//! The iptables backend of vipd's rules: its chains, reading them back, and the
+//! difference. [`render`] turns the planner's intents ([`super::rules::Intent`]) into
+//! rule lines; everything here works on those lines.
 //!
 //! In a sandbox (and in the ingress namespace) vipd owns the chains of
 //! [`SANDBOX_CHAINS`]; in the host's namespace those of [`HOST_CHAINS`] (the routing mesh).
@@ -7,14 +9,16 @@
 //! what was written and a second run changes nothing. Rules in any other chain are never
 //! touched; in a built-in chain vipd touches only its own jump.
 
-use std::collections::BTreeMap;
+pub mod render;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::labels::Publish;
-use super::model::{FwMark, Ipv4Net, ServiceName, Vip};
+use super::model::{FwMark, ServiceName, Vip};
+pub use render::render;
 
 /// The prefix of every comment vipd puts on its rules.
 pub const COMMENT_PREFIX: &str = "vipd:";
@@ -144,147 +148,26 @@ pub const OWNED_CHAINS: [OwnedChain; 8] = [
     HOST_FILTER_FORWARD,
 ];
 
-/// One rule in an owned chain: the text after `-A CHAIN `, exactly as `iptables-save` prints it.
+/// One line in an owned chain: the text after `-A CHAIN `, exactly as `iptables-save`
+/// prints it. Made only by [`render`] (and read back from the kernel).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Rule {
+pub struct ChainRule {
     pub chain: OwnedChain,
     pub spec: String,
 }
 
-/// The rule that marks packets to `vip` with `mark`.
-pub fn mark_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
-    Rule {
-        chain: MANGLE_OUTPUT,
-        spec: format!(
-            "-d {}/32 -m comment --comment {} -j MARK --set-xmark {:#x}/0xffffffff",
-            vip,
-            service_comment(name, mark),
-            mark.get()
-        ),
-    }
-}
+/// What callers hand this backend: a rule as its intent. (The name `Rule` is kept for
+/// the code that passes the routing mesh's host rules along.)
+pub use super::rules::Intent as Rule;
 
-/// The rule that answers ICMP echo to `vip` from the sandbox itself.
-pub fn ping_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
-    Rule {
-        chain: NAT_OUTPUT,
-        spec: format!(
-            "-d {vip}/32 -p icmp -m icmp --icmp-type 8 -m comment --comment {} -j DNAT --to-destination 127.0.0.1",
-            service_comment(name, mark)
-        ),
-    }
-}
-
-/// The comment on a service's rules: `vipd:NAME:MARK`. Both per-service rules carry the
-/// mark, so either one alone still records that vipd owns the IPVS service of that mark.
-fn service_comment(name: &ServiceName, mark: FwMark) -> String {
-    format!("{COMMENT_PREFIX}{name}:{}", mark.get())
-}
-
-/// The rule that makes IPVS-forwarded packets to `net` leave with `source`.
-pub fn snat_rule(net: Ipv4Net, source: std::net::Ipv4Addr) -> Rule {
-    Rule {
-        chain: NAT_POSTROUTING,
-        spec: format!(
-            "-d {} -m ipvs --ipvs -m comment --comment {COMMENT_PREFIX}snat -j SNAT --to-source {source}",
-            net.network()
-        ),
-    }
-}
-
-/// The rule that marks packets to a published port of the ingress namespace (`addr`)
-/// with `mark`.
-pub fn ingress_mark_rule(name: &ServiceName, addr: Vip, publish: &Publish, mark: FwMark) -> Rule {
-    let proto = publish.protocol.label();
-    Rule {
-        chain: MANGLE_PREROUTING,
-        spec: format!(
-            "-d {addr}/32 -p {proto} -m {proto} --dport {} -m comment --comment {} -j MARK --set-xmark {:#x}/0xffffffff",
-            publish.published,
-            service_comment(name, mark),
-            mark.get()
-        ),
-    }
-}
-
-/// The rule that makes every IPVS-forwarded packet leave with `source`: the ingress
-/// namespace's one address, so the tasks' replies come back through it.
-pub fn snat_all_rule(source: std::net::Ipv4Addr) -> Rule {
-    Rule {
-        chain: NAT_POSTROUTING,
-        spec: format!(
-            "-m ipvs --ipvs -m comment --comment {COMMENT_PREFIX}snat -j SNAT --to-source {source}"
-        ),
-    }
-}
-
-/// The host's DNAT of one published port to the ingress namespace, for arriving packets
-/// and for the host's own connections.
-pub fn host_dnat_rules(name: &ServiceName, publish: &Publish, ingress: std::net::Ipv4Addr) -> [Rule; 2] {
-    let proto = publish.protocol.label();
-    let spec = format!(
-        "-p {proto} -m {proto} --dport {port} -m comment --comment {COMMENT_PREFIX}{name} -j DNAT --to-destination {ingress}:{port}",
-        port = publish.published
-    );
-    [
-        Rule {
-            chain: HOST_NAT_PREROUTING,
-            spec: spec.clone(),
-        },
-        Rule {
-            chain: HOST_NAT_OUTPUT,
-            spec,
-        },
-    ]
-}
-
-/// The host's rules for the link to the ingress namespace `iface` (its host end): the
-/// host's own connections leave with its address on the link, and forwarding to and from
-/// the ingress namespace is allowed.
-pub fn host_link_rules(iface: &str) -> [Rule; 3] {
-    [
-        Rule {
-            chain: HOST_NAT_POSTROUTING,
-            spec: format!("-o {iface} -m addrtype --src-type LOCAL -m comment --comment {COMMENT_PREFIX}mesh -j MASQUERADE"),
-        },
-        Rule {
-            chain: HOST_FILTER_FORWARD,
-            spec: format!("-o {iface} -m comment --comment {COMMENT_PREFIX}mesh -j ACCEPT"),
-        },
-        Rule {
-            chain: HOST_FILTER_FORWARD,
-            spec: format!("-i {iface} -m comment --comment {COMMENT_PREFIX}mesh -j ACCEPT"),
-        },
-    ]
-}
-
-/// A vipd service as its mark rule describes it: what the kernel says vipd owns.
+/// A vipd service as its mark rule describes it: the VIP and mark from the rule's match
+/// and target, the name from its comment (the one record of the name in the kernel,
+/// read when vipd's saved allocations are lost).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MarkedService {
     pub name: ServiceName,
     pub vip: Vip,
     pub fwmark: FwMark,
-}
-
-/// Read one of a service's rules (mark or ping) back from its destination and comment;
-/// `None` for anything else.
-pub fn parse_service_rule(spec: &str) -> Option<MarkedService> {
-    let words: Vec<&str> = spec.split_whitespace().collect();
-    let after = |flag: &str| {
-        words
-            .iter()
-            .position(|w| *w == flag)
-            .and_then(|i| words.get(i + 1).copied())
-    };
-    let vip: IpAddr = after("-d")?.strip_suffix("/32")?.parse().ok()?;
-    let (name, mark) = after("--comment")?
-        .strip_prefix(COMMENT_PREFIX)?
-        .rsplit_once(':')?;
-    Some(MarkedService {
-        name: ServiceName::new(name).ok()?,
-        vip: Vip::new(vip),
-        fwmark: FwMark::new(mark.parse().ok()?)?,
-    })
 }
 
 /// What `iptables-save` shows of vipd's chains.
@@ -297,20 +180,48 @@ pub struct ObservedFirewall {
 }
 
 impl ObservedFirewall {
-    /// The services vipd's rules describe (by fwmark, in mark order): the record of which
-    /// IPVS services are vipd's. A service whose mark rule was deleted by hand is still
-    /// found by its ping rule, and the other way round.
+    /// The rules of vipd's own mark chains ([`MANGLE_OUTPUT`], [`MANGLE_PREROUTING`]).
+    fn mark_chain_rules(&self) -> impl Iterator<Item = &String> {
+        [MANGLE_OUTPUT, MANGLE_PREROUTING]
+            .into_iter()
+            .flat_map(|c| self.chains.get(&c).into_iter().flatten())
+    }
+
+    /// The marks vipd's MARK rules set: which IPVS fwmark services are vipd's. A rule
+    /// counts by where it is (a chain vipd owns) and what it does (`-d VIP/32 -j MARK
+    /// --set-xmark MARK/0xffffffff`), whatever its comment says.
+    pub fn marks(&self) -> BTreeSet<FwMark> {
+        self.mark_chain_rules()
+            .filter_map(|r| render::read_mark(r))
+            .map(|(_, mark)| mark)
+            .collect()
+    }
+
+    /// The VIPs vipd's ping rules answer for ([`NAT_OUTPUT`]).
+    pub fn pinged(&self) -> BTreeSet<IpAddr> {
+        self.chains
+            .get(&NAT_OUTPUT)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| render::read_ping(r))
+            .collect()
+    }
+
+    /// The services vipd's mark rules describe, in mark order, named by their comments:
+    /// what the kernel says was allocated, when vipd's saved allocations are lost. A
+    /// mark rule without vipd's comment names nothing and is left out.
     pub fn marked_services(&self) -> Vec<MarkedService> {
         let mut by_mark = BTreeMap::new();
-        for chain in [NAT_OUTPUT, MANGLE_OUTPUT, MANGLE_PREROUTING] {
-            for m in self
-                .chains
-                .get(&chain)
-                .into_iter()
-                .flatten()
-                .filter_map(|r| parse_service_rule(r))
-            {
-                by_mark.insert(m.fwmark, m);
+        for r in self.mark_chain_rules() {
+            if let (Some((vip, fwmark)), Some(name)) = (render::read_mark(r), render::read_service_name(r)) {
+                by_mark.insert(
+                    fwmark,
+                    MarkedService {
+                        name,
+                        vip: Vip::new(vip),
+                        fwmark,
+                    },
+                );
             }
         }
         by_mark.into_values().collect()
@@ -382,8 +293,8 @@ fn unquote_comment(spec: &str) -> String {
 pub enum FwOp {
     NewChain(OwnedChain),
     AddJump(OwnedChain),
-    AddRule(Rule),
-    DelRule(Rule),
+    AddRule(ChainRule),
+    DelRule(ChainRule),
     DelJump(OwnedChain),
     DelChain(OwnedChain),
 }
@@ -413,6 +324,12 @@ pub fn plan(want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
 ///
 /// A chain exists exactly when it has rules; its hook then has exactly one jump to it.
 pub fn plan_chains(chains: &[OwnedChain], want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
+    plan_lines(chains, &render::render_all(want), seen)
+}
+
+/// [`plan_chains`] for rendered lines: compared as text with what `iptables-save`
+/// printed, so a rule changed by hand in any way is put back.
+fn plan_lines(chains: &[OwnedChain], want: &[ChainRule], seen: &ObservedFirewall) -> Vec<FwOp> {
     let mut ops = Vec::new();
     for &chain in chains {
         let mut wanted: Vec<&str> = want
@@ -444,7 +361,7 @@ pub fn plan_chains(chains: &[OwnedChain], want: &[Rule], seen: &ObservedFirewall
         for spec in &wanted {
             match pending.get_mut(spec) {
                 Some(n) if *n > 0 => *n -= 1,
-                _ => ops.push(FwOp::AddRule(Rule {
+                _ => ops.push(FwOp::AddRule(ChainRule {
                     chain,
                     spec: (*spec).to_owned(),
                 })),
@@ -452,7 +369,7 @@ pub fn plan_chains(chains: &[OwnedChain], want: &[Rule], seen: &ObservedFirewall
         }
         for (spec, n) in pending {
             for _ in 0..n {
-                ops.push(FwOp::DelRule(Rule {
+                ops.push(FwOp::DelRule(ChainRule {
                     chain,
                     spec: spec.to_owned(),
                 }));
@@ -510,14 +427,23 @@ pub fn render_restore(ops: &[FwOp]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::render::tests::{name, vip};
     use super::*;
 
-    fn name(s: &str) -> ServiceName {
-        ServiceName::new(s).unwrap()
+    fn mark_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
+        Rule::MarkVip {
+            service: name.clone(),
+            vip,
+            mark,
+        }
     }
 
-    fn vip(s: &str) -> Vip {
-        Vip::new(s.parse().unwrap())
+    fn ping_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
+        Rule::PingVip {
+            service: name.clone(),
+            vip,
+            mark,
+        }
     }
 
     const SAVED: &str = "\
@@ -573,42 +499,35 @@ COMMIT
     }
 
     #[test]
-    fn rendered_service_rules_read_back() {
-        let r = mark_rule(&name("api.v2"), vip("10.1.2.3"), FwMark::new(0x1234).unwrap());
-        let m = parse_service_rule(&r.spec).unwrap();
-        assert_eq!(
-            (m.name.as_str(), m.vip, m.fwmark.get()),
-            ("api.v2", vip("10.1.2.3"), 0x1234)
+    fn ownership_is_read_from_vipds_chains_by_what_the_rules_do() {
+        let mut seen = parse_save(SAVED);
+        // A foreign MARK rule in a built-in chain is not vipd's, whatever its comment.
+        seen.chains.entry(NAT_OUTPUT).or_default().push(
+            render(&ping_rule(
+                &name("web"),
+                vip("10.0.0.100"),
+                FwMark::new(256).unwrap(),
+            ))
+            .spec,
         );
-        let p =
-            parse_service_rule(&ping_rule(&name("api.v2"), vip("10.1.2.3"), FwMark::new(7).unwrap()).spec);
-        assert_eq!(p.map(|m| m.fwmark.get()), Some(7));
-        assert_eq!(
-            parse_service_rule("-d 10.9.9.9/32 -j MARK --set-xmark 0x5/0xffffffff"),
-            None
-        );
-        assert_eq!(
-            parse_service_rule("-d 10.9.9.9/32 -m comment --comment vipd:x -j RETURN"),
-            None
-        );
-    }
-
-    #[test]
-    fn rules_render_in_iptables_save_form() {
-        let n = name("web");
-        assert_eq!(
-            mark_rule(&n, vip("10.0.0.100"), FwMark::new(256).unwrap()).spec,
-            "-d 10.0.0.100/32 -m comment --comment vipd:web:256 -j MARK --set-xmark 0x100/0xffffffff"
-        );
-        assert_eq!(
-            ping_rule(&n, vip("10.0.0.100"), FwMark::new(256).unwrap()).spec,
-            "-d 10.0.0.100/32 -p icmp -m icmp --icmp-type 8 -m comment --comment vipd:web:256 -j DNAT --to-destination 127.0.0.1"
-        );
-        let net = Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap();
-        assert_eq!(
-            snat_rule(net, "10.0.0.2".parse().unwrap()).spec,
-            "-d 10.0.0.0/24 -m ipvs --ipvs -m comment --comment vipd:snat -j SNAT --to-source 10.0.0.2"
-        );
+        assert_eq!(seen.marks(), [FwMark::new(256).unwrap()].into());
+        assert_eq!(seen.pinged(), ["10.0.0.100".parse::<IpAddr>().unwrap()].into());
+        // A comment that claims a mark the rule does not set claims nothing: the mark
+        // comes from the target, the name alone from the comment.
+        let lying = "-d 10.0.0.101/32 -m comment --comment vipd:api:999 -j MARK --set-xmark 0x101/0xffffffff";
+        seen.chains.get_mut(&MANGLE_OUTPUT).unwrap().push(lying.into());
+        // A rule without vipd's comment still sets a mark vipd owns, but names nothing.
+        let bare = "-d 10.0.0.102/32 -j MARK --set-xmark 0x102/0xffffffff";
+        seen.chains.get_mut(&MANGLE_OUTPUT).unwrap().push(bare.into());
+        let marks: Vec<u32> = seen.marks().iter().map(|m| m.get()).collect();
+        assert_eq!(marks, [0x100, 0x101, 0x102]);
+        let named: Vec<(String, u32)> = seen
+            .marked_services()
+            .iter()
+            .map(|m| (m.name.to_string(), m.fwmark.get()))
+            .collect();
+        assert_eq!(named, [("web".into(), 0x100), ("api".into(), 0x101)]);
+        assert!(ObservedFirewall::default().marks().is_empty());
     }
 
     #[test]
@@ -654,7 +573,7 @@ COMMIT
         assert_eq!(
             plan(&want, &seen),
             [
-                FwOp::DelRule(Rule {
+                FwOp::DelRule(ChainRule {
                     chain: MANGLE_OUTPUT,
                     spec: dup
                 }),
@@ -678,7 +597,11 @@ COMMIT
 
     #[test]
     fn ops_print_as_iptables_commands() {
-        let r = mark_rule(&name("web"), vip("10.0.0.100"), FwMark::new(256).unwrap());
+        let r = render(&mark_rule(
+            &name("web"),
+            vip("10.0.0.100"),
+            FwMark::new(256).unwrap(),
+        ));
         assert_eq!(
             FwOp::AddRule(r).to_string(),
             "iptables -t mangle -A VIPD-OUTPUT -d 10.0.0.100/32 -m comment --comment vipd:web:256 -j MARK --set-xmark 0x100/0xffffffff"
