@@ -15,6 +15,8 @@
 //! - [`config`]: the `vipd run` config file, turned into the flags it stands for.
 //! - [`metrics`]: Prometheus metrics of `vipd run`, and the HTTP endpoint serving them.
 //! - [`privileges`]: the capabilities `vipd run` keeps; it drops the others.
+//! - [`tools`]: the programs vipd runs (iptables), found once at start, run with an empty
+//!   environment.
 
 pub mod addrs;
 pub mod admin;
@@ -33,3 +35,4 @@ pub mod reconcile;
 pub mod show;
 pub mod state;
 pub mod sysctl;
+pub mod tools;
