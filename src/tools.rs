@@ -163,7 +163,10 @@ mod tests {
         let search = format!(":.:{}", relative.display());
         assert!(matches!(
             find(IPTABLES_SAVE, OsStr::new(&search)),
-            Err(ToolsError::Missing { program: IPTABLES_SAVE, .. })
+            Err(ToolsError::Missing {
+                program: IPTABLES_SAVE,
+                ..
+            })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
