@@ -444,7 +444,11 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
     };
 
     let metrics = match metrics_listen {
-        Some(_) => vipd::metrics::Metrics::new(),
+        // The kernel's side of the per-backend counters: metrics itself opens no netlink.
+        Some(_) => vipd::metrics::Metrics::with_counters(
+            Arc::new(vipd::ipvs::stats::KernelIpvsCounters),
+            vipd::metrics::BACKEND_READ_TIMEOUT,
+        ),
         None => vipd::metrics::Metrics::disabled(),
     };
     let dns = match &dns_mode {
