@@ -64,21 +64,7 @@ where
     F: FnOnce() -> R + Send,
     R: Send,
 {
-    let span = tracing::Span::current();
-    std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("vipd-ingress".into())
-            .spawn_scoped(scope, move || span.in_scope(work))
-            .map_err(|e| IngressError::Thread {
-                path: ns.clone(),
-                reason: e.to_string(),
-            })?
-            .join()
-            .map_err(|_| IngressError::Thread {
-                path: ns.clone(),
-                reason: "panicked".into(),
-            })
-    })
+    super::on_thread("vipd-ingress", ns, work)
 }
 
 fn with_runtime<R>(

@@ -19,9 +19,9 @@
 //! socket keeps the namespace it was opened in, so both sockets then serve one small
 //! runtime. Nothing here ever enters a namespace on the caller's thread.
 //!
-//! By concern: [`netns_file`] the namespace's bind mount and its removal, [`link`] the
+//! By concern: `netns_file` the namespace's bind mount and its removal, `link` the
 //! runtime plumbing (the veth pair, addresses, routes, the threads and runtimes that
-//! reach both sides), [`sysctl`] the sysctls, [`ports`] the host ports already held
+//! reach both sides), `sysctl` the sysctls, `ports` the host ports already held
 //! ([`bound_ports`]).
 
 mod link;
@@ -289,6 +289,31 @@ pub fn ensure(cfg: &IngressConfig) -> Result<(Ingress, Vec<String>), IngressErro
         tracing::debug!("net.ipv4.ip_forward is 0 in the host namespace");
     }
     Ok((ingress, changes.0))
+}
+
+/// Run `work` on a new thread called `name` and wait for it; a thread that cannot start
+/// or panics is an error about `ns`. The thread starts in the calling thread's network
+/// namespace and in its tracing span.
+fn on_thread<R, F>(name: &str, ns: &NetnsPath, work: F) -> Result<R, IngressError>
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+{
+    let span = tracing::Span::current();
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn_scoped(scope, move || span.in_scope(work))
+            .map_err(|e| IngressError::Thread {
+                path: ns.clone(),
+                reason: e.to_string(),
+            })?
+            .join()
+            .map_err(|_| IngressError::Thread {
+                path: ns.clone(),
+                reason: "panicked".into(),
+            })
+    })
 }
 
 /// Delete the veth pair (both ends go with the host end) and the namespace's bind mount.

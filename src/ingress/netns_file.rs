@@ -95,39 +95,26 @@ fn create_netns(ns: &NetnsPath) -> Result<(), IngressError> {
             path: path.to_owned(),
             source,
         })?;
-    std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("vipd-netns-new".into())
-            .spawn_scoped(scope, || {
-                // Only this thread moves; it ends right after the bind mount, which then
-                // holds the namespace.
-                unshare(CloneFlags::CLONE_NEWNET).map_err(|source| IngressError::Unshare {
-                    path: ns.clone(),
-                    source,
-                })?;
-                mount(
-                    Some("/proc/thread-self/ns/net"),
-                    path,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(|source| IngressError::Mount {
-                    action: "bind-mount a new network namespace onto",
-                    path: path.to_owned(),
-                    source,
-                })
-            })
-            .map_err(|e| IngressError::Thread {
-                path: ns.clone(),
-                reason: e.to_string(),
-            })?
-            .join()
-            .map_err(|_| IngressError::Thread {
-                path: ns.clone(),
-                reason: "panicked".into(),
-            })?
-    })
+    super::on_thread("vipd-netns-new", ns, || {
+        // Only this thread moves; it ends right after the bind mount, which then
+        // holds the namespace.
+        unshare(CloneFlags::CLONE_NEWNET).map_err(|source| IngressError::Unshare {
+            path: ns.clone(),
+            source,
+        })?;
+        mount(
+            Some("/proc/thread-self/ns/net"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|source| IngressError::Mount {
+            action: "bind-mount a new network namespace onto",
+            path: path.to_owned(),
+            source,
+        })
+    })?
 }
 
 /// Make `dir` a shared mount point, bind-mounting it onto itself first if it is not a
