@@ -228,16 +228,7 @@ impl SandboxProgrammer for KernelProgrammer {
 
     fn bound_ports(&self) -> Result<BTreeSet<PortKey>, String> {
         let ports = crate::ingress::bound_ports().map_err(|e| e.to_string())?;
-        Ok(ports
-            .into_iter()
-            .map(|(proto, port)| {
-                let protocol = match proto {
-                    crate::ingress::Proto::Tcp => labels::PortProtocol::Tcp,
-                    crate::ingress::Proto::Udp => labels::PortProtocol::Udp,
-                };
-                (protocol, port)
-            })
-            .collect())
+        Ok(ports.into_iter().collect())
     }
 }
 

@@ -13,8 +13,11 @@
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
 //! - [`ingress`]: the routing mesh's ingress namespace and its veth link to the host.
 //! - [`config`]: the `vipd run` config file, turned into the flags it stands for.
-//! - [`metrics`]: Prometheus metrics of `vipd run`, and the HTTP endpoint serving them.
+//! - [`metrics`]: Prometheus metrics of `vipd run`: the registry, the scrape of the kernel's
+//!   counters through a port ([`ipvs::stats`] is the kernel side), the HTTP endpoint (hyper).
 //! - [`privileges`]: the capabilities `vipd run` keeps; it drops the others.
+//! - [`tools`]: the programs vipd runs (iptables), found once at start, run with an empty
+//!   environment.
 
 pub mod addrs;
 pub mod admin;
@@ -34,3 +37,4 @@ pub mod reconcile;
 pub mod show;
 pub mod state;
 pub mod sysctl;
+pub mod tools;

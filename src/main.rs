@@ -13,6 +13,68 @@ use vipd::core::spec;
 use vipd::netns::{self, NetnsPath};
 use vipd::reconcile;
 
+/// How `vipd` ended, as its exit status tells it (README, "Exit codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// 0: done.
+    Ok = 0,
+    /// 1: anything else (the kernel refused, a file could not be written, ...).
+    Failure = 1,
+    /// 2: a bad flag, config file, value or services file: running it again as it is
+    /// cannot succeed (clap exits 2 for a bad command line too).
+    BadInput = 2,
+    /// 3: the Docker engine's endpoint is one vipd cannot use. An engine that does not
+    /// answer yet is waited for, not an exit.
+    EngineUnreachable = 3,
+    /// 4: the kernel has no IPVS.
+    NoIpvs = 4,
+}
+
+impl Exit {
+    /// The exit status of an error: the first cause in its chain that says.
+    fn of(error: &anyhow::Error) -> Exit {
+        for cause in error.chain() {
+            if cause.is::<BadInput>()
+                || cause.is::<vipd::config::ConfigError>()
+                || cause.is::<spec::SpecError>()
+                || cause.is::<vipd::core::alloc::PoolOverlap>()
+            {
+                return Exit::BadInput;
+            }
+            if let Some(vipd::ipvs::IpvsError::Unavailable) = cause.downcast_ref() {
+                return Exit::NoIpvs;
+            }
+            if let Some(vipd::docker::EngineError::BadEndpoint { .. }) = cause.downcast_ref() {
+                return Exit::EngineUnreachable;
+            }
+        }
+        Exit::Failure
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// Input vipd cannot use: a flag's value, a file named by a flag. Exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct BadInput(anyhow::Error);
+
+/// `error` as bad input.
+fn bad_input(error: impl Into<anyhow::Error>) -> anyhow::Error {
+    BadInput(error.into()).into()
+}
+
+/// Bail out with a message about bad input.
+macro_rules! bail_input {
+    ($($arg:tt)*) => {
+        return Err(bad_input(anyhow::anyhow!($($arg)*)))
+    };
+}
+
 /// Kernel-speed service load balancing for Docker containers: a VIP and an IPVS
 /// firewall-mark service in every sandbox.
 #[derive(Parser)]
@@ -156,6 +218,10 @@ struct RunArgs {
 }
 
 fn parse_sysctls(args: &[String]) -> Result<SysctlSettings> {
+    parse_sysctl_args(args).map_err(bad_input)
+}
+
+fn parse_sysctl_args(args: &[String]) -> Result<SysctlSettings> {
     let mut settings = SysctlSettings::default();
     for arg in args {
         let Some((name, value)) = arg.split_once('=') else {
@@ -174,6 +240,10 @@ fn parse_sysctls(args: &[String]) -> Result<SysctlSettings> {
 }
 
 fn read_file(path: &PathBuf) -> Result<String> {
+    read_input(path).map_err(bad_input)
+}
+
+fn read_input(path: &PathBuf) -> Result<String> {
     if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("--file -: cannot read standard input")
     } else {
@@ -182,6 +252,10 @@ fn read_file(path: &PathBuf) -> Result<String> {
 }
 
 fn parse_net(text: &str, flag: &str) -> Result<vipd::core::model::Ipv4Net> {
+    parse_net_arg(text, flag).map_err(bad_input)
+}
+
+fn parse_net_arg(text: &str, flag: &str) -> Result<vipd::core::model::Ipv4Net> {
     let (addr, prefix) = text
         .split_once('/')
         .with_context(|| format!("{flag} {text:?}: expected ADDRESS/PREFIX, e.g. 10.253.0.0/16"))?;
@@ -319,9 +393,9 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         Some((name, subnet)) => {
             let overlap = |what: &str, net: vipd::core::model::Ipv4Net| {
                 vipd::core::alloc::overlaps(subnet, net).then(|| {
-                    anyhow::anyhow!(
+                    bad_input(anyhow::anyhow!(
                         "the ingress subnet {subnet} overlaps {what} {net}; choose one that does not (--ingress-subnet)"
-                    )
+                    ))
                 })
             };
             if let Some(e) = overlap("the VIP pool", pool) {
@@ -370,7 +444,11 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
     };
 
     let metrics = match metrics_listen {
-        Some(_) => vipd::metrics::Metrics::new(),
+        // The kernel's side of the per-backend counters: metrics itself opens no netlink.
+        Some(_) => vipd::metrics::Metrics::with_counters(
+            Arc::new(vipd::ipvs::stats::KernelIpvsCounters),
+            vipd::metrics::BACKEND_READ_TIMEOUT,
+        ),
         None => vipd::metrics::Metrics::disabled(),
     };
     let dns = match &dns_mode {
@@ -499,6 +577,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let pool = parse_net(&vip_pool, "--vip-pool")?;
             let sysctls = parse_sysctls(&sysctls)?;
+            let tools = vipd::tools::init()?;
+            tracing::debug!(?tools, "programs found");
             // First, while this is the only thread: every later one inherits the cut.
             let kept = vipd::privileges::drop_unneeded()?;
             tracing::info!(kept = ?kept.effective, bounding_set_cut = kept.bounding_cut, "capabilities dropped");
@@ -512,11 +592,11 @@ fn run(cli: Cli) -> Result<()> {
                 None
             } else {
                 if ingress_netns.is_empty() || ingress_netns.contains('/') || ingress_netns.starts_with('.') {
-                    bail!("--ingress-netns {ingress_netns:?}: expected a name for /run/netns, e.g. vipd_ingress");
+                    bail_input!("--ingress-netns {ingress_netns:?}: expected a name for /run/netns, e.g. vipd_ingress");
                 }
                 let subnet = parse_net(&ingress_subnet, "--ingress-subnet")?;
                 if subnet.addr != subnet.network().addr {
-                    bail!("--ingress-subnet {ingress_subnet:?}: expected a network address, e.g. {DEFAULT_INGRESS_SUBNET}");
+                    bail_input!("--ingress-subnet {ingress_subnet:?}: expected a network address, e.g. {DEFAULT_INGRESS_SUBNET}");
                 }
                 Some((ingress_netns, subnet))
             };
@@ -566,7 +646,8 @@ fn run(cli: Cli) -> Result<()> {
             let text = read_file(&file)?;
             let spec = spec::parse(&text).with_context(|| format!("--file {}", file.display()))?;
             let ns = NetnsPath::from_arg(&ns);
-            netns::check(&ns).context("--netns")?;
+            netns::check(&ns).context("--netns").map_err(bad_input)?;
+            vipd::tools::init()?;
             let outcome = reconcile::reconcile_netns(&ns, &spec, &sysctls, dry_run)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
@@ -583,7 +664,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Show { netns: ns, json } => {
             let ns = NetnsPath::from_arg(&ns);
-            netns::check(&ns).context("--netns")?;
+            netns::check(&ns).context("--netns").map_err(bad_input)?;
+            vipd::tools::init()?;
             let view = reconcile::inspect_netns(&ns)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
@@ -640,13 +722,16 @@ fn with_config_file(mut args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::O
     Ok(args)
 }
 
+/// Print `error` and give its exit status.
+fn failed(error: &anyhow::Error) -> ExitCode {
+    eprintln!("vipd: error: {error:#}");
+    Exit::of(error).into()
+}
+
 fn main() -> ExitCode {
     let args = match with_config_file(std::env::args_os().collect()) {
         Ok(args) => args,
-        Err(e) => {
-            eprintln!("vipd: error: {e:#}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return failed(&e),
     };
     let cli = Cli::parse_from(args);
     let default = match cli.verbose {
@@ -661,17 +746,69 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vipd: error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => failed(&e),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_kind_of_failure_has_its_own_exit_code() {
+        let code = |e: anyhow::Error| Exit::of(&e.context("outer context"));
+        assert_eq!(
+            code(parse_net("10.0.0.0/99", "--vip-pool").unwrap_err()),
+            Exit::BadInput
+        );
+        assert_eq!(code(parse_sysctls(&["x".into()]).unwrap_err()), Exit::BadInput);
+        assert_eq!(
+            code(read_file(&PathBuf::from("/nonexistent-vipd/s.json")).unwrap_err()),
+            Exit::BadInput
+        );
+        assert_eq!(code(spec::parse("not json").unwrap_err().into()), Exit::BadInput);
+        let overlap = vipd::core::alloc::check_pool(
+            parse_net("10.0.0.0/16", "--vip-pool").unwrap(),
+            &[("Docker network x".into(), parse_net("10.0.1.0/24", "x").unwrap())],
+        )
+        .unwrap_err();
+        assert_eq!(code(overlap.into()), Exit::BadInput);
+        let missing_config = with_config_file(vec![
+            "vipd".into(),
+            "run".into(),
+            "--config".into(),
+            "/nonexistent-vipd.toml".into(),
+        ]);
+        assert_eq!(code(missing_config.unwrap_err()), Exit::BadInput);
+        assert_eq!(code(vipd::ipvs::IpvsError::Unavailable.into()), Exit::NoIpvs);
+        assert_eq!(
+            code(vipd::ipvs::IpvsError::Socket("refused".into()).into()),
+            Exit::Failure
+        );
+        let endpoint = vipd::docker::EngineError::BadEndpoint {
+            endpoint: "ssh://host".into(),
+            reason: "unsupported".into(),
+        };
+        assert_eq!(code(endpoint.into()), Exit::EngineUnreachable);
+        let unavailable = vipd::docker::EngineError::Unavailable {
+            endpoint: "unix:///x".into(),
+            reason: "no socket".into(),
+        };
+        assert_eq!(code(unavailable.into()), Exit::Failure);
+        assert_eq!(code(anyhow::anyhow!("the kernel refused")), Exit::Failure);
+        assert_eq!(
+            [
+                Exit::Ok,
+                Exit::Failure,
+                Exit::BadInput,
+                Exit::EngineUnreachable,
+                Exit::NoIpvs
+            ]
+            .map(|e| e as u8),
+            [0, 1, 2, 3, 4]
+        );
+    }
 
     /// scripts/vipd.toml names every setting, with the flag's default where it has one,
     /// and is a valid config file once uncommented.

@@ -42,6 +42,14 @@ impl Default for ProcSysctls {
     }
 }
 
+impl ProcSysctls {
+    /// The sysctls under `dir` (e.g. `/proc/sys`, where names are paths like
+    /// `net/ipv4/ip_forward`), as seen by the calling thread.
+    pub fn under(dir: impl Into<PathBuf>) -> Self {
+        ProcSysctls { dir: dir.into() }
+    }
+}
+
 impl Sysctls for ProcSysctls {
     fn read(&mut self, name: &str) -> Result<Option<i64>, SysctlError> {
         let path = self.dir.join(name);

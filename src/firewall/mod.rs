@@ -5,7 +5,10 @@
 pub mod fake;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use crate::tools::{Tools, ToolsError};
 
 /// Errors from a namespace's firewall.
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +16,9 @@ pub enum FirewallError {
     /// The program could not be started.
     #[error("cannot run {program}: {source} (is iptables installed?)")]
     Spawn { program: String, source: std::io::Error },
+    /// The program is not installed (found once, at start: see [`crate::tools`]).
+    #[error(transparent)]
+    Missing(#[from] ToolsError),
     /// The program ran and failed.
     #[error("{program} failed ({status}): {stderr}")]
     Failed {
@@ -31,23 +37,44 @@ pub trait Firewall {
 }
 
 /// The real iptables, run in the calling thread's network namespace (a child process
-/// inherits the namespace of the thread that spawns it).
+/// inherits the namespace of the thread that spawns it), from the absolute paths
+/// [`crate::tools`] found, with an empty environment.
 #[derive(Debug, Clone)]
 pub struct Iptables {
-    save: String,
-    restore: String,
+    /// `iptables-save` and `iptables-restore`, or why they were not found.
+    programs: Result<(PathBuf, PathBuf), ToolsError>,
 }
 
+/// The programs the process resolved at start ([`crate::tools::global`]); when they are
+/// missing, every call fails with the name of the missing one.
 impl Default for Iptables {
     fn default() -> Self {
         Iptables {
-            save: "iptables-save".into(),
-            restore: "iptables-restore".into(),
+            programs: crate::tools::global().map(Iptables::programs_of),
         }
     }
 }
 
 impl Iptables {
+    /// The iptables of `tools`.
+    pub fn new(tools: &Tools) -> Self {
+        Iptables {
+            programs: Ok(Self::programs_of(tools)),
+        }
+    }
+
+    fn programs_of(tools: &Tools) -> (PathBuf, PathBuf) {
+        (tools.iptables_save.clone(), tools.iptables_restore.clone())
+    }
+
+    fn save_program(&self) -> Result<&Path, FirewallError> {
+        Ok(&self.programs.as_ref().map_err(Clone::clone)?.0)
+    }
+
+    fn restore_program(&self) -> Result<&Path, FirewallError> {
+        Ok(&self.programs.as_ref().map_err(Clone::clone)?.1)
+    }
+
     fn failed(
         program: &str,
         status: std::process::ExitStatus,
@@ -78,26 +105,30 @@ impl Iptables {
 
 impl Firewall for Iptables {
     fn save(&mut self) -> Result<String, FirewallError> {
-        let out = Command::new(&self.save)
+        let program = self.save_program()?;
+        let name = program.display().to_string();
+        let out = Tools::command(program)
             .stdin(Stdio::null())
             .output()
             .map_err(|source| FirewallError::Spawn {
-                program: self.save.clone(),
+                program: name.clone(),
                 source,
             })?;
         if !out.status.success() {
-            return Err(Self::failed(&self.save, out.status, &out.stderr, None));
+            return Err(Self::failed(&name, out.status, &out.stderr, None));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn restore(&mut self, script: &str) -> Result<(), FirewallError> {
-        tracing::debug!(program = %self.restore, lines = script.lines().count(), "iptables-restore --noflush");
+        let program = self.restore_program()?;
+        let name = program.display().to_string();
+        tracing::debug!(program = %name, lines = script.lines().count(), "iptables-restore --noflush");
         let spawn_err = |source| FirewallError::Spawn {
-            program: self.restore.clone(),
+            program: name.clone(),
             source,
         };
-        let mut child = Command::new(&self.restore)
+        let mut child = Tools::command(program)
             .args(["--noflush", "--wait"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -109,7 +140,7 @@ impl Firewall for Iptables {
         }
         let out = child.wait_with_output().map_err(spawn_err)?;
         if !out.status.success() {
-            return Err(Self::failed(&self.restore, out.status, &out.stderr, Some(script)));
+            return Err(Self::failed(&name, out.status, &out.stderr, Some(script)));
         }
         Ok(())
     }

@@ -160,3 +160,83 @@ fn the_systemd_unit_verifies_and_the_example_config_is_accepted() {
     assert!(stderr.contains("unknown setting \"vip_pool\""), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vipd ARGS` with `env` added: (exit code, stderr).
+fn vipd_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(vipd())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cannot run the vipd binary");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The exit codes README's "Exit codes" table lists, for the cases this host can
+/// produce: 2 for input vipd cannot use, 3 for an engine endpoint it cannot use, 4 for
+/// a kernel without IPVS.
+#[test]
+fn exit_codes_tell_bad_input_an_unusable_engine_and_a_kernel_without_ipvs_apart() {
+    require_root();
+    let ns = Netns::new("vcli");
+    let dir = std::env::temp_dir().join(unique("vipd-exit-"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // 2: a bad flag (clap), a bad value, a bad services file, a missing one, a bad
+    // config file.
+    let good = services_file(GOOD);
+    let bad_spec = services_file(r#"{"services":[{"name":"a","vip":"10.0.0.1"}]}"#);
+    let bad_config = dir.join("bad.toml");
+    std::fs::write(&bad_config, "vip_pool = \"10.9.0.0/16\"\n").unwrap();
+    for args in [
+        vec!["apply", "--no-such-flag"],
+        vec!["apply", "--netns", &ns.name, "--file", &good, "--sysctl", "x"],
+        vec!["apply", "--netns", &ns.name, "--file", &bad_spec],
+        vec!["apply", "--netns", &ns.name, "--file", "/nonexistent-vipd/s.json"],
+        vec!["apply", "--netns", "no-such-ns-vipd", "--file", &good],
+        vec!["run", "--config", bad_config.to_str().unwrap()],
+        vec!["run", "--vip-pool", "10.0.0.0/99"],
+        vec!["run", "--ingress-subnet", "10.254.255.1/30"],
+    ] {
+        let (code, stderr) = vipd_exit(&args, &[]);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+    }
+
+    // 3: a DOCKER_HOST vipd cannot use is fatal at start (an engine that does not answer
+    // yet is waited for instead).
+    let state = dir.join("state");
+    let socket = dir.join("vipd.sock");
+    let (code, stderr) = vipd_exit(
+        &[
+            "run",
+            "--no-dns",
+            "--no-ingress",
+            "--no-metrics",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--admin-socket",
+            socket.to_str().unwrap(),
+        ],
+        &[("DOCKER_HOST", "ssh://nowhere.invalid")],
+    );
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("unsupported Docker endpoint \"ssh://nowhere.invalid\""),
+        "{stderr}"
+    );
+
+    // 4: this kernel has no IPVS, for `apply` and `show` alike.
+    assert!(!kernel_has_ipvs(), "this suite is for a host kernel without IPVS");
+    for args in [
+        vec!["apply", "--netns", &ns.name, "--file", &good],
+        vec!["show", "--netns", &ns.name],
+    ] {
+        let (code, stderr) = vipd_exit(&args, &[]);
+        assert_eq!(code, Some(4), "{args:?}: {stderr}");
+        assert!(stderr.contains("this kernel has no IPVS"), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

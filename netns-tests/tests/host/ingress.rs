@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 
+use vipd::core::labels::PortProtocol as Proto;
 use vipd::core::model::Ipv4Net;
-use vipd::ingress::{self, Ingress, IngressConfig, IngressError, Proto};
+use vipd::ingress::{self, Ingress, IngressConfig, IngressError};
 use vipd::netns::{run_in, NetnsPath};
 
 use crate::common::*;
