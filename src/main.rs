@@ -413,12 +413,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         timeouts,
         metrics: metrics.clone(),
     };
-    let agent = vipd::agent::Agent::new(
-        engine,
-        Arc::new(vipd::agent::KernelProgrammer::default()),
-        cfg,
-        dns.clone(),
-    )?;
+    let agent = vipd::agent::Agent::new(engine, vipd::agent::KernelPorts::real(), cfg, dns.clone())?;
     if let (DnsMode::Gateways(port), Some(catalog)) = (dns_mode, dns) {
         let mut networks = agent.networks();
         tokio::spawn(async move {

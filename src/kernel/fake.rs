@@ -1,0 +1,89 @@
+//! A [`SandboxOpener`] over in-memory kernels: one set of stateful fakes per sandbox,
+//! made on first use, kept across calls as a namespace keeps its state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use crate::addrs::FakeAddrs;
+use crate::core::model::{Ipv4Net, SandboxKey};
+use crate::firewall::fake::FakeFirewall;
+use crate::ipvs::fake::FakeIpvs;
+use crate::netns::{NetnsError, NetnsPath};
+use crate::reconcile::{ReconcileError, Sandbox};
+use crate::sysctl::FakeSysctls;
+
+use super::SandboxOpener;
+
+/// One sandbox's fake kernel.
+#[derive(Debug, Clone, Default)]
+pub struct FakeKernel {
+    pub ipvs: FakeIpvs,
+    pub firewall: FakeFirewall,
+    pub sysctls: FakeSysctls,
+    pub addrs: FakeAddrs,
+}
+
+/// Fake kernels by sandbox; a removed sandbox answers as a vanished namespace does.
+#[derive(Debug, Default)]
+pub struct FakeOpener {
+    kernels: Mutex<BTreeMap<SandboxKey, FakeKernel>>,
+    gone: Mutex<BTreeSet<SandboxKey>>,
+}
+
+impl FakeOpener {
+    /// Look at (or prepare) `key`'s fake kernel.
+    pub fn inspect<R>(&self, key: &SandboxKey, f: impl FnOnce(&mut FakeKernel) -> R) -> R {
+        let mut kernels = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
+        f(kernels.entry(key.clone()).or_default())
+    }
+
+    /// The namespace `key` is torn down: its kernel is dropped, and opening it fails as
+    /// opening a missing namespace file does.
+    pub fn remove(&self, key: &SandboxKey) {
+        self.kernels.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.gone.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());
+    }
+
+    /// The sandboxes with a kernel.
+    pub fn sandboxes(&self) -> Vec<SandboxKey> {
+        self.kernels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+impl SandboxOpener for FakeOpener {
+    fn with_sandbox<R: Send>(
+        &self,
+        key: &SandboxKey,
+        addrs: Option<Vec<Ipv4Net>>,
+        work: impl FnOnce(&mut Sandbox<'_>) -> Result<R, ReconcileError> + Send,
+    ) -> Result<R, ReconcileError> {
+        if self.gone.lock().unwrap_or_else(|e| e.into_inner()).contains(key) {
+            return Err(ReconcileError::Netns(NetnsError::Open {
+                path: NetnsPath::from_arg(&key.to_string()),
+                source: std::io::ErrorKind::NotFound.into(),
+            }));
+        }
+        self.inspect(key, |k| {
+            let mut known;
+            let addrs = match addrs {
+                Some(a) => {
+                    known = FakeAddrs(a);
+                    &mut known
+                }
+                None => &mut k.addrs,
+            };
+            let mut sb = Sandbox {
+                ipvs: &mut k.ipvs,
+                firewall: &mut k.firewall,
+                sysctls: &mut k.sysctls,
+                addrs,
+            };
+            work(&mut sb)
+        })
+    }
+}

@@ -1,0 +1,70 @@
+//! The host's own namespace: vipd's chains there (the routing mesh's DNAT, masquerade and
+//! forward rules), and the ports with a socket bound (they cannot be published). Two
+//! narrow ports, apart from the sandboxes'.
+
+use std::collections::BTreeSet;
+
+use tracing::info;
+
+use crate::core::firewall::Rule;
+use crate::core::labels::PortProtocol;
+use crate::core::mesh::PortKey;
+use crate::ingress::{IngressError, Proto};
+use crate::reconcile::{self, ReconcileError};
+
+/// Why the host could not be programmed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Firewall(#[from] ReconcileError),
+    #[error(transparent)]
+    Ports(#[from] IngressError),
+    /// The blocking task that did the work failed (it panicked).
+    #[error("host task failed: {0}")]
+    Task(String),
+}
+
+/// vipd's chains in the host's namespace.
+pub trait HostFirewall: Send + Sync {
+    /// Bring them to `rules`; returns how many operations were applied.
+    fn program(&self, rules: &[Rule]) -> Result<usize, HostError>;
+}
+
+/// The host's bound ports.
+pub trait HostPorts: Send + Sync {
+    /// The ports with a socket bound on the host.
+    fn bound(&self) -> Result<BTreeSet<PortKey>, HostError>;
+}
+
+/// The host's iptables.
+#[derive(Debug, Default)]
+pub struct IptablesHostFirewall;
+
+impl HostFirewall for IptablesHostFirewall {
+    fn program(&self, rules: &[Rule]) -> Result<usize, HostError> {
+        let ops = reconcile::host_firewall(&mut crate::firewall::Iptables::default(), rules)?;
+        for op in &ops {
+            info!(op = %op, "host rule changed");
+        }
+        Ok(ops.len())
+    }
+}
+
+/// The host's `/proc/net` socket tables.
+#[derive(Debug, Default)]
+pub struct ProcHostPorts;
+
+impl HostPorts for ProcHostPorts {
+    fn bound(&self) -> Result<BTreeSet<PortKey>, HostError> {
+        Ok(crate::ingress::bound_ports()?
+            .into_iter()
+            .map(|(proto, port)| {
+                let protocol = match proto {
+                    Proto::Tcp => PortProtocol::Tcp,
+                    Proto::Udp => PortProtocol::Udp,
+                };
+                (protocol, port)
+            })
+            .collect())
+    }
+}
