@@ -1049,7 +1049,10 @@ mod tests {
             EngineAction::parse("health_status: healthy"),
             EngineAction::HealthStatus("healthy".into())
         );
-        assert!(matches!(EngineAction::parse("exec_start: ls"), EngineAction::Exec(_)));
+        assert!(matches!(
+            EngineAction::parse("exec_start: ls"),
+            EngineAction::Exec(_)
+        ));
         assert_eq!(EngineAction::parse("pause"), EngineAction::Other("pause".into()));
     }
 

@@ -288,7 +288,6 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         ingress,
         metrics_listen,
     } = opts;
-    use std::sync::Arc;
 
     let Some((engine, networks)) = wait_for_engine().await? else {
         tracing::info!("stopping before the Docker engine answered");

@@ -218,20 +218,18 @@ fn to_inspect(events: &[EngineEvent]) -> (Vec<ContainerId>, bool) {
     let mut networks_changed = false;
     for event in events {
         match event {
-            EngineEvent::Container { action, .. }
-                if matches!(action, EngineAction::Exec(_) | EngineAction::Kill) => {}
+            EngineEvent::Container {
+                action: EngineAction::Exec(_) | EngineAction::Kill,
+                ..
+            } => {}
             EngineEvent::Container { id, .. } => ids.push(id.clone()),
             EngineEvent::Network {
                 container: Some(id), ..
             } => ids.push(id.clone()),
-            EngineEvent::Network { action, .. }
-                if matches!(
-                    action,
-                    EngineAction::Create | EngineAction::Destroy | EngineAction::Remove
-                ) =>
-            {
-                networks_changed = true
-            }
+            EngineEvent::Network {
+                action: EngineAction::Create | EngineAction::Destroy | EngineAction::Remove,
+                ..
+            } => networks_changed = true,
             _ => {}
         }
     }
@@ -378,7 +376,10 @@ impl Agent {
             self.forget_drain_if_restarted(id, c);
         }
         self.inventory.replace_containers(fresh);
-        info!(containers = self.inventory.containers().len(), "listed containers");
+        info!(
+            containers = self.inventory.containers().len(),
+            "listed containers"
+        );
         Ok(())
     }
 
@@ -693,7 +694,11 @@ impl Agent {
         // Desired state per sandbox, and the mesh.
         let mut desired = pipeline::desired(&containers, &defs, &self.allocs, self.cfg.timeouts);
         let mut host_rules = Vec::new();
-        let ingress_key = self.cfg.ingress.as_ref().map(|i| SandboxKey::new(i.netns.clone()));
+        let ingress_key = self
+            .cfg
+            .ingress
+            .as_ref()
+            .map(|i| SandboxKey::new(i.netns.clone()));
         if let (Some(ingress), Some(key)) = (self.cfg.ingress.clone(), &ingress_key) {
             let bound = if pipeline::claims_new_port(&defs, &self.holders) {
                 self.bound_ports(&mut report).await
@@ -868,7 +873,12 @@ impl Agent {
 
     /// Re-list, then resync; a failed listing (a slow engine) keeps what is known and the
     /// event stream, and is tried again soon. False when the listing failed.
-    async fn relist_and_resync(&mut self, schedule: &mut Schedule, events: &mut Events, kept: &mut Kept) -> bool {
+    async fn relist_and_resync(
+        &mut self,
+        schedule: &mut Schedule,
+        events: &mut Events,
+        kept: &mut Kept,
+    ) -> bool {
         if let Err(e) = self.relist_meanwhile(events, kept).await {
             warn!(error = %e, retry_in = ?RELIST_RETRY, "re-list failed; keeping what is known");
             schedule.relist_failed(tokio::time::Instant::now());

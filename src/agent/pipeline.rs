@@ -95,7 +95,10 @@ pub fn desired(
 
 /// Whether a service claims a port it does not hold yet: only then do the host's bound
 /// ports matter (and are they read).
-pub fn claims_new_port(defs: &BTreeMap<ServiceName, ServiceDef>, holders: &BTreeMap<PortKey, ServiceName>) -> bool {
+pub fn claims_new_port(
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    holders: &BTreeMap<PortKey, ServiceName>,
+) -> bool {
     defs.values().any(|d| {
         d.publish
             .iter()
@@ -239,7 +242,11 @@ mod tests {
 
     fn web_and_client() -> Vec<Container> {
         vec![
-            container("w1aaaaaaaaaa", &[(labels::SERVICE, "web")], &[("front", "10.1.0.3")]),
+            container(
+                "w1aaaaaaaaaa",
+                &[(labels::SERVICE, "web")],
+                &[("front", "10.1.0.3")],
+            ),
             container("claaaaaaaaaa", &[], &[("front", "10.1.0.9")]),
         ]
     }
@@ -248,10 +255,22 @@ mod tests {
     fn allocation_gives_vips_reports_an_exhausted_pool_and_releases_after_the_grace() {
         let cs: Vec<Container> = ["a", "b", "c"]
             .iter()
-            .map(|s| container(&format!("{s}1aaaaaaaaaa"), &[(labels::SERVICE, s)], &[("front", "10.1.0.3")]))
+            .map(|s| {
+                container(
+                    &format!("{s}1aaaaaaaaaa"),
+                    &[(labels::SERVICE, s)],
+                    &[("front", "10.1.0.3")],
+                )
+            })
             .collect();
         let (defs, _) = services(&cs);
-        let first = allocate(&Allocations::default(), &defs, pool(), Duration::from_secs(60), 1000);
+        let first = allocate(
+            &Allocations::default(),
+            &defs,
+            pool(),
+            Duration::from_secs(60),
+            1000,
+        );
         assert_eq!(first.allocs.services.len(), 2, "a /30 has two addresses");
         assert_eq!(first.errors.len(), 1, "{:?}", first.errors);
         assert_eq!(first.errors[0].0.as_str(), "c");
@@ -287,8 +306,15 @@ mod tests {
             let done = Programmed { operations: 1, view };
             records.settle(&j.sandbox, Ok(done), j.attachments, 0);
         }
-        assert!(to_program(want.clone(), &records, &own, false).is_empty(), "nothing changed");
-        assert_eq!(to_program(want.clone(), &records, &own, true).len(), 2, "full: all");
+        assert!(
+            to_program(want.clone(), &records, &own, false).is_empty(),
+            "nothing changed"
+        );
+        assert_eq!(
+            to_program(want.clone(), &records, &own, true).len(),
+            2,
+            "full: all"
+        );
 
         // The client's spec changes: planned from the kept view.
         let mut changed = want.clone();
@@ -326,7 +352,10 @@ mod tests {
         assert_eq!(m.published.len(), 1);
         assert_eq!(m.ingress.timeouts, t);
         assert!(!m.host_rules.is_empty() && m.errors.is_empty());
-        assert!(!claims_new_port(&defs, &m.holders), "held: no need to read the host");
+        assert!(
+            !claims_new_port(&defs, &m.holders),
+            "held: no need to read the host"
+        );
 
         let (nothing, _) = services(&web_and_client());
         let gone = mesh(&cs, &nothing, &m.holders, &BTreeSet::new(), &link, None);

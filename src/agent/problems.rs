@@ -53,10 +53,18 @@ mod tests {
 
         p.note("label refused");
         assert_eq!(p.settle(), ["no VIP for web"], "cleared");
-        assert_eq!(p.held().collect::<Vec<_>>(), ["label refused"], "nothing stale kept");
+        assert_eq!(
+            p.held().collect::<Vec<_>>(),
+            ["label refused"],
+            "nothing stale kept"
+        );
         assert!(p.note("no VIP for web"), "back: said again");
         p.settle();
-        assert_eq!(p.settle(), ["no VIP for web"], "a pass with no problem clears all");
+        assert_eq!(
+            p.settle(),
+            ["no VIP for web"],
+            "a pass with no problem clears all"
+        );
         assert_eq!(p.held().count(), 0);
     }
 }

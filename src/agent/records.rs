@@ -172,10 +172,16 @@ mod tests {
         let mut r = Records::default();
         r.follow(&desired, &[(&key, "client")].into(), Some(&ingress));
         let st = r.statuses();
-        assert_eq!((st[0].container.as_str(), st[1].container.as_str()), ("client", "(ingress)"));
+        assert_eq!(
+            (st[0].container.as_str(), st[1].container.as_str()),
+            ("client", "(ingress)")
+        );
         assert!(!st[0].in_sync && st[0].error.is_none());
 
-        assert_eq!(r.settle(&key, Ok(programmed(3, &spec)), vec![], 100), Settled::Programmed(3));
+        assert_eq!(
+            r.settle(&key, Ok(programmed(3, &spec)), vec![], 100),
+            Settled::Programmed(3)
+        );
         let rec = r.get(&key).unwrap();
         assert!(rec.status.in_sync && rec.applied.is_some());
         assert_eq!((rec.status.last_operations, rec.status.last_change), (3, 100));
@@ -184,15 +190,25 @@ mod tests {
 
         // Gone once: vanishing, no error; gone again: an error.
         let gone = || Err(ProgramError::Gone("cannot be opened".into()));
-        assert_eq!(r.settle(&key, gone(), vec![], 101), Settled::Vanishing("cannot be opened".into()));
+        assert_eq!(
+            r.settle(&key, gone(), vec![], 101),
+            Settled::Vanishing("cannot be opened".into())
+        );
         assert!(r.get(&key).unwrap().vanishing);
         assert!(matches!(r.settle(&key, gone(), vec![], 102), Settled::Failed(_)));
         let rec = r.get(&key).unwrap();
-        assert_eq!(rec.status.error.as_deref(), Some("the namespace is gone: cannot be opened"));
+        assert_eq!(
+            rec.status.error.as_deref(),
+            Some("the namespace is gone: cannot be opened")
+        );
         assert!(rec.applied.is_none());
 
         // No longer wanted: the record goes, with all it kept.
-        r.follow(&[(ingress.clone(), spec)].into(), &BTreeMap::new(), Some(&ingress));
+        r.follow(
+            &[(ingress.clone(), spec)].into(),
+            &BTreeMap::new(),
+            Some(&ingress),
+        );
         assert!(r.get(&key).is_none());
         assert_eq!(r.statuses().len(), 1);
     }

@@ -217,7 +217,10 @@ mod tests {
         let soon = now + Duration::from_secs(30);
         assert_eq!(s.next_wake(Some(soon)), (soon, Wake::DrainOver));
         let late = now + Duration::from_secs(90);
-        assert_eq!(s.next_wake(Some(late)), (now + Duration::from_secs(60), Wake::Resync));
+        assert_eq!(
+            s.next_wake(Some(late)),
+            (now + Duration::from_secs(60), Wake::Resync)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,12 +1,12 @@
 use std::sync::Mutex;
 
 use super::*;
+use crate::core::cluster::NetworkId;
 use crate::core::firewall::MarkedService;
 use crate::core::spec::SandboxSpec;
-use std::path::Path;
-use crate::core::cluster::NetworkId;
 use crate::docker::fake::{running_container, FakeEngine};
 use crate::docker::ContainerNetwork;
+use std::path::Path;
 
 /// Records what each sandbox was last brought to, how many calls, and whether the
 /// last call for each sandbox asked for a full read.
@@ -123,8 +123,13 @@ async fn two_tasks_and_a_client(tag: &str) -> (FakeEngine, Arc<Recorder>, Agent)
     engine.upsert_container(on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web));
     engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
     let rec = Arc::new(Recorder::default());
-    let mut agent =
-        Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&tempdir(tag)), None).unwrap();
+    let mut agent = Agent::new(
+        Arc::new(engine.clone()),
+        ports(rec.clone()),
+        config(&tempdir(tag)),
+        None,
+    )
+    .unwrap();
     agent.relist().await.unwrap();
     (engine, rec, agent)
 }
@@ -426,7 +431,9 @@ async fn published_ports_program_the_ingress_and_the_host_and_a_bound_port_is_re
     engine.remove_container(&ContainerId("a1aaaaaaaaaa".into()));
     agent.relist().await.unwrap();
     agent.sync(false).await;
-    assert!(rec.0.lock().unwrap()[&SandboxKey::new(ingress.clone())].services.is_empty());
+    assert!(rec.0.lock().unwrap()[&SandboxKey::new(ingress.clone())]
+        .services
+        .is_empty());
     assert_eq!(rec.3.lock().unwrap().as_deref(), Some(&[][..]));
 }
 
@@ -832,7 +839,12 @@ async fn a_sandbox_gone_while_programmed_is_no_error_once_and_an_error_if_it_sta
     agent.on_event(&event("claaaaaaaaaa", "die", &[])).await.unwrap();
     let r = agent.sync(false).await;
     assert_eq!(r.errors.len(), 0, "{r:?}");
-    assert!(agent.status().borrow().sandboxes.iter().all(|x| x.path != client.path()));
+    assert!(agent
+        .status()
+        .borrow()
+        .sandboxes
+        .iter()
+        .all(|x| x.path != client.path()));
 
     // Back, then gone at two syncs in a row while it still runs: an error.
     stopped.running = true;
@@ -894,7 +906,8 @@ async fn lost_allocations_are_read_back_from_the_sandboxes() {
         } else {
             std::fs::write(&file, lost).unwrap();
         }
-        let mut second = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
+        let mut second =
+            Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
         second.relist().await.unwrap();
         second.sync(true).await;
         let after: Vec<_> = vips(&second).into_iter().filter(|(n, ..)| n != "zzz").collect();

@@ -2,10 +2,10 @@
 //! the services their labels make them tasks of. The Docker adapter fills these in; the
 //! core turns them into a desired state per sandbox.
 
+use super::model::SandboxKey;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
-use super::model::SandboxKey;
 
 use serde::{Deserialize, Serialize};
 

@@ -28,20 +28,36 @@ pub struct FakeKernel {
 pub struct FakeOpener {
     kernels: Mutex<BTreeMap<SandboxKey, FakeKernel>>,
     gone: Mutex<BTreeSet<SandboxKey>>,
+    /// The addresses a new sandbox has.
+    addrs: Vec<Ipv4Net>,
 }
 
 impl FakeOpener {
+    /// An opener whose new sandboxes have the addresses `addrs`.
+    pub fn with_addrs(addrs: Vec<Ipv4Net>) -> Self {
+        FakeOpener {
+            addrs,
+            ..Default::default()
+        }
+    }
+
     /// Look at (or prepare) `key`'s fake kernel.
     pub fn inspect<R>(&self, key: &SandboxKey, f: impl FnOnce(&mut FakeKernel) -> R) -> R {
         let mut kernels = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
-        f(kernels.entry(key.clone()).or_default())
+        f(kernels.entry(key.clone()).or_insert_with(|| FakeKernel {
+            addrs: FakeAddrs(self.addrs.clone()),
+            ..Default::default()
+        }))
     }
 
     /// The namespace `key` is torn down: its kernel is dropped, and opening it fails as
     /// opening a missing namespace file does.
     pub fn remove(&self, key: &SandboxKey) {
         self.kernels.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-        self.gone.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());
+        self.gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
     }
 
     /// The sandboxes with a kernel.

@@ -68,3 +68,44 @@ impl HostPorts for ProcHostPorts {
             .collect())
     }
 }
+
+/// The host in memory: keeps the rules last programmed and says the ports it is given
+/// are bound.
+#[derive(Debug, Default)]
+pub struct FakeHost {
+    pub rules: std::sync::Mutex<Option<Vec<Rule>>>,
+    pub bound: std::sync::Mutex<BTreeSet<PortKey>>,
+}
+
+impl HostFirewall for FakeHost {
+    fn program(&self, rules: &[Rule]) -> Result<usize, HostError> {
+        let mut kept = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let ops = if kept.as_deref() == Some(rules) {
+            0
+        } else {
+            rules.len()
+        };
+        *kept = Some(rules.to_vec());
+        Ok(ops)
+    }
+}
+
+impl HostPorts for FakeHost {
+    fn bound(&self) -> Result<BTreeSet<PortKey>, HostError> {
+        Ok(self.bound.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fake_host_keeps_the_rules_and_says_what_is_bound() {
+        let host = FakeHost::default();
+        host.bound.lock().unwrap().insert((PortProtocol::Tcp, 9090));
+        assert_eq!(host.bound().unwrap().len(), 1);
+        assert_eq!(host.program(&[]).unwrap(), 0);
+        assert_eq!(host.rules.lock().unwrap().as_deref(), Some(&[][..]));
+    }
+}

@@ -27,7 +27,7 @@ use crate::netns::{self, NetnsPath};
 use crate::reconcile::{self, ReconcileError, Sandbox};
 use crate::sysctl::ProcSysctls;
 
-pub use host::{HostError, HostFirewall, HostPorts, IptablesHostFirewall, ProcHostPorts};
+pub use host::{FakeHost, HostError, HostFirewall, HostPorts, IptablesHostFirewall, ProcHostPorts};
 
 /// How a sandbox's kernel interfaces are opened.
 pub trait SandboxOpener: Send + Sync {
@@ -108,7 +108,9 @@ impl From<&str> for ProgramError {
 impl From<ReconcileError> for ProgramError {
     fn from(e: ReconcileError) -> Self {
         match &e {
-            ReconcileError::Netns(n) if n.is_absent() || n.is_not_netns() => ProgramError::Gone(e.to_string()),
+            ReconcileError::Netns(n) if n.is_absent() || n.is_not_netns() => {
+                ProgramError::Gone(e.to_string())
+            }
             _ => ProgramError::Failed(e.to_string()),
         }
     }
@@ -217,7 +219,9 @@ impl<O: SandboxOpener> SandboxProgrammer for Kernel<O> {
     }
 
     fn marked_services(&self, sandbox: &SandboxKey) -> Result<Vec<MarkedService>, ProgramError> {
-        let text = self.opener.with_sandbox(sandbox, None, |sb| Ok(sb.firewall.save()?))?;
+        let text = self
+            .opener
+            .with_sandbox(sandbox, None, |sb| Ok(sb.firewall.save()?))?;
         Ok(firewall::parse_save(&text).marked_services())
     }
 }
@@ -248,7 +252,8 @@ mod tests {
 
     fn backends(kernel: &Kernel<FakeOpener>, key: &SandboxKey, fwmark: u32) -> Vec<String> {
         kernel.opener().inspect(key, |k| {
-            let service = crate::core::ipvs::ServiceKey::fwmark(crate::core::model::FwMark::new(fwmark).unwrap());
+            let service =
+                crate::core::ipvs::ServiceKey::fwmark(crate::core::model::FwMark::new(fwmark).unwrap());
             let mut out: Vec<String> = crate::ipvs::IpvsTable::destinations(&mut k.ipvs.clone(), &service)
                 .unwrap()
                 .iter()
@@ -279,7 +284,11 @@ mod tests {
         let next = Arc::new(next);
         let changed = kernel.program(&key, &next, &sysctls, Some(done.view)).unwrap();
         assert_eq!(changed.operations, 3, "one edit, one removal, one addition");
-        assert_eq!(kernel.opener().inspect(&key, |k| k.firewall.saves), saves, "nothing read");
+        assert_eq!(
+            kernel.opener().inspect(&key, |k| k.firewall.saves),
+            saves,
+            "nothing read"
+        );
         assert_eq!(backends(&kernel, &key, 256), ["10.0.0.3@1", "10.0.0.4@0"]);
         assert_eq!(backends(&kernel, &key, 257), ["10.0.0.14@1", "10.0.0.99@1"]);
         // A full read finds the kernel as the spec says.
@@ -317,6 +326,9 @@ mod tests {
         let err = kernel
             .program(&other, &spec_of(1, 1), &SysctlSettings::default(), None)
             .unwrap_err();
-        assert!(matches!(&err, ProgramError::Failed(e) if e.contains("errno 12")), "{err}");
+        assert!(
+            matches!(&err, ProgramError::Failed(e) if e.contains("errno 12")),
+            "{err}"
+        );
     }
 }
