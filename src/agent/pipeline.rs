@@ -15,8 +15,6 @@ use crate::core::mesh::{self, IngressLink, PortKey};
 use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
 use crate::core::spec::SandboxSpec;
 use crate::core::status::{self, EngineState, Status};
-use crate::core::topology;
-use crate::dns::catalog::Catalog;
 
 use super::records::Records;
 
@@ -73,25 +71,10 @@ pub fn allocate(
 }
 
 /// Step 3: the DNS catalog, and what could not be put in it.
-pub fn dns_catalog(
-    containers: &[Container],
-    defs: &BTreeMap<ServiceName, ServiceDef>,
-    allocs: &Allocations,
-    domain: Option<&str>,
-    ttl: u32,
-) -> (Catalog, Vec<String>) {
-    crate::dns::cluster::catalog(containers, defs, allocs, domain, ttl)
-}
+pub use crate::dns::cluster::catalog as dns_catalog;
 
 /// Step 4: what every sandbox should have (sandboxes on the same networks share a spec).
-pub fn desired(
-    containers: &[Container],
-    defs: &BTreeMap<ServiceName, ServiceDef>,
-    allocs: &Allocations,
-    timeouts: Option<Timeouts>,
-) -> BTreeMap<SandboxKey, Arc<SandboxSpec>> {
-    topology::desired(containers, defs, allocs, timeouts)
-}
+pub use crate::core::topology::desired;
 
 /// Whether a service claims a port it does not hold yet: only then do the host's bound
 /// ports matter (and are they read).

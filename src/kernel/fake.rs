@@ -85,19 +85,12 @@ impl SandboxOpener for FakeOpener {
             }));
         }
         self.inspect(key, |k| {
-            let mut known;
-            let addrs = match addrs {
-                Some(a) => {
-                    known = FakeAddrs(a);
-                    &mut known
-                }
-                None => &mut k.addrs,
-            };
+            let mut known = addrs.map(FakeAddrs);
             let mut sb = Sandbox {
                 ipvs: &mut k.ipvs,
                 firewall: &mut k.firewall,
                 sysctls: &mut k.sysctls,
-                addrs,
+                addrs: super::known_or(&mut known, &mut k.addrs),
             };
             work(&mut sb)
         })

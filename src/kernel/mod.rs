@@ -57,23 +57,23 @@ impl NetnsOpener {
         netns::run_in(ns, || {
             let _enter = span.enter();
             let mut ipvs = NetlinkIpvs::open()?;
-            let mut known;
-            let mut read = RtnetlinkAddrs;
-            let addrs: &mut dyn Addresses = match addrs {
-                Some(a) => {
-                    known = FakeAddrs(a);
-                    &mut known
-                }
-                None => &mut read,
-            };
+            let (mut known, mut read) = (addrs.map(FakeAddrs), RtnetlinkAddrs);
             let mut sb = Sandbox {
                 ipvs: &mut ipvs,
                 firewall: &mut Iptables::default(),
                 sysctls: &mut ProcSysctls::default(),
-                addrs,
+                addrs: known_or(&mut known, &mut read),
             };
             work(&mut sb)
         })?
+    }
+}
+
+/// The addresses already `known`, if they are; else `read` reads them.
+fn known_or<'a>(known: &'a mut Option<FakeAddrs>, read: &'a mut dyn Addresses) -> &'a mut dyn Addresses {
+    match known {
+        Some(k) => k,
+        None => read,
     }
 }
 
