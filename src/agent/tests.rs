@@ -73,6 +73,13 @@ impl HostPorts for Recorder {
     }
 }
 
+/// An agent of `engine` that has listed it (and not synced yet).
+async fn listed(engine: &FakeEngine, kernel: KernelPorts, cfg: AgentConfig) -> Agent {
+    let mut agent = Agent::new(Arc::new(engine.clone()), kernel, cfg, None).unwrap();
+    agent.relist().await.unwrap();
+    agent
+}
+
 /// The agent's kernel ports, all three answered by `p`.
 fn ports<P: SandboxProgrammer + HostFirewall + HostPorts + 'static>(p: Arc<P>) -> KernelPorts {
     KernelPorts {
@@ -284,8 +291,7 @@ async fn an_unhealthy_task_drains_then_leaves_and_is_back_when_healthy() {
     engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
     let rec = Arc::new(Recorder::default());
     let dir = tempdir("unhealthy");
-    let mut agent = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
-    agent.relist().await.unwrap();
+    let mut agent = listed(&engine, ports(rec.clone()), config(&dir)).await;
     agent.sync(true).await;
     let client = "/run/docker/netns/claaaaaaaaaa";
     let both = w(&[("10.1.0.3", 1), ("10.1.0.4", 1)]);
@@ -386,8 +392,7 @@ async fn published_ports_program_the_ingress_and_the_host_and_a_bound_port_is_re
             host_iface: "vipd-ingress".into(),
         },
     });
-    let mut agent = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), cfg, None).unwrap();
-    agent.relist().await.unwrap();
+    let mut agent = listed(&engine, ports(rec.clone()), cfg).await;
     let r = agent.sync(true).await;
     assert_eq!(
         r.errors,
@@ -710,26 +715,12 @@ async fn vips_survive_a_restart_of_vipd() {
     ));
     let dir = tempdir("restart");
     let first = {
-        let mut agent = Agent::new(
-            Arc::new(engine.clone()),
-            ports(Arc::new(Recorder::default())),
-            config(&dir),
-            None,
-        )
-        .unwrap();
-        agent.relist().await.unwrap();
+        let mut agent = listed(&engine, ports(Arc::new(Recorder::default())), config(&dir)).await;
         agent.sync(true).await;
         agent.allocations().clone()
     };
     assert_eq!(first.services.len(), 2);
-    let mut again = Agent::new(
-        Arc::new(engine.clone()),
-        ports(Arc::new(Recorder::default())),
-        config(&dir),
-        None,
-    )
-    .unwrap();
-    again.relist().await.unwrap();
+    let mut again = listed(&engine, ports(Arc::new(Recorder::default())), config(&dir)).await;
     again.sync(true).await;
     assert_eq!(again.allocations(), &first);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -753,8 +744,7 @@ async fn a_bad_label_affects_only_its_container() {
     engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
     let rec = Arc::new(Recorder::default());
     let dir = tempdir("label");
-    let mut agent = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
-    agent.relist().await.unwrap();
+    let mut agent = listed(&engine, ports(rec.clone()), config(&dir)).await;
     agent.sync(true).await;
     assert_eq!(
         rec.backends("/run/docker/netns/claaaaaaaaaa", "web"),
@@ -886,8 +876,7 @@ async fn lost_allocations_are_read_back_from_the_sandboxes() {
     };
     // A first vipd allocates (api, db, web: .1 .2 .3), then db goes and comes back
     // with another VIP, so the allocations are not simply the first ones again.
-    let mut first = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
-    first.relist().await.unwrap();
+    let mut first = listed(&engine, ports(rec.clone()), config(&dir)).await;
     first.sync(true).await;
     first.allocs.services.clear();
     first.allocs.next_fwmark = 300;
@@ -906,9 +895,7 @@ async fn lost_allocations_are_read_back_from_the_sandboxes() {
         } else {
             std::fs::write(&file, lost).unwrap();
         }
-        let mut second =
-            Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
-        second.relist().await.unwrap();
+        let mut second = listed(&engine, ports(rec.clone()), config(&dir)).await;
         second.sync(true).await;
         let after: Vec<_> = vips(&second).into_iter().filter(|(n, ..)| n != "zzz").collect();
         let want: Vec<_> = before.iter().filter(|(n, ..)| n != "zzz").cloned().collect();
