@@ -977,3 +977,51 @@ async fn status_lists_services_tasks_sandboxes_and_what_went_wrong() {
     assert!(status.borrow().docker.error.is_some());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The production kernel facade over fake kernels, driven by the agent: every sandbox's
+/// IPVS table follows the tasks, a change is planned from the kept view (nothing read),
+/// and a namespace torn down is gone once, then an error.
+#[tokio::test(flavor = "current_thread")]
+async fn the_agent_over_the_kernel_facade_leaves_every_fake_kernel_as_the_tasks_say() {
+    use crate::kernel::fake::FakeOpener;
+    use crate::kernel::{FakeHost, Kernel};
+    let web = [(labels::SERVICE, "web")];
+    let (engine, _, _) = two_tasks_and_a_client("facade").await;
+    let kernel = Arc::new(Kernel::new(FakeOpener::default()));
+    let host = Arc::new(FakeHost::default());
+    let kernel_ports = KernelPorts {
+        sandboxes: kernel.clone(),
+        host_firewall: host.clone(),
+        host_ports: host,
+    };
+    let dir = tempdir("facade-agent");
+    let mut agent = listed(&engine, kernel_ports, config(&dir)).await;
+    let r = agent.sync(true).await;
+    assert_eq!((r.sandboxes_programmed, r.errors.len()), (3, 0), "{r:?}");
+    let client = SandboxKey::from("/run/docker/netns/claaaaaaaaaa");
+    let both = ["10.1.0.3@1", "10.1.0.4@1"];
+    assert_eq!(kernel.opener().inspect(&client, |k| k.backends(None)), both);
+    assert_eq!(kernel.opener().sandboxes().len(), 3);
+
+    // w2 dies: its backend goes from the others, with no rules read again.
+    let saves = kernel.opener().inspect(&client, |k| k.firewall.saves);
+    let mut dead = on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web);
+    dead.running = false;
+    engine.upsert_container(dead);
+    agent.on_event(&event("w2aaaaaaaaaa", "die", &[])).await.unwrap();
+    let r = agent.sync(false).await;
+    assert_eq!((r.sandboxes_programmed, r.errors.len()), (2, 0), "{r:?}");
+    assert_eq!(
+        kernel.opener().inspect(&client, |k| k.backends(None)),
+        ["10.1.0.3@1"]
+    );
+    assert_eq!(kernel.opener().inspect(&client, |k| k.firewall.saves), saves);
+
+    // The client's namespace is torn down while it still runs: gone once, then an error.
+    kernel.opener().remove(&client);
+    assert_eq!(agent.sync(true).await.errors.len(), 0);
+    let r = agent.sync(true).await;
+    assert_eq!(r.errors.len(), 1, "{r:?}");
+    assert!(r.errors[0].contains("the namespace is gone"), "{r:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use crate::addrs::FakeAddrs;
-use crate::core::model::{Ipv4Net, SandboxKey};
+use crate::core::ipvs::ServiceKey;
+use crate::core::model::{FwMark, Ipv4Net, SandboxKey};
 use crate::firewall::fake::FakeFirewall;
 use crate::ipvs::fake::FakeIpvs;
 use crate::netns::{NetnsError, NetnsPath};
@@ -21,6 +22,26 @@ pub struct FakeKernel {
     pub firewall: FakeFirewall,
     pub sysctls: FakeSysctls,
     pub addrs: FakeAddrs,
+}
+
+impl FakeKernel {
+    /// The IPVS destinations of the fwmark service `fwmark` (of every service: `None`),
+    /// each as `address@weight`, sorted.
+    pub fn backends(&self, fwmark: Option<u32>) -> Vec<String> {
+        use crate::ipvs::IpvsTable as _;
+        let mut ipvs = self.ipvs.clone();
+        let mut out = Vec::new();
+        for service in ipvs.service_keys() {
+            if fwmark.is_some_and(|m| FwMark::new(m).map(ServiceKey::fwmark) != Some(service)) {
+                continue;
+            }
+            for d in ipvs.destinations(&service).unwrap_or_default() {
+                out.push(format!("{}@{}", d.key.addr, d.config.weight));
+            }
+        }
+        out.sort();
+        out
+    }
 }
 
 /// Fake kernels by sandbox; a removed sandbox answers as a vanished namespace does.

@@ -251,17 +251,7 @@ mod tests {
     }
 
     fn backends(kernel: &Kernel<FakeOpener>, key: &SandboxKey, fwmark: u32) -> Vec<String> {
-        kernel.opener().inspect(key, |k| {
-            let service =
-                crate::core::ipvs::ServiceKey::fwmark(crate::core::model::FwMark::new(fwmark).unwrap());
-            let mut out: Vec<String> = crate::ipvs::IpvsTable::destinations(&mut k.ipvs.clone(), &service)
-                .unwrap()
-                .iter()
-                .map(|d| format!("{}@{}", d.key.addr, d.config.weight))
-                .collect();
-            out.sort();
-            out
-        })
+        kernel.opener().inspect(key, |k| k.backends(Some(fwmark)))
     }
 
     #[test]
