@@ -8,7 +8,8 @@
 //! - [`docker`]: the Docker engine (bollard), behind a narrow trait with a fake.
 //! - [`dns`]: the embedded DNS server: a pure catalog of answers, served by hickory-server.
 //! - [`admin`]: the root-only unix socket `vipd status` asks.
-//! - [`state`]: allocations on disk, written atomically.
+//! - [`state`]: where allocations are kept ([`state::AllocationStore`]): on disk, written
+//!   atomically, or in memory for tests.
 //! - [`netns`]: entering a network namespace on a dedicated thread.
 //! - [`kernel`]: the kernel facade: every namespace-entering operation, generic over how a
 //!   sandbox is opened (the real namespace, or per-sandbox fakes).

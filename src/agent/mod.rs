@@ -775,7 +775,8 @@ impl Agent {
     /// The host's bound ports; none if they cannot be read (said in `report`).
     async fn bound_ports(&mut self, report: &mut SyncReport) -> BTreeSet<PortKey> {
         let ports = Arc::clone(&self.kernel.host_ports);
-        let result = tokio::task::spawn_blocking(move || ports.bound())
+        let span = info_span!("bound_ports");
+        let result = tokio::task::spawn_blocking(move || span.in_scope(|| ports.bound()))
             .await
             .unwrap_or_else(|e| Err(HostError::Task(e.to_string())));
         result.unwrap_or_else(|e| {
