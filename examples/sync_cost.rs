@@ -13,97 +13,38 @@
 //!   sandboxes, all on one network; 20 times a new task of service 1 starts and dies
 //!   again, each event and its sync timed (every sandbox planned and applied);
 //! - one sandbox: S services of 2 backends each; 20,000 times service 1 gains and loses
-//!   a third backend, each `reconcile::update` timed.
+//!   a third backend, each update through the kernel facade timed.
 //!
-//! "change" is what `vipd run` does: each sandbox planned from the spec it was last
-//! brought to (only what changed). "whole" is the baseline: the whole spec planned again.
+//! Both run the production kernel facade (`vipd::kernel::Kernel`) over per-sandbox fake
+//! kernels. "change" is what `vipd run` does: each sandbox planned from the spec it was
+//! last brought to (only what changed). "whole" is the baseline: the whole spec planned
+//! again (`Kernel::planning_whole_specs`).
 //! Prints the median and p99 of each, and the growth from the smallest S to the largest:
 //! a cost that does not grow with the services present stays near 1.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vipd::addrs::FakeAddrs;
-use vipd::agent::{Agent, AgentConfig, ProgramError, SandboxProgrammer};
-use vipd::core::firewall::{MarkedService, Rule};
-use vipd::core::mesh::PortKey;
-use vipd::core::model::Ipv4Net;
-use vipd::core::plan::{ObservedSandbox, SysctlSettings};
+use vipd::agent::{Agent, AgentConfig, KernelPorts};
+use vipd::core::model::{Ipv4Net, SandboxKey};
+use vipd::core::plan::SysctlSettings;
 use vipd::core::spec::{self, SandboxSpec};
 use vipd::docker::fake::{running_container, FakeEngine};
 use vipd::docker::{ContainerId, ContainerInfo, ContainerNetwork, EngineEvent, NetworkId};
-use vipd::firewall::fake::FakeFirewall;
-use vipd::ipvs::fake::FakeIpvs;
+use vipd::kernel::fake::FakeOpener;
+use vipd::kernel::{FakeHost, Kernel, SandboxProgrammer};
 use vipd::metrics::Metrics;
-use vipd::reconcile::{self, Sandbox};
-use vipd::sysctl::FakeSysctls;
 
-/// One sandbox's in-memory kernel, the view kept of it and the spec it was brought to.
-struct Kernel {
-    ipvs: FakeIpvs,
-    firewall: FakeFirewall,
-    sysctls: FakeSysctls,
-    addrs: FakeAddrs,
-    seen: ObservedSandbox,
-    spec: Arc<SandboxSpec>,
-}
-
-/// Programs each sandbox into its own in-memory kernel, as the kernel programmer does
-/// into the real one; `whole` plans each sandbox's whole spec every time.
-struct InMemory {
-    whole: bool,
-    kernels: Mutex<BTreeMap<PathBuf, Kernel>>,
-}
-
-impl SandboxProgrammer for InMemory {
-    fn program(
-        &self,
-        sandbox: &Path,
-        spec: &Arc<SandboxSpec>,
-        sysctls: &SysctlSettings,
-        full: bool,
-    ) -> Result<usize, ProgramError> {
-        let failed = |e: &dyn std::fmt::Display| ProgramError::Failed(e.to_string());
-        let mut kernels = self.kernels.lock().map_err(|e| failed(&e))?;
-        let k = kernels.entry(sandbox.to_owned()).or_insert_with(|| Kernel {
-            ipvs: FakeIpvs::new(),
-            firewall: FakeFirewall::default(),
-            sysctls: FakeSysctls::default(),
-            addrs: FakeAddrs(vec![Ipv4Net::new(
-                "10.1.255.254".parse().expect("an address"),
-                16,
-            )
-            .expect("a prefix")]),
-            seen: ObservedSandbox::default(),
-            spec: Arc::new(SandboxSpec::default()),
-        });
-        let mut sb = Sandbox {
-            ipvs: &mut k.ipvs,
-            firewall: &mut k.firewall,
-            sysctls: &mut k.sysctls,
-            addrs: &mut k.addrs,
-        };
-        if full {
-            k.seen = reconcile::observe(&mut sb, spec, sysctls).map_err(|e| failed(&e))?;
-        }
-        let prev = (!full && !self.whole).then_some(&*k.spec);
-        let outcome = reconcile::update(&mut sb, &mut k.seen, prev, spec, sysctls).map_err(|e| failed(&e))?;
-        k.spec = Arc::clone(spec);
-        Ok(outcome.applied)
-    }
-
-    fn program_host(&self, rules: &[Rule]) -> Result<usize, String> {
-        Ok(rules.len())
-    }
-
-    fn bound_ports(&self) -> Result<std::collections::BTreeSet<PortKey>, String> {
-        Ok(Default::default())
-    }
-
-    fn marked_services(&self, _: &Path) -> Result<Vec<MarkedService>, String> {
-        Ok(Vec::new())
+/// The production kernel facade over one in-memory kernel per sandbox, each sandbox with
+/// `own` as its address; `whole` plans each sandbox's whole spec every time.
+fn kernel(own: &str, whole: bool) -> Kernel<FakeOpener> {
+    let own = Ipv4Net::new(own.parse().expect("an address"), 16).expect("a prefix");
+    let kernel = Kernel::new(FakeOpener::with_addrs(vec![own]));
+    if whole {
+        kernel.planning_whole_specs()
+    } else {
+        kernel
     }
 }
 
@@ -130,7 +71,7 @@ fn container(n: usize, labels: &[(&str, &str)]) -> ContainerInfo {
 fn event(c: &ContainerInfo, action: &str) -> EngineEvent {
     EngineEvent::Container {
         id: c.id.clone(),
-        action: action.to_owned(),
+        action: action.into(),
         attributes: BTreeMap::new(),
     }
 }
@@ -172,11 +113,13 @@ async fn measure_event(services: usize, sandboxes: usize, rounds: usize, whole: 
         timeouts: None,
         metrics: Metrics::disabled(),
     };
-    let programmer = Arc::new(InMemory {
-        whole,
-        kernels: Mutex::new(BTreeMap::new()),
-    });
-    let mut agent = Agent::new(Arc::new(engine.clone()), programmer, cfg, None).expect("an agent");
+    let host = Arc::new(FakeHost::default());
+    let ports = KernelPorts {
+        sandboxes: Arc::new(kernel("10.1.255.254", whole)),
+        host_firewall: host.clone(),
+        host_ports: host,
+    };
+    let mut agent = Agent::new(Arc::new(engine.clone()), ports, cfg, None).expect("an agent");
     agent.relist().await.expect("a listing");
     let r = agent.sync(true).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
@@ -225,31 +168,28 @@ fn spec_of(services: usize, extra: bool) -> SandboxSpec {
 }
 
 /// One sandbox: median and p99 microseconds per update with `services` services; with `change`, each
-/// update is given the spec it comes from.
+/// update is planned from the spec it comes from (the kernel facade's default), otherwise
+/// from the whole spec.
 fn measure_update(services: usize, rounds: usize, change: bool) -> (f64, f64) {
-    let mut ipvs = FakeIpvs::new();
-    let mut firewall = FakeFirewall::default();
-    let mut sysctls = FakeSysctls::default();
-    let own = Ipv4Net::new("10.210.0.2".parse().expect("an address"), 16).expect("a prefix");
-    let mut addrs = FakeAddrs(vec![own]);
+    let kernel = kernel("10.210.0.2", !change);
+    let key = SandboxKey::from("/run/docker/netns/benchmark");
     let settings = SysctlSettings::default();
-    let mut sb = Sandbox {
-        ipvs: &mut ipvs,
-        firewall: &mut firewall,
-        sysctls: &mut sysctls,
-        addrs: &mut addrs,
-    };
-    let (plain, more) = (spec_of(services, false), spec_of(services, true));
-    let mut seen = reconcile::observe(&mut sb, &plain, &settings).expect("observe");
-    reconcile::update(&mut sb, &mut seen, None, &plain, &settings).expect("first update");
+    let (plain, more) = (
+        Arc::new(spec_of(services, false)),
+        Arc::new(spec_of(services, true)),
+    );
+    let mut view = kernel
+        .program(&key, &plain, &settings, None)
+        .expect("first program")
+        .view;
     let mut times = Vec::with_capacity(2 * rounds);
     for _ in 0..rounds {
-        for (from, to) in [(&plain, &more), (&more, &plain)] {
-            let prev = change.then_some(from);
+        for to in [&more, &plain] {
             let t = Instant::now();
-            let outcome = reconcile::update(&mut sb, &mut seen, prev, to, &settings).expect("update");
+            let done = kernel.program(&key, to, &settings, Some(view)).expect("update");
             times.push(t.elapsed().as_secs_f64() * 1e6);
-            assert_eq!(outcome.applied, 1, "one backend change is one IPVS operation");
+            assert_eq!(done.operations, 1, "one backend change is one IPVS operation");
+            view = done.view;
         }
     }
     times.sort_by(f64::total_cmp);
@@ -321,7 +261,7 @@ async fn main() {
         .collect();
     print_table(
         &format!(
-            "one sandbox: one backend change (reconcile::update), {UPDATES} adds + {UPDATES} removes; µs"
+            "one sandbox: one backend change (kernel facade update), {UPDATES} adds + {UPDATES} removes; µs"
         ),
         &rows,
     );

@@ -113,10 +113,9 @@ pub enum EngineEvent {
     Container {
         /// The container.
         id: ContainerId,
-        /// Docker's action: `create`, `start`, `die`, `kill`, `stop`, `destroy`, `pause`,
-        /// `unpause`, `rename`, `update`, `health_status: healthy`,
-        /// `health_status: unhealthy`, `exec_create: CMD`, ...
-        action: String,
+        /// Docker's action (`create`, `start`, `die`, `kill`, `health_status: healthy`,
+        /// `exec_create: CMD`, ...), parsed once here.
+        action: EngineAction,
         /// The event's attributes: the container's labels, plus `name`, `image`, and
         /// per action `exitCode` (die), `signal` (kill), `oldName` (rename), ...
         attributes: BTreeMap<String, String>,
@@ -126,7 +125,7 @@ pub enum EngineEvent {
         /// The network.
         id: NetworkId,
         /// Docker's action: `create`, `connect`, `disconnect`, `destroy`, ...
-        action: String,
+        action: EngineAction,
         /// The container that was connected or disconnected.
         container: Option<ContainerId>,
     },
@@ -522,9 +521,80 @@ fn network_from(n: Network) -> Option<NetworkInfo> {
     })
 }
 
+/// What an engine event says happened: Docker's action text, parsed once at this edge so
+/// that nothing further in compares strings. Displays as Docker's text again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum EngineAction {
+    Create,
+    Start,
+    Die,
+    Kill,
+    Stop,
+    Destroy,
+    /// A network's removal (older engines say `remove`, not `destroy`).
+    Remove,
+    Connect,
+    Disconnect,
+    /// `health_status: healthy`, `health_status: unhealthy`, ...: the text after the colon.
+    HealthStatus(String),
+    /// `exec_create: CMD`, `exec_start: CMD`, `exec_die`: a process run inside the
+    /// container, which changes nothing vipd looks at. The whole text.
+    Exec(String),
+    /// Any other action (`pause`, `rename`, `update`, ...), as Docker wrote it.
+    Other(String),
+}
+
+impl EngineAction {
+    /// Docker's action text.
+    pub fn parse(text: &str) -> Self {
+        if let Some(status) = text.strip_prefix("health_status:") {
+            return EngineAction::HealthStatus(status.trim().to_owned());
+        }
+        if text.starts_with("exec_") {
+            return EngineAction::Exec(text.to_owned());
+        }
+        match text {
+            "create" => EngineAction::Create,
+            "start" => EngineAction::Start,
+            "die" => EngineAction::Die,
+            "kill" => EngineAction::Kill,
+            "stop" => EngineAction::Stop,
+            "destroy" => EngineAction::Destroy,
+            "remove" => EngineAction::Remove,
+            "connect" => EngineAction::Connect,
+            "disconnect" => EngineAction::Disconnect,
+            other => EngineAction::Other(other.to_owned()),
+        }
+    }
+}
+
+impl From<&str> for EngineAction {
+    fn from(text: &str) -> Self {
+        EngineAction::parse(text)
+    }
+}
+
+impl fmt::Display for EngineAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineAction::Create => "create",
+            EngineAction::Start => "start",
+            EngineAction::Die => "die",
+            EngineAction::Kill => "kill",
+            EngineAction::Stop => "stop",
+            EngineAction::Destroy => "destroy",
+            EngineAction::Remove => "remove",
+            EngineAction::Connect => "connect",
+            EngineAction::Disconnect => "disconnect",
+            EngineAction::HealthStatus(s) => return write!(f, "health_status: {s}"),
+            EngineAction::Exec(s) | EngineAction::Other(s) => s,
+        })
+    }
+}
+
 /// An event; [`EngineEvent::Other`] for types vipd does not follow or without an id.
 fn event_from_message(m: EventMessage) -> EngineEvent {
-    let action = m.action.unwrap_or_default();
+    let action = EngineAction::parse(&m.action.unwrap_or_default());
     let actor = m.actor.unwrap_or_default();
     let Some(id) = actor.id.filter(|s| !s.is_empty()) else {
         return EngineEvent::Other;
@@ -928,20 +998,20 @@ mod tests {
                 attributes,
             } => {
                 assert_eq!(id, cid);
-                assert_eq!(action, "start");
+                assert_eq!(action, EngineAction::Start);
                 assert_eq!(attributes["vipd.service"], "web");
                 assert_eq!(attributes["name"], "web1");
             }
             other => panic!("not a container event: {other:?}"),
         }
         assert!(
-            matches!(event(EVENTS[1]), EngineEvent::Container { action, .. } if action == "health_status: healthy")
+            matches!(event(EVENTS[1]), EngineEvent::Container { action: EngineAction::HealthStatus(s), .. } if s == "healthy")
         );
         assert_eq!(
             event(EVENTS[2]),
             EngineEvent::Network {
                 id: NetworkId("b57c9d1583596c131770e357651bcda4688bbfaf01277a24fb15350c0f865f6d".to_owned()),
-                action: "connect".to_owned(),
+                action: EngineAction::Connect,
                 container: Some(cid),
             }
         );
@@ -954,6 +1024,36 @@ mod tests {
             event(r#"{"Type":"container","Action":"start"}"#),
             EngineEvent::Other
         );
+    }
+
+    #[test]
+    fn actions_are_parsed_once_and_show_as_dockers_text_again() {
+        for text in [
+            "create",
+            "start",
+            "die",
+            "kill",
+            "stop",
+            "destroy",
+            "remove",
+            "connect",
+            "disconnect",
+            "health_status: unhealthy",
+            "exec_create: sh -c true",
+            "exec_die",
+            "rename",
+        ] {
+            assert_eq!(EngineAction::parse(text).to_string(), text);
+        }
+        assert_eq!(
+            EngineAction::parse("health_status: healthy"),
+            EngineAction::HealthStatus("healthy".into())
+        );
+        assert!(matches!(
+            EngineAction::parse("exec_start: ls"),
+            EngineAction::Exec(_)
+        ));
+        assert_eq!(EngineAction::parse("pause"), EngineAction::Other("pause".into()));
     }
 
     #[test]
@@ -1009,7 +1109,7 @@ mod tests {
         assert_eq!(fake.subscribers(), 1);
         let start = EngineEvent::Container {
             id: web.id.clone(),
-            action: "start".to_owned(),
+            action: EngineAction::Start,
             attributes: BTreeMap::new(),
         };
         fake.push_event(start.clone());

@@ -8,8 +8,11 @@
 //! - [`docker`]: the Docker engine (bollard), behind a narrow trait with a fake.
 //! - [`dns`]: the embedded DNS server: a pure catalog of answers, served by hickory-server.
 //! - [`admin`]: the root-only unix socket `vipd status` asks.
-//! - [`state`]: allocations on disk, written atomically.
+//! - [`state`]: where allocations are kept ([`state::AllocationStore`]): on disk, written
+//!   atomically, or in memory for tests.
 //! - [`netns`]: entering a network namespace on a dedicated thread.
+//! - [`kernel`]: the kernel facade: every namespace-entering operation, generic over how a
+//!   sandbox is opened (the real namespace, or per-sandbox fakes).
 //! - [`reconcile`]: one namespace, from what it has to what it should have.
 //! - [`ingress`]: the routing mesh's ingress namespace and its veth link to the host.
 //! - [`config`]: the `vipd run` config file, turned into the flags it stands for.
@@ -29,6 +32,7 @@ pub mod docker;
 pub mod firewall;
 pub mod ingress;
 pub mod ipvs;
+pub mod kernel;
 pub mod metrics;
 pub mod netns;
 pub mod overlay;

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -315,12 +316,8 @@ async fn stop_signal() {
 /// before dockerd, or dockerd restarting) is asked again with a growing delay, up to 30 s,
 /// and each failure is logged; `None` when SIGTERM or ^C comes first. An endpoint this
 /// client cannot use (a bad `DOCKER_HOST`) is an error at once.
-async fn wait_for_engine() -> Result<
-    Option<(
-        std::sync::Arc<vipd::docker::DockerEngine>,
-        Vec<vipd::docker::NetworkInfo>,
-    )>,
-> {
+async fn wait_for_engine() -> Result<Option<(Arc<vipd::docker::DockerEngine>, Vec<vipd::docker::NetworkInfo>)>>
+{
     use vipd::docker::{DockerEngine, Engine, EngineError};
     let mut delay = std::time::Duration::from_millis(500);
     let stop = stop_signal();
@@ -332,7 +329,7 @@ async fn wait_for_engine() -> Result<
             Ok::<_, EngineError>((engine, networks))
         };
         match attempt.await {
-            Ok((engine, networks)) => return Ok(Some((std::sync::Arc::new(engine), networks))),
+            Ok((engine, networks)) => return Ok(Some((Arc::new(engine), networks))),
             Err(e @ EngineError::BadEndpoint { .. }) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "Docker engine not reachable; waiting for it");
@@ -362,7 +359,6 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         ingress,
         metrics_listen,
     } = opts;
-    use std::sync::Arc;
 
     let Some((engine, networks)) = wait_for_engine().await? else {
         tracing::info!("stopping before the Docker engine answered");
@@ -491,12 +487,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         timeouts,
         metrics: metrics.clone(),
     };
-    let agent = vipd::agent::Agent::new(
-        engine,
-        Arc::new(vipd::agent::KernelProgrammer::default()),
-        cfg,
-        dns.clone(),
-    )?;
+    let agent = vipd::agent::Agent::new(engine, vipd::agent::KernelPorts::real(), cfg, dns.clone())?;
     if let (DnsMode::Gateways(port), Some(catalog)) = (dns_mode, dns) {
         let mut networks = agent.networks();
         tokio::spawn(async move {

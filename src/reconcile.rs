@@ -7,18 +7,18 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use tracing::{debug, info, info_span};
+use tracing::{debug, info};
 
-use crate::addrs::{Addresses, AddrsError, RtnetlinkAddrs};
+use crate::addrs::{Addresses, AddrsError};
 use crate::core::firewall::{self, MarkedService};
 use crate::core::ipvs::{Destination, ServiceKey, VirtualService};
 use crate::core::plan::{self, ObservedSandbox, Plan, PlanError, SysctlSettings};
 use crate::core::spec::SandboxSpec;
-use crate::firewall::{Firewall, FirewallError, Iptables};
-use crate::ipvs::netlink::NetlinkIpvs;
+use crate::firewall::{Firewall, FirewallError};
 use crate::ipvs::{IpvsError, IpvsTable};
-use crate::netns::{self, NetnsError, NetnsPath};
-use crate::sysctl::{ProcSysctls, SysctlError, Sysctls};
+use crate::kernel::NetnsOpener;
+use crate::netns::{NetnsError, NetnsPath};
+use crate::sysctl::{SysctlError, Sysctls};
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -189,36 +189,6 @@ pub fn update(
     Ok(Outcome { plan, applied })
 }
 
-/// Run `work` with the real kernel interfaces of the namespace `ns`, on a thread inside
-/// it. `addrs`: the namespace's addresses if already known (nothing is read then).
-fn with_sandbox<R: Send>(
-    ns: &NetnsPath,
-    addrs: Option<Vec<crate::core::model::Ipv4Net>>,
-    work: impl FnOnce(&mut Sandbox<'_>) -> Result<R, ReconcileError> + Send,
-) -> Result<R, ReconcileError> {
-    let span = info_span!("sandbox", netns = %ns);
-    netns::run_in(ns, || {
-        let _enter = span.enter();
-        let mut ipvs = NetlinkIpvs::open()?;
-        let mut known;
-        let mut read = RtnetlinkAddrs;
-        let addrs: &mut dyn Addresses = match addrs {
-            Some(a) => {
-                known = crate::addrs::FakeAddrs(a);
-                &mut known
-            }
-            None => &mut read,
-        };
-        let mut sb = Sandbox {
-            ipvs: &mut ipvs,
-            firewall: &mut Iptables::default(),
-            sysctls: &mut ProcSysctls::default(),
-            addrs,
-        };
-        work(&mut sb)
-    })?
-}
-
 /// [`update`] the namespace `ns` from a kept view, with the real kernel interfaces: a
 /// netlink socket and, only if rules or sysctls change, `iptables-restore` or
 /// `/proc/sys` writes. Nothing is read back.
@@ -230,7 +200,7 @@ pub fn update_netns(
     sysctls: &SysctlSettings,
 ) -> Result<Outcome, ReconcileError> {
     let addrs = seen.addrs.clone();
-    with_sandbox(ns, Some(addrs), |sb| update(sb, seen, prev, spec, sysctls))
+    NetnsOpener::enter(ns, Some(addrs), |sb| update(sb, seen, prev, spec, sysctls))
 }
 
 /// Read the namespace `ns` and reconcile it with the real kernel interfaces; returns the
@@ -240,7 +210,7 @@ pub fn reconcile_netns_kept(
     spec: &SandboxSpec,
     sysctls: &SysctlSettings,
 ) -> Result<(Outcome, ObservedSandbox), ReconcileError> {
-    with_sandbox(ns, None, |sb| {
+    NetnsOpener::enter(ns, None, |sb| {
         let mut seen = observe(sb, spec, sysctls)?;
         let outcome = update(sb, &mut seen, None, spec, sysctls)?;
         Ok((outcome, seen))
@@ -254,7 +224,7 @@ pub fn reconcile_netns(
     sysctls: &SysctlSettings,
     dry_run: bool,
 ) -> Result<Outcome, ReconcileError> {
-    with_sandbox(ns, None, |sb| reconcile(sb, spec, sysctls, dry_run))
+    NetnsOpener::enter(ns, None, |sb| reconcile(sb, spec, sysctls, dry_run))
 }
 
 /// Bring vipd's chains in the host's namespace ([`firewall::HOST_CHAINS`]: the routing
@@ -322,10 +292,7 @@ pub fn inspect(ipvs: &mut dyn IpvsTable, fw: &mut dyn Firewall) -> Result<Sandbo
 
 /// [`inspect`] the namespace `ns` with the real kernel interfaces.
 pub fn inspect_netns(ns: &NetnsPath) -> Result<SandboxView, ReconcileError> {
-    netns::run_in(ns, || {
-        let mut ipvs = NetlinkIpvs::open()?;
-        inspect(&mut ipvs, &mut Iptables::default())
-    })?
+    NetnsOpener::enter(ns, None, |sb| inspect(sb.ipvs, sb.firewall))
 }
 
 #[cfg(test)]

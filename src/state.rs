@@ -26,6 +26,63 @@ pub enum StateError {
     Corrupt { file: PathBuf, reason: String },
     #[error("cannot write {file}: {source}")]
     Write { file: PathBuf, source: std::io::Error },
+    /// The stored allocations moved since this agent read them (another writer claimed
+    /// in between): load again and redo the claims.
+    #[error("the stored allocations changed since they were read")]
+    Conflict,
+}
+
+/// Where the allocations are kept: the local file ([`StateStore`]) for one host; a
+/// cluster store later. Shaped for claims made in transactions: a commit names the
+/// allocations it was computed from, and a shared store refuses it when the stored ones
+/// moved in between ([`StateError::Conflict`]), as a compare-and-swap on a revision would.
+pub trait AllocationStore: Send + Sync {
+    /// The stored allocations; `None` when nothing was stored yet.
+    fn load(&self) -> Result<Option<Allocations>, StateError>;
+
+    /// Store `next`, computed from `base` (what this agent last loaded or committed).
+    fn commit(&self, base: &Allocations, next: &Allocations) -> Result<(), StateError>;
+}
+
+impl AllocationStore for StateStore {
+    fn load(&self) -> Result<Option<Allocations>, StateError> {
+        StateStore::load(self)
+    }
+
+    /// The file is this host's alone: nobody else writes it, so `base` is not checked.
+    fn commit(&self, _base: &Allocations, next: &Allocations) -> Result<(), StateError> {
+        self.save(next)
+    }
+}
+
+/// Allocations in memory, for tests; refuses a commit whose base is not what it holds.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    stored: std::sync::Mutex<Option<Allocations>>,
+}
+
+impl MemoryStore {
+    /// A store holding `allocs`.
+    pub fn with(allocs: Allocations) -> Self {
+        MemoryStore {
+            stored: std::sync::Mutex::new(Some(allocs)),
+        }
+    }
+}
+
+impl AllocationStore for MemoryStore {
+    fn load(&self) -> Result<Option<Allocations>, StateError> {
+        Ok(self.stored.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    fn commit(&self, base: &Allocations, next: &Allocations) -> Result<(), StateError> {
+        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        if stored.as_ref().is_some_and(|s| s != base) {
+            return Err(StateError::Conflict);
+        }
+        *stored = Some(next.clone());
+        Ok(())
+    }
 }
 
 /// The state directory.
@@ -140,6 +197,38 @@ mod tests {
                 & 0o777,
             0o600
         );
+        fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn the_memory_store_refuses_a_commit_from_allocations_that_moved() {
+        let pool = Ipv4Net::new("10.253.0.0".parse().unwrap(), 16).unwrap();
+        let store = MemoryStore::default();
+        assert_eq!(store.load().unwrap(), None);
+        let empty = Allocations::default();
+        let mut mine = empty.clone();
+        mine.ensure(&ServiceName::new("web").unwrap(), pool).unwrap();
+        store.commit(&empty, &mine).unwrap();
+        assert_eq!(store.load().unwrap(), Some(mine.clone()));
+        // Another writer computed from the empty allocations: refused, nothing changes.
+        let mut theirs = empty.clone();
+        theirs.ensure(&ServiceName::new("api").unwrap(), pool).unwrap();
+        assert!(matches!(store.commit(&empty, &theirs), Err(StateError::Conflict)));
+        assert_eq!(store.load().unwrap(), Some(mine));
+    }
+
+    #[test]
+    fn the_file_store_is_an_allocation_store() {
+        let dir = tempdir().join("port");
+        let store: Box<dyn AllocationStore> = Box::new(StateStore::open(&dir).unwrap());
+        let mut a = Allocations::default();
+        a.ensure(
+            &ServiceName::new("web").unwrap(),
+            Ipv4Net::new("10.253.0.0".parse().unwrap(), 16).unwrap(),
+        )
+        .unwrap();
+        store.commit(&Allocations::default(), &a).unwrap();
+        assert_eq!(store.load().unwrap(), Some(a));
         fs::remove_dir_all(dir.parent().unwrap()).unwrap();
     }
 

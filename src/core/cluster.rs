@@ -2,10 +2,10 @@
 //! the services their labels make them tasks of. The Docker adapter fills these in; the
 //! core turns them into a desired state per sandbox.
 
+use super::model::SandboxKey;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -64,7 +64,7 @@ pub struct Container {
     pub running: bool,
     pub health: Option<Health>,
     /// The network namespace (Docker's `SandboxKey`).
-    pub sandbox: Option<PathBuf>,
+    pub sandbox: Option<SandboxKey>,
     pub attachments: Vec<Attachment>,
     /// Whether it is leaving its services. Not Docker's: the agent sets it from the
     /// engine's kill events and from health changes.
@@ -130,7 +130,7 @@ pub mod fixture {
                 .collect(),
             running: true,
             health: None,
-            sandbox: Some(PathBuf::from(format!("/run/docker/netns/{id}"))),
+            sandbox: Some(SandboxKey::new(format!("/run/docker/netns/{id}"))),
             attachments: nets
                 .iter()
                 .map(|(n, ip)| Attachment {

@@ -272,9 +272,56 @@ impl fmt::Display for Ipv4Net {
     }
 }
 
+/// A container's network namespace, as the engine names it (Docker's `SandboxKey`, a path
+/// such as `/run/docker/netns/0123456789ab`), or the ingress namespace: what the agent and
+/// the kernel facade key a sandbox by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct SandboxKey(std::path::PathBuf);
+
+impl SandboxKey {
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        SandboxKey(path.into())
+    }
+
+    /// The namespace file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl From<std::path::PathBuf> for SandboxKey {
+    fn from(p: std::path::PathBuf) -> Self {
+        SandboxKey(p)
+    }
+}
+
+impl From<&str> for SandboxKey {
+    fn from(p: &str) -> Self {
+        SandboxKey(p.into())
+    }
+}
+
+impl fmt::Display for SandboxKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.display().fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sandbox_key_shows_and_serializes_as_its_path() {
+        let key = SandboxKey::from("/run/docker/netns/0123456789ab");
+        assert_eq!(key.to_string(), "/run/docker/netns/0123456789ab");
+        assert_eq!(key.path(), std::path::Path::new("/run/docker/netns/0123456789ab"));
+        assert_eq!(
+            serde_json::to_string(&key).unwrap(),
+            "\"/run/docker/netns/0123456789ab\""
+        );
+    }
 
     #[test]
     fn schedulers_round_trip_their_kernel_names() {

@@ -6,14 +6,13 @@
 //! for it. Tasks get their own service too, so a task can call its peers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::alloc::Allocations;
 use super::cluster::{Container, ContainerId, NetworkId};
 use super::ipvs::Timeouts;
 use super::labels::{EndpointMode, ServiceDef};
-use super::model::{BackendAddr, ServiceName};
+use super::model::{BackendAddr, SandboxKey, ServiceName};
 use super::spec::{Backend, SandboxSpec, ServiceSpec};
 
 /// The desired state of every sandbox, keyed by its namespace path, each with the IPVS
@@ -28,7 +27,7 @@ pub fn desired(
     defs: &BTreeMap<ServiceName, ServiceDef>,
     allocs: &Allocations,
     timeouts: Option<Timeouts>,
-) -> BTreeMap<PathBuf, Arc<SandboxSpec>> {
+) -> BTreeMap<SandboxKey, Arc<SandboxSpec>> {
     let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
     let mut by_networks: BTreeMap<BTreeSet<&NetworkId>, Arc<SandboxSpec>> = BTreeMap::new();
     let mut out = BTreeMap::new();
@@ -101,7 +100,7 @@ mod tests {
 
     use crate::core::cluster::fixture::container as c;
 
-    fn plan(cs: &[Container]) -> BTreeMap<PathBuf, Arc<SandboxSpec>> {
+    fn plan(cs: &[Container]) -> BTreeMap<SandboxKey, Arc<SandboxSpec>> {
         let (defs, errors) = labels::services(cs);
         assert!(errors.is_empty(), "{errors:#?}");
         let mut allocs = Allocations::default();
@@ -120,8 +119,8 @@ mod tests {
             .unwrap_or_default()
     }
 
-    fn sb(id: &str) -> PathBuf {
-        PathBuf::from(format!("/run/docker/netns/{id}"))
+    fn sb(id: &str) -> SandboxKey {
+        SandboxKey::new(format!("/run/docker/netns/{id}"))
     }
 
     #[test]

@@ -174,7 +174,7 @@ fn networks_lists_a_user_network_with_its_subnet_and_gateway() {
 /// The events about one container: its own, and its networks' (dis)connects.
 fn about(event: &EngineEvent, id: &str) -> Option<String> {
     match event {
-        EngineEvent::Container { id: c, action, .. } if c.0 == id => Some(action.clone()),
+        EngineEvent::Container { id: c, action, .. } if c.0 == id => Some(action.to_string()),
         EngineEvent::Network {
             id: n,
             action,

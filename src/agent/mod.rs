@@ -1,0 +1,1006 @@
+//! `vipd run`: follow the Docker engine and keep every sandbox's VIPs in step.
+//!
+//! Level-triggered, like the per-namespace reconciler: events only say *which container*
+//! to look at again; one `sync` computes from all known containers what every sandbox
+//! should have and programs the sandboxes whose desired state changed, concurrently. A
+//! periodic resync re-lists every container and re-reads every sandbox from the kernel,
+//! so a missed event or a hand-made change never lasts longer than one interval. When
+//! the event stream fails, vipd reconnects with backoff and re-lists.
+//!
+//! A sync is a chain of pure steps ([`pipeline`]); when things happen is decided by
+//! [`schedule`]; what is kept of each sandbox is one [`records::SandboxRecord`]; what the
+//! agent knows of the world is one [`inventory::Inventory`].
+
+pub mod inventory;
+pub mod pipeline;
+pub mod problems;
+pub mod records;
+pub mod schedule;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::core::alloc::Allocations;
+use crate::core::cluster::{Attachment, Container, ContainerId, Drain, Health};
+use crate::core::firewall::Rule;
+use crate::core::ipvs::Timeouts;
+use crate::core::labels::{self, EndpointMode};
+use crate::core::mesh::{IngressLink, PortKey};
+use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
+use crate::core::plan::SysctlSettings;
+use crate::core::status::{EngineState, Status};
+use crate::dns::server::CatalogHandle;
+use crate::docker::{ContainerInfo, Engine, EngineAction, EngineError, EngineEvent, NetworkInfo};
+use crate::kernel::{HostError, HostFirewall, HostPorts, IptablesHostFirewall, ProcHostPorts};
+use crate::metrics::{ErrorKind, Metrics, ReconcileKind};
+use crate::state::{AllocationStore, StateError, StateStore};
+
+pub use crate::kernel::{KernelProgrammer, KernelView, ProgramError, Programmed, SandboxProgrammer};
+use inventory::Inventory;
+use problems::Problems;
+use records::{Records, Settled};
+pub use schedule::Leaving;
+use schedule::{Drains, Schedule, Wake, RELIST_RETRY};
+
+/// Container inspects of one batch of events that may be in flight at once.
+const INSPECTS_IN_FLIGHT: usize = 16;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub pool: Ipv4Net,
+    pub state_dir: PathBuf,
+    /// How long a service with no task keeps its VIP.
+    pub grace: Duration,
+    /// How often everything is re-listed and re-read.
+    pub resync: Duration,
+    /// How long to gather more events before syncing.
+    pub debounce: Duration,
+    pub sysctls: SysctlSettings,
+    pub dns_domain: Option<String>,
+    pub dns_ttl: u32,
+    /// The routing mesh's ingress namespace; `None`: no port is published.
+    pub ingress: Option<IngressTarget>,
+    /// How long a task that is being stopped, or turned unhealthy, stays a backend at
+    /// weight 0 while it still runs (its open connections finish); then it is removed.
+    /// A task that dies first is removed at once.
+    pub drain_grace: Duration,
+    /// The IPVS connection timeouts of every namespace vipd programs; `None`: the
+    /// kernel's (tcp 900 s, tcpfin 120 s, udp 300 s).
+    pub timeouts: Option<Timeouts>,
+    /// Where reconcile passes and errors are counted (a disabled handle counts nothing).
+    pub metrics: Metrics,
+}
+
+/// Whether a kill event's signal (a number, as Docker 20.10 sends it, or a name) asks the
+/// task to stop. SIGHUP, SIGUSR1 and SIGUSR2 are taken to ask for a reload, a log rotation
+/// or a report, not an exit; a task sent one of them stays a backend.
+pub fn signal_stops(signal: &str) -> bool {
+    let name = signal.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    !matches!(name, "1" | "10" | "12" | "HUP" | "USR1" | "USR2")
+}
+
+/// The ingress namespace the routing mesh programs, and its link to the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressTarget {
+    /// The namespace (`/run/netns/NAME`).
+    pub netns: PathBuf,
+    pub link: IngressLink,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// The kernel as the agent uses it: the sandboxes, the host's firewall, the host's bound
+/// ports. Three narrow ports.
+#[derive(Clone)]
+pub struct KernelPorts {
+    pub sandboxes: Arc<dyn SandboxProgrammer>,
+    pub host_firewall: Arc<dyn HostFirewall>,
+    pub host_ports: Arc<dyn HostPorts>,
+}
+
+impl KernelPorts {
+    /// The real kernel.
+    pub fn real() -> Self {
+        KernelPorts {
+            sandboxes: Arc::new(KernelProgrammer::default()),
+            host_firewall: Arc::new(IptablesHostFirewall),
+            host_ports: Arc::new(ProcHostPorts),
+        }
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub sandboxes_programmed: usize,
+    pub operations: usize,
+    pub errors: Vec<String>,
+}
+
+/// The agent's state.
+pub struct Agent {
+    engine: Arc<dyn Engine>,
+    kernel: KernelPorts,
+    cfg: AgentConfig,
+    store: Box<dyn AllocationStore>,
+    allocs: Allocations,
+    /// The allocations as last loaded or committed (what the next commit is based on).
+    stored: Allocations,
+    inventory: Inventory,
+    records: Records,
+    problems: Problems,
+    dns: Option<CatalogHandle>,
+    engine_state: EngineState,
+    last_resync: u64,
+    status: tokio::sync::watch::Sender<Status>,
+    networks: tokio::sync::watch::Sender<Vec<NetworkInfo>>,
+    /// Which service holds each published port.
+    holders: BTreeMap<PortKey, ServiceName>,
+    /// The host rules last applied; `None` until they are (or after an error).
+    host_applied: Option<Vec<Rule>>,
+    /// Tasks on their way out (see [`AgentConfig::drain_grace`]).
+    drains: Drains,
+    /// The saved allocations were missing or unreadable: the first full sync takes the
+    /// VIPs and fwmarks vipd's rules show in the sandboxes before allocating new ones.
+    recover: bool,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The core's view of a container.
+pub fn container_from(info: &ContainerInfo) -> Container {
+    Container {
+        id: info.id.clone(),
+        name: info.name.clone(),
+        labels: info.labels.clone(),
+        running: info.running,
+        health: info.health,
+        sandbox: info.sandbox_key.clone().map(SandboxKey::from),
+        attachments: info
+            .networks
+            .iter()
+            .filter_map(|n| {
+                n.ip.map(|ip| Attachment {
+                    network: n.network_id.clone(),
+                    ip,
+                    prefix_len: n.prefix_len,
+                })
+            })
+            .collect(),
+        drain: Drain::No,
+    }
+}
+
+/// The engine's event stream.
+type Events = futures::stream::BoxStream<'static, Result<EngineEvent, EngineError>>;
+
+/// A stream that never yields: for a call made with no event stream to read meanwhile.
+fn no_events() -> Events {
+    futures::stream::pending().boxed()
+}
+
+/// One container's inspect: what the engine said of it.
+type Inspected = (ContainerId, Result<Option<ContainerInfo>, EngineError>);
+
+/// What the event stream gave while the agent waited on the engine.
+#[derive(Default)]
+struct Kept {
+    /// Events to look at once the wait is over.
+    events: Vec<EngineEvent>,
+    /// Why the stream failed, if it did (the agent reconnects after the wait).
+    lost: Option<String>,
+}
+
+/// The containers a batch of events asks to inspect (each once), and whether the
+/// networks changed. A kill event changes nothing Docker would show (the task still runs):
+/// its drain is noted apart, without waiting for an inspect, which a busy engine answers
+/// slowly.
+fn to_inspect(events: &[EngineEvent]) -> (Vec<ContainerId>, bool) {
+    let mut ids: Vec<ContainerId> = Vec::new();
+    let mut networks_changed = false;
+    for event in events {
+        match event {
+            EngineEvent::Container {
+                action: EngineAction::Exec(_) | EngineAction::Kill,
+                ..
+            } => {}
+            EngineEvent::Container { id, .. } => ids.push(id.clone()),
+            EngineEvent::Network {
+                container: Some(id), ..
+            } => ids.push(id.clone()),
+            EngineEvent::Network {
+                action: EngineAction::Create | EngineAction::Destroy | EngineAction::Remove,
+                ..
+            } => networks_changed = true,
+            _ => {}
+        }
+    }
+    let mut seen = BTreeSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    (ids, networks_changed)
+}
+
+/// Inspect `ids`, at most [`INSPECTS_IN_FLIGHT`] at once.
+async fn inspect_all(engine: Arc<dyn Engine>, ids: Vec<ContainerId>) -> Vec<Inspected> {
+    futures::stream::iter(ids)
+        .map(|id| {
+            let engine = Arc::clone(&engine);
+            async move {
+                let answer = engine.inspect(&id).await;
+                (id, answer)
+            }
+        })
+        .buffer_unordered(INSPECTS_IN_FLIGHT)
+        .collect()
+        .await
+}
+
+impl Agent {
+    /// An agent with the allocations saved in `cfg.state_dir` (a corrupt state file is
+    /// reported and set aside: allocations start again from what Docker says).
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        kernel: KernelPorts,
+        cfg: AgentConfig,
+        dns: Option<CatalogHandle>,
+    ) -> Result<Self, AgentError> {
+        let store = StateStore::open(&cfg.state_dir)?;
+        Self::with_store(engine, kernel, cfg, dns, Box::new(store))
+    }
+
+    /// An agent with the allocations of `store`.
+    pub fn with_store(
+        engine: Arc<dyn Engine>,
+        kernel: KernelPorts,
+        cfg: AgentConfig,
+        dns: Option<CatalogHandle>,
+        store: Box<dyn AllocationStore>,
+    ) -> Result<Self, AgentError> {
+        let (stored, recover) = match store.load() {
+            Ok(Some(a)) => (a, false),
+            Ok(None) => (Allocations::default(), true),
+            Err(e @ StateError::Corrupt { .. }) => {
+                warn!(error = %e, "starting with no saved allocations: the VIPs in use are read back from the sandboxes");
+                (Allocations::default(), true)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut allocs = stored.clone();
+        for gone in allocs.retain_pool(cfg.pool) {
+            warn!(service = %gone, pool = %cfg.pool, "saved VIP is outside the pool: the service gets a new one");
+        }
+        Ok(Agent {
+            engine,
+            kernel,
+            store,
+            allocs,
+            stored,
+            inventory: Inventory::default(),
+            records: Records::default(),
+            problems: Problems::default(),
+            dns,
+            engine_state: EngineState::default(),
+            last_resync: 0,
+            status: tokio::sync::watch::Sender::new(Status::default()),
+            networks: tokio::sync::watch::Sender::new(Vec::new()),
+            holders: BTreeMap::new(),
+            host_applied: None,
+            drains: Drains::new(cfg.drain_grace),
+            recover,
+            cfg,
+        })
+    }
+
+    /// The current allocations.
+    pub fn allocations(&self) -> &Allocations {
+        &self.allocs
+    }
+
+    /// What `vipd status` shows, updated after every sync.
+    pub fn status(&self) -> tokio::sync::watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// The Docker networks, updated on every listing and when one is created or removed
+    /// (the DNS listeners on their gateways follow it).
+    pub fn networks(&self) -> tokio::sync::watch::Receiver<Vec<NetworkInfo>> {
+        self.networks.subscribe()
+    }
+
+    async fn refresh_networks(&mut self) -> Result<(), EngineError> {
+        let list = self
+            .engine
+            .networks()
+            .await
+            .inspect_err(|_| self.cfg.metrics.error(ErrorKind::Engine))?;
+        if self.inventory.set_networks(list) {
+            self.networks.send_replace(self.inventory.networks().to_vec());
+        }
+        Ok(())
+    }
+
+    /// Replace what vipd knows with a full listing ([`Agent::relist_meanwhile`] with no
+    /// event stream).
+    pub async fn relist(&mut self) -> Result<(), EngineError> {
+        self.relist_meanwhile(&mut no_events(), &mut Kept::default())
+            .await
+    }
+
+    /// Replace what vipd knows with a full listing, reading the event stream while the
+    /// engine answers (see [`Agent::meanwhile`]).
+    async fn relist_meanwhile(&mut self, events: &mut Events, kept: &mut Kept) -> Result<(), EngineError> {
+        let engine = Arc::clone(&self.engine);
+        let listing = self.meanwhile(engine.containers(), events, kept).await;
+        self.take_listing(listing)?;
+        self.refresh_networks().await
+    }
+
+    fn take_listing(&mut self, listing: Result<Vec<ContainerInfo>, EngineError>) -> Result<(), EngineError> {
+        let all = match listing {
+            Ok(all) => all,
+            Err(e) => {
+                self.cfg.metrics.error(ErrorKind::Engine);
+                self.engine_state = EngineState {
+                    connected: false,
+                    error: Some(e.to_string()),
+                };
+                self.status.send_modify(|s| s.docker = self.engine_state.clone());
+                return Err(e);
+            }
+        };
+        self.engine_state = EngineState {
+            connected: true,
+            error: None,
+        };
+        let fresh: BTreeMap<ContainerId, Container> =
+            all.iter().map(|i| (i.id.clone(), container_from(i))).collect();
+        for (id, c) in &fresh {
+            self.forget_drain_if_restarted(id, c);
+        }
+        self.inventory.replace_containers(fresh);
+        info!(
+            containers = self.inventory.containers().len(),
+            "listed containers"
+        );
+        Ok(())
+    }
+
+    /// Await `work`, a call to the engine that leaves the agent's state alone, while
+    /// reading the event stream: a kill event that stops a serving task drains it at once
+    /// (a sync of its own), so a slow listing or inspect never holds a drain back. Every
+    /// event read is kept for when `work` is done; a failed stream is noted, not read again.
+    async fn meanwhile<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+        events: &mut Events,
+        kept: &mut Kept,
+    ) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                next = events.next(), if kept.lost.is_none() => match next {
+                    Some(Ok(event)) => {
+                        if self.note_drains(std::slice::from_ref(&event)) {
+                            self.sync_pass(ReconcileKind::Drain).instrument(info_span!("drain")).await;
+                        }
+                        kept.events.push(event);
+                    }
+                    Some(Err(e)) => kept.lost = Some(e.to_string()),
+                    None => kept.lost = Some("the event stream ended".to_owned()),
+                },
+            }
+        }
+    }
+
+    /// Look at the container an event is about again.
+    pub async fn on_event(&mut self, event: &EngineEvent) -> Result<(), EngineError> {
+        self.on_events(std::slice::from_ref(event)).await
+    }
+
+    /// Look again at every container a batch of events is about, each once and all at
+    /// the same time (at most [`INSPECTS_IN_FLIGHT`]), so one slow answer delays the
+    /// batch by its own time, not by the sum. Every inspect that succeeded is kept; the
+    /// first failure is returned (the caller then re-lists).
+    /// ([`Agent::on_events_meanwhile`] with no event stream.)
+    pub async fn on_events(&mut self, events: &[EngineEvent]) -> Result<(), EngineError> {
+        self.on_events_meanwhile(events, &mut no_events(), &mut Kept::default())
+            .await
+    }
+
+    /// [`Agent::on_events`], with a drain a kill event starts programmed before the
+    /// inspects, and the event stream read while the engine answers (see
+    /// [`Agent::meanwhile`]).
+    async fn on_events_meanwhile(
+        &mut self,
+        batch: &[EngineEvent],
+        events: &mut Events,
+        kept: &mut Kept,
+    ) -> Result<(), EngineError> {
+        if self.note_drains(batch) {
+            self.sync_pass(ReconcileKind::Drain)
+                .instrument(info_span!("drain"))
+                .await;
+        }
+        let (ids, networks_changed) = to_inspect(batch);
+        let answers = self
+            .meanwhile(inspect_all(Arc::clone(&self.engine), ids), events, kept)
+            .await;
+        self.take_answers(answers, networks_changed).await
+    }
+
+    /// Note the drains a batch of events starts or ends; true when one started.
+    fn note_drains(&mut self, events: &[EngineEvent]) -> bool {
+        let mut started = false;
+        for event in events {
+            if let EngineEvent::Container {
+                id,
+                action,
+                attributes,
+            } = event
+            {
+                started |= self.note_leaving(id, action, attributes);
+            }
+        }
+        started
+    }
+
+    async fn take_answers(
+        &mut self,
+        answers: Vec<Inspected>,
+        networks_changed: bool,
+    ) -> Result<(), EngineError> {
+        let mut first_error = None;
+        for (id, answer) in answers {
+            match answer {
+                Ok(Some(info)) => {
+                    let c = container_from(&info);
+                    let was_serving = self
+                        .inventory
+                        .container(&id)
+                        .is_some_and(|old| old.serving() && !self.drains.contains(&old.id));
+                    if was_serving
+                        && c.running
+                        && c.health == Some(Health::Unhealthy)
+                        && self
+                            .drains
+                            .start(&id, Leaving::Unhealthy, tokio::time::Instant::now())
+                    {
+                        info!(container = %c.name, grace = ?self.cfg.drain_grace, "task unhealthy: draining (weight 0 everywhere)");
+                    }
+                    self.forget_drain_if_restarted(&id, &c);
+                    self.inventory.apply(id, Some(c));
+                }
+                Ok(None) => self.inventory.apply(id, None),
+                Err(e) => {
+                    self.cfg.metrics.error(ErrorKind::Engine);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if networks_changed {
+            if let Err(e) = self.refresh_networks().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A task draining since a kill that now runs in another sandbox than vipd knew was
+    /// started again (its start event missed, as across a dockerd restart): its drain is over.
+    fn forget_drain_if_restarted(&mut self, id: &ContainerId, now: &Container) {
+        let known = self.inventory.container(id).and_then(|c| c.sandbox.as_ref());
+        if let (Some(known), Some(new)) = (known, now.sandbox.as_ref()) {
+            if known != new && self.drains.end(id) {
+                info!(container = %now.name, "task started again: no longer draining");
+            }
+        }
+    }
+
+    /// A kill event whose signal asks a running task to stop starts its drain (true
+    /// then); a start event ends it (`docker restart`, or a task that came back).
+    fn note_leaving(
+        &mut self,
+        id: &ContainerId,
+        action: &EngineAction,
+        attributes: &BTreeMap<String, String>,
+    ) -> bool {
+        match action {
+            EngineAction::Kill => {
+                let signal = attributes.get("signal").map(String::as_str).unwrap_or("");
+                let Some(c) = self.inventory.container(id).filter(|c| c.serving()) else {
+                    return false;
+                };
+                let name = c.name.clone();
+                let now = tokio::time::Instant::now();
+                let started =
+                    signal_stops(signal) && self.drains.start(id, Leaving::Signal(signal.to_owned()), now);
+                if started {
+                    info!(container = %name, signal, grace = ?self.cfg.drain_grace, "task being stopped: draining (weight 0 everywhere)");
+                }
+                started
+            }
+            EngineAction::Start => {
+                self.drains.end(id);
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Each known container, with where it stands in its drain. A drain ends when the
+    /// task stops running, comes back healthy (if it was unhealthy), or is over.
+    fn containers_now(&mut self) -> Vec<Container> {
+        let now = tokio::time::Instant::now();
+        let grace = self.drains.grace();
+        let containers = self.inventory.containers();
+        self.drains.retain(|id, why| {
+            containers.get(id).is_some_and(|c| {
+                c.running && (*why != Leaving::Unhealthy || c.health == Some(Health::Unhealthy))
+            })
+        });
+        containers
+            .values()
+            .map(|c| {
+                let mut c = c.clone();
+                let (drain, over) = self.drains.state(&c.id, now);
+                if let Some(why) = over {
+                    info!(container = %c.name, reason = ?why, grace = ?grace, "task still running after its drain grace: no longer a backend");
+                }
+                c.drain = drain;
+                c
+            })
+            .collect()
+    }
+
+    /// Take back the VIPs and fwmarks vipd's rules show in the running containers'
+    /// sandboxes, for the VIP services that have none, reading sandboxes (tasks first)
+    /// until every such service is found or none is left to read.
+    async fn recover_allocations(
+        &mut self,
+        containers: &[Container],
+        defs: &BTreeMap<ServiceName, labels::ServiceDef>,
+    ) {
+        self.recover = false;
+        let mut missing: BTreeSet<ServiceName> = defs
+            .values()
+            .filter(|d| d.mode == EndpointMode::Vip && self.allocs.get(&d.name).is_none())
+            .map(|d| d.name.clone())
+            .collect();
+        let is_task = |c: &Container| defs.values().any(|d| d.tasks.contains_key(&c.id));
+        let mut sandboxes: Vec<(bool, SandboxKey)> = containers
+            .iter()
+            .filter(|c| c.running)
+            .filter_map(|c| c.sandbox.clone().map(|sb| (!is_task(c), sb)))
+            .collect();
+        sandboxes.sort();
+        let mut adopted = 0;
+        for (_, sandbox) in sandboxes {
+            if missing.is_empty() {
+                break;
+            }
+            let programmer = Arc::clone(&self.kernel.sandboxes);
+            let read = sandbox.clone();
+            let found = match tokio::task::spawn_blocking(move || programmer.marked_services(&read)).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(e)) => {
+                    warn!(sandbox = %sandbox, error = %e, "cannot read the VIPs in use");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for m in found {
+                let std::net::IpAddr::V4(vip) = m.vip.addr() else {
+                    continue;
+                };
+                if missing.contains(&m.name) && self.allocs.adopt(&m.name, vip, m.fwmark.get(), self.cfg.pool)
+                {
+                    info!(service = %m.name, vip = %vip, fwmark = m.fwmark.get(), sandbox = %sandbox, "VIP recovered from the kernel");
+                    missing.remove(&m.name);
+                    adopted += 1;
+                }
+            }
+        }
+        if adopted > 0 {
+            info!(services = adopted, "allocations recovered from the sandboxes");
+        }
+    }
+
+    /// When the next drain grace ends (a sync then removes that task), if any.
+    pub fn next_drain_deadline(&self) -> Option<tokio::time::Instant> {
+        self.drains.next_deadline(tokio::time::Instant::now())
+    }
+
+    /// Bring every sandbox to what the known containers call for. With `full`, every
+    /// sandbox is re-read from the kernel, changed or not.
+    pub async fn sync(&mut self, full: bool) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut service_errors: BTreeMap<ServiceName, Vec<String>> = BTreeMap::new();
+        let now = now_secs();
+
+        // Services and allocations.
+        let containers: Vec<Container> = self.containers_now();
+        let (defs, label_errors) = pipeline::services(&containers);
+        for e in &label_errors {
+            if self.problems.note(e.to_string()) {
+                warn!(error = %e, "label refused");
+            }
+        }
+        if full && self.recover {
+            self.recover_allocations(&containers, &defs).await;
+        }
+        let allocated = pipeline::allocate(&self.allocs, &defs, self.cfg.pool, self.cfg.grace, now);
+        for (name, e) in allocated.errors {
+            self.cfg.metrics.error(ErrorKind::Allocation);
+            if self.problems.note(e.clone()) {
+                warn!(error = %e, "no VIP");
+            }
+            report.errors.push(e.clone());
+            service_errors.entry(name).or_default().push(e);
+        }
+        for s in &allocated.released {
+            info!(service = %s, "VIP released after the grace period");
+        }
+        self.allocs = allocated.allocs;
+        if self.allocs != self.stored {
+            match self.store.commit(&self.stored, &self.allocs) {
+                Ok(()) => self.stored = self.allocs.clone(),
+                Err(e) => {
+                    self.cfg.metrics.error(ErrorKind::State);
+                    if self.problems.note(format!("allocations not saved: {e}")) {
+                        warn!(error = %e, "allocations not saved");
+                    }
+                    report.errors.push(e.to_string());
+                }
+            }
+        }
+
+        // DNS.
+        if let Some(dns) = &self.dns {
+            let (catalog, warnings) = pipeline::dns_catalog(
+                &containers,
+                &defs,
+                &self.allocs,
+                self.cfg.dns_domain.as_deref(),
+                self.cfg.dns_ttl,
+            );
+            for w in warnings {
+                if self.problems.note(w.clone()) {
+                    warn!("{w}");
+                }
+            }
+            dns.store(catalog);
+        }
+
+        // Desired state per sandbox, and the mesh.
+        let mut desired = pipeline::desired(&containers, &defs, &self.allocs, self.cfg.timeouts);
+        let mut host_rules = Vec::new();
+        let ingress_key = self
+            .cfg
+            .ingress
+            .as_ref()
+            .map(|i| SandboxKey::new(i.netns.clone()));
+        if let (Some(ingress), Some(key)) = (self.cfg.ingress.clone(), &ingress_key) {
+            let bound = if pipeline::claims_new_port(&defs, &self.holders) {
+                self.bound_ports(&mut report).await
+            } else {
+                BTreeSet::new()
+            };
+            let m = pipeline::mesh(
+                &containers,
+                &defs,
+                &self.holders,
+                &bound,
+                &ingress.link,
+                self.cfg.timeouts,
+            );
+            for ((proto, port), name) in &m.published {
+                info!(service = %name, port = %format!("{port}/{proto}"), "port published");
+            }
+            for ((proto, port), name) in &m.unpublished {
+                info!(service = %name, port = %format!("{port}/{proto}"), "port no longer published");
+            }
+            for (name, errors) in m.errors {
+                for e in errors {
+                    if self.problems.note(format!("{name}: {e}")) {
+                        warn!(service = %name, error = %e, "port not published");
+                    }
+                    report.errors.push(format!("service {name}: {e}"));
+                    service_errors.entry(name.clone()).or_default().push(e);
+                }
+            }
+            self.holders = m.holders;
+            host_rules = m.host_rules;
+            desired.insert(key.clone(), Arc::new(m.ingress));
+        }
+
+        // What to program, and programming it.
+        let names: BTreeMap<&SandboxKey, &str> = containers
+            .iter()
+            .filter_map(|c| c.sandbox.as_ref().map(|sb| (sb, c.name.as_str())))
+            .collect();
+        self.records.follow(&desired, &names, ingress_key.as_ref());
+        let own: BTreeMap<&SandboxKey, &Vec<Attachment>> = containers
+            .iter()
+            .filter_map(|c| c.sandbox.as_ref().map(|sb| (sb, &c.attachments)))
+            .collect();
+        let jobs = pipeline::to_program(desired, &self.records, &own, full);
+        self.program(jobs, now, &mut report).await;
+        if self.cfg.ingress.is_some() && (full || self.host_applied.as_ref() != Some(&host_rules)) {
+            self.program_host(host_rules, &mut report).await;
+        }
+
+        // Status.
+        if full {
+            self.last_resync = now;
+        }
+        for cleared in self.problems.settle() {
+            info!(problem = %cleared, "no longer a problem");
+        }
+        let status = pipeline::status(pipeline::StatusInput {
+            engine: &self.engine_state,
+            now,
+            last_resync: self.last_resync,
+            containers: &containers,
+            defs: &defs,
+            label_errors: &label_errors,
+            allocs: &self.allocs,
+            holders: &self.holders,
+            service_errors: &service_errors,
+            records: &self.records,
+        });
+        self.status.send_replace(status);
+        report
+    }
+
+    /// The host's bound ports; none if they cannot be read (said in `report`).
+    async fn bound_ports(&mut self, report: &mut SyncReport) -> BTreeSet<PortKey> {
+        let ports = Arc::clone(&self.kernel.host_ports);
+        let span = info_span!("bound_ports");
+        let result = tokio::task::spawn_blocking(move || span.in_scope(|| ports.bound()))
+            .await
+            .unwrap_or_else(|e| Err(HostError::Task(e.to_string())));
+        result.unwrap_or_else(|e| {
+            self.cfg.metrics.error(ErrorKind::Host);
+            if self.problems.note(format!("bound ports: {e}")) {
+                warn!(error = %e, "cannot tell which ports are bound on the host");
+            }
+            report.errors.push(e.to_string());
+            BTreeSet::new()
+        })
+    }
+
+    /// Program `jobs`, all at once, each on a blocking thread.
+    async fn program(&mut self, jobs: Vec<pipeline::Job>, now: u64, report: &mut SyncReport) {
+        let mut running = Vec::new();
+        for job in jobs {
+            let kept = self.records.take_view(&job.sandbox);
+            let kept = if job.read_again { None } else { kept };
+            let programmer = Arc::clone(&self.kernel.sandboxes);
+            let sysctls = self.cfg.sysctls.clone();
+            let span = info_span!("program", sandbox = %job.sandbox);
+            running.push(tokio::task::spawn_blocking(move || {
+                let _enter = span.enter();
+                let result = programmer.program(&job.sandbox, &job.spec, &sysctls, kept);
+                (job.sandbox, job.attachments, result)
+            }));
+        }
+        for done in futures::future::join_all(running).await {
+            let Ok((sandbox, attachments, result)) = done else {
+                continue;
+            };
+            match self.records.settle(&sandbox, result, attachments, now) {
+                Settled::Programmed(ops) => {
+                    report.sandboxes_programmed += 1;
+                    report.operations += ops;
+                    if ops > 0 {
+                        info!(sandbox = %sandbox, operations = ops, "sandbox programmed");
+                    }
+                }
+                // A container that stops takes its namespace with it, maybe while vipd
+                // programs it: its stop event is on its way and settles it.
+                Settled::Vanishing(e) => {
+                    info!(sandbox = %sandbox, reason = %e, "sandbox gone while it was programmed")
+                }
+                // Gone a second time while its container still runs, or any other
+                // error: the next event or resync tries again; nothing piles up.
+                Settled::Failed(e) => {
+                    self.cfg.metrics.error(ErrorKind::Sandbox);
+                    let e = format!("{sandbox}: {e}");
+                    if self.problems.note(e.clone()) {
+                        warn!(error = %e, "sandbox not programmed");
+                    }
+                    report.errors.push(e);
+                }
+            }
+        }
+    }
+
+    /// Bring the host's chains to `rules`.
+    async fn program_host(&mut self, rules: Vec<Rule>, report: &mut SyncReport) {
+        let firewall = Arc::clone(&self.kernel.host_firewall);
+        let span = info_span!("program_host");
+        let wanted = rules.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            firewall.program(&wanted)
+        })
+        .await
+        .unwrap_or_else(|e| Err(HostError::Task(e.to_string())));
+        match result {
+            Ok(ops) => {
+                report.operations += ops;
+                self.host_applied = Some(rules);
+            }
+            Err(e) => {
+                self.cfg.metrics.error(ErrorKind::Host);
+                if self.problems.note(format!("host rules: {e}")) {
+                    warn!(error = %e, "host rules not programmed");
+                }
+                report.errors.push(format!("host rules: {e}"));
+                self.host_applied = None;
+            }
+        }
+    }
+
+    /// [`Agent::sync`] (full for a resync), counted in the metrics as a pass of `kind`.
+    async fn sync_pass(&mut self, kind: ReconcileKind) -> SyncReport {
+        let started = std::time::Instant::now();
+        let report = self.sync(kind == ReconcileKind::Resync).await;
+        self.cfg
+            .metrics
+            .reconcile_done(kind, started.elapsed(), report.operations);
+        report
+    }
+
+    /// Re-list, then resync; a failed listing (a slow engine) keeps what is known and the
+    /// event stream, and is tried again soon. False when the listing failed.
+    async fn relist_and_resync(
+        &mut self,
+        schedule: &mut Schedule,
+        events: &mut Events,
+        kept: &mut Kept,
+    ) -> bool {
+        if let Err(e) = self.relist_meanwhile(events, kept).await {
+            warn!(error = %e, retry_in = ?RELIST_RETRY, "re-list failed; keeping what is known");
+            schedule.relist_failed(tokio::time::Instant::now());
+            return false;
+        }
+        self.sync_pass(ReconcileKind::Resync)
+            .instrument(info_span!("resync"))
+            .await;
+        true
+    }
+
+    /// Follow the engine until `shutdown` resolves.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let mut schedule = Schedule::new(self.cfg.resync, self.cfg.debounce);
+        loop {
+            // Subscribe first, then list: nothing falls between the two.
+            let mut events = self.engine.events();
+            let mut kept = Kept::default();
+            if let Err(e) = self.relist_meanwhile(&mut events, &mut kept).await {
+                let wait = schedule.connect_failed();
+                warn!(error = %e, retry_in = ?wait, "Docker engine not reachable; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            schedule.connected();
+            let report = self
+                .sync_pass(ReconcileKind::Resync)
+                .instrument(info_span!("resync"))
+                .await;
+            info!(
+                sandboxes = report.sandboxes_programmed,
+                operations = report.operations,
+                errors = report.errors.len(),
+                "resynced"
+            );
+            schedule.resynced(tokio::time::Instant::now());
+            loop {
+                // What came while the agent waited on the engine goes first.
+                let next = if !kept.events.is_empty() {
+                    Next::Batch(std::mem::take(&mut kept.events))
+                } else if let Some(why) = kept.lost.take() {
+                    Next::Lost(why)
+                } else {
+                    let (at, wake) = schedule.next_wake(self.next_drain_deadline());
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep_until(at) => Next::Wake(wake),
+                        next = events.next() => match next {
+                            Some(Ok(event)) => {
+                                let mut batch = vec![event];
+                                // Gather what arrives together (a scale-up is many events).
+                                loop {
+                                    match tokio::time::timeout(schedule.debounce(), events.next()).await {
+                                        Ok(Some(Ok(more))) => batch.push(more),
+                                        Ok(Some(Err(e))) => {
+                                            kept.lost = Some(e.to_string());
+                                            break;
+                                        }
+                                        Ok(None) => {
+                                            kept.lost = Some("the event stream ended".to_owned());
+                                            break;
+                                        }
+                                        Err(_) => break,
+                                    }
+                                }
+                                Next::Batch(batch)
+                            }
+                            Some(Err(e)) => Next::Lost(e.to_string()),
+                            None => Next::Lost("the event stream ended".to_owned()),
+                        },
+                    }
+                };
+                match next {
+                    Next::Wake(Wake::DrainOver) => {
+                        self.sync_pass(ReconcileKind::Drain)
+                            .instrument(info_span!("drain_over"))
+                            .await;
+                    }
+                    Next::Batch(batch) => {
+                        let looked = self.on_events_meanwhile(&batch, &mut events, &mut kept).await;
+                        if let Err(e) = looked {
+                            // What answered is kept; the stream stays open, so no event
+                            // is lost while the rest is listed again.
+                            warn!(error = %e, "inspect failed; re-listing");
+                            self.relist_and_resync(&mut schedule, &mut events, &mut kept)
+                                .await;
+                        } else {
+                            self.sync_pass(ReconcileKind::Event)
+                                .instrument(info_span!("sync", events = batch.len()))
+                                .await;
+                        }
+                    }
+                    Next::Lost(why) => {
+                        self.cfg.metrics.error(ErrorKind::Engine);
+                        warn!(error = %why, "event stream lost; reconnecting and re-listing");
+                        break;
+                    }
+                    Next::Wake(Wake::Resync) => {
+                        schedule.resynced(tokio::time::Instant::now());
+                        self.relist_and_resync(&mut schedule, &mut events, &mut kept)
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the event loop does next.
+enum Next {
+    /// A timer: the periodic resync, or a drain's grace is over.
+    Wake(Wake),
+    /// Events to look at.
+    Batch(Vec<EngineEvent>),
+    /// The event stream failed or ended.
+    Lost(String),
+}
+
+#[cfg(test)]
+mod tests;

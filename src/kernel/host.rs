@@ -1,0 +1,102 @@
+//! The host's own namespace: vipd's chains there (the routing mesh's DNAT, masquerade and
+//! forward rules), and the ports with a socket bound (they cannot be published). Two
+//! narrow ports, apart from the sandboxes'.
+
+use std::collections::BTreeSet;
+
+use tracing::info;
+
+use crate::core::firewall::Rule;
+use crate::core::mesh::PortKey;
+use crate::ingress::IngressError;
+use crate::reconcile::{self, ReconcileError};
+
+/// Why the host could not be programmed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Firewall(#[from] ReconcileError),
+    #[error(transparent)]
+    Ports(#[from] IngressError),
+    /// The blocking task that did the work failed (it panicked).
+    #[error("host task failed: {0}")]
+    Task(String),
+}
+
+/// vipd's chains in the host's namespace.
+pub trait HostFirewall: Send + Sync {
+    /// Bring them to `rules`; returns how many operations were applied.
+    fn program(&self, rules: &[Rule]) -> Result<usize, HostError>;
+}
+
+/// The host's bound ports.
+pub trait HostPorts: Send + Sync {
+    /// The ports with a socket bound on the host.
+    fn bound(&self) -> Result<BTreeSet<PortKey>, HostError>;
+}
+
+/// The host's iptables.
+#[derive(Debug, Default)]
+pub struct IptablesHostFirewall;
+
+impl HostFirewall for IptablesHostFirewall {
+    fn program(&self, rules: &[Rule]) -> Result<usize, HostError> {
+        let ops = reconcile::host_firewall(&mut crate::firewall::Iptables::default(), rules)?;
+        for op in &ops {
+            info!(op = %op, "host rule changed");
+        }
+        Ok(ops.len())
+    }
+}
+
+/// The host's `/proc/net` socket tables.
+#[derive(Debug, Default)]
+pub struct ProcHostPorts;
+
+impl HostPorts for ProcHostPorts {
+    fn bound(&self) -> Result<BTreeSet<PortKey>, HostError> {
+        Ok(crate::ingress::bound_ports()?.into_iter().collect())
+    }
+}
+
+/// The host in memory: keeps the rules last programmed and says the ports it is given
+/// are bound.
+#[derive(Debug, Default)]
+pub struct FakeHost {
+    pub rules: std::sync::Mutex<Option<Vec<Rule>>>,
+    pub bound: std::sync::Mutex<BTreeSet<PortKey>>,
+}
+
+impl HostFirewall for FakeHost {
+    fn program(&self, rules: &[Rule]) -> Result<usize, HostError> {
+        let mut kept = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let ops = if kept.as_deref() == Some(rules) {
+            0
+        } else {
+            rules.len()
+        };
+        *kept = Some(rules.to_vec());
+        Ok(ops)
+    }
+}
+
+impl HostPorts for FakeHost {
+    fn bound(&self) -> Result<BTreeSet<PortKey>, HostError> {
+        Ok(self.bound.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::labels::PortProtocol;
+
+    #[test]
+    fn the_fake_host_keeps_the_rules_and_says_what_is_bound() {
+        let host = FakeHost::default();
+        host.bound.lock().unwrap().insert((PortProtocol::Tcp, 9090));
+        assert_eq!(host.bound().unwrap().len(), 1);
+        assert_eq!(host.program(&[]).unwrap(), 0);
+        assert_eq!(host.rules.lock().unwrap().as_deref(), Some(&[][..]));
+    }
+}
