@@ -32,7 +32,8 @@ use hickory_server::proto::serialize::binary::{BinDecodable, BinDecoder, BinEnco
 use hickory_server::server::Request;
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 use libfuzzer_sys::fuzz_target;
-use vipd::core::labels::{EndpointMode, NamedPort, PortProtocol};
+use vipd::core::labels::NamedPort;
+use vipd::core::model::{self, EndpointMode};
 use vipd::core::model::{BackendAddr, ServiceName, Vip};
 use vipd::dns::catalog::{
     self, Answer, Catalog, ContainerRecord, Query, QueryType, RecordData, ServiceRecord,
@@ -63,7 +64,7 @@ fn fixture() -> &'static Fixture {
                 mode: EndpointMode::Vip,
                 vip: Some(Vip::new("10.0.0.100".parse().unwrap())),
                 tasks: tasks(&["10.0.0.5", "10.0.0.6"]),
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+                ports: vec![NamedPort::new("http", model::Protocol::Tcp, 80)],
             })
             .service(ServiceRecord {
                 name: ServiceName::new("db").unwrap(),
@@ -71,8 +72,8 @@ fn fixture() -> &'static Fixture {
                 vip: None,
                 tasks: tasks(&["10.0.0.7", "10.0.0.8", "10.0.0.9", "fd00::9"]),
                 ports: vec![
-                    NamedPort::new("pg", PortProtocol::Tcp, 5432),
-                    NamedPort::new("Stats", PortProtocol::Udp, 9125),
+                    NamedPort::new("pg", model::Protocol::Tcp, 5432),
+                    NamedPort::new("Stats", model::Protocol::Udp, 9125),
                 ],
             })
             .service(ServiceRecord {
@@ -80,14 +81,14 @@ fn fixture() -> &'static Fixture {
                 mode: EndpointMode::Dnsrr,
                 vip: None,
                 tasks: Vec::new(),
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+                ports: vec![NamedPort::new("http", model::Protocol::Tcp, 80)],
             })
             .service(ServiceRecord {
                 name: ServiceName::new("big").unwrap(),
                 mode: EndpointMode::Dnsrr,
                 vip: None,
                 tasks: (1..=60).map(|i| BackendAddr::new([10, 1, 0, i].into())).collect(),
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+                ports: vec![NamedPort::new("http", model::Protocol::Tcp, 80)],
             })
             .container(ContainerRecord {
                 name: "web.1.abc".into(),

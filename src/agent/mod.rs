@@ -30,8 +30,10 @@ use crate::core::alloc::Allocations;
 use crate::core::cluster::{Attachment, Container, ContainerId, Drain, Health};
 use crate::core::firewall::Rule;
 use crate::core::ipvs::Timeouts;
-use crate::core::labels::{self, EndpointMode};
-use crate::core::mesh::{IngressLink, PortKey};
+use crate::core::labels;
+use crate::core::mesh::IngressLink;
+use crate::core::model::EndpointMode;
+use crate::core::model::PortKey;
 use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
 use crate::core::plan::SysctlSettings;
 use crate::core::status::{EngineState, Status};
@@ -713,11 +715,11 @@ impl Agent {
                 &ingress.link,
                 self.cfg.timeouts,
             );
-            for ((proto, port), name) in &m.published {
-                info!(service = %name, port = %format!("{port}/{proto}"), "port published");
+            for (port, name) in &m.published {
+                info!(service = %name, port = %port, "port published");
             }
-            for ((proto, port), name) in &m.unpublished {
-                info!(service = %name, port = %format!("{port}/{proto}"), "port no longer published");
+            for (port, name) in &m.unpublished {
+                info!(service = %name, port = %port, "port no longer published");
             }
             for (name, errors) in m.errors {
                 for e in errors {

@@ -10,8 +10,10 @@ use crate::core::alloc::Allocations;
 use crate::core::cluster::{Attachment, Container};
 use crate::core::firewall::Rule;
 use crate::core::ipvs::Timeouts;
-use crate::core::labels::{self, EndpointMode, LabelError, ServiceDef};
-use crate::core::mesh::{self, IngressLink, PortKey};
+use crate::core::labels::{self, LabelError, ServiceDef};
+use crate::core::mesh::{self, IngressLink};
+use crate::core::model::EndpointMode;
+use crate::core::model::PortKey;
 use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
 use crate::core::spec::SandboxSpec;
 use crate::core::status::{self, EngineState, Status};
@@ -82,11 +84,8 @@ pub fn claims_new_port(
     defs: &BTreeMap<ServiceName, ServiceDef>,
     holders: &BTreeMap<PortKey, ServiceName>,
 ) -> bool {
-    defs.values().any(|d| {
-        d.publish
-            .iter()
-            .any(|p| holders.get(&(p.protocol, p.published)) != Some(&d.name))
-    })
+    defs.values()
+        .any(|d| d.publish.iter().any(|p| holders.get(&p.key()) != Some(&d.name)))
 }
 
 /// The routing mesh of one pass.

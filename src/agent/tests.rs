@@ -381,7 +381,10 @@ async fn published_ports_program_the_ingress_and_the_host_and_a_bound_port_is_re
     let api = [(labels::SERVICE, "api"), (labels::PUBLISH, "9090:90")];
     engine.upsert_container(on_net("a1aaaaaaaaaa", "a1", "10.1.0.5", &api));
     let rec = Arc::new(Recorder::default());
-    rec.4.lock().unwrap().insert((labels::PortProtocol::Tcp, 9090));
+    rec.4
+        .lock()
+        .unwrap()
+        .insert(PortKey::new(crate::core::model::Protocol::Tcp, 9090));
     let dir = tempdir("mesh");
     let mut cfg = config(&dir);
     let ingress = PathBuf::from("/run/netns/vipd_ingress_test");

@@ -48,23 +48,31 @@ impl AddrFamily {
     }
 }
 
-/// IP protocol number of an address-keyed virtual service (6 = TCP, 17 = UDP, 132 = SCTP).
+/// IP protocol number of an address-keyed virtual service (6 = TCP, 17 = UDP, 132 = SCTP),
+/// as the kernel carries it: any number may come back from a dump. vipd's own protocols are
+/// [`crate::core::model::Protocol`], which converts into this.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Protocol(pub u16);
+pub struct IpProto(pub u16);
 
-impl Protocol {
-    pub const TCP: Protocol = Protocol(6);
-    pub const UDP: Protocol = Protocol(17);
-    pub const SCTP: Protocol = Protocol(132);
+impl IpProto {
+    pub const TCP: IpProto = IpProto(6);
+    pub const UDP: IpProto = IpProto(17);
+    pub const SCTP: IpProto = IpProto(132);
 }
 
-impl fmt::Display for Protocol {
+impl From<crate::core::model::Protocol> for IpProto {
+    fn from(p: crate::core::model::Protocol) -> Self {
+        IpProto(p.number())
+    }
+}
+
+impl fmt::Display for IpProto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Protocol::TCP => f.write_str("TCP"),
-            Protocol::UDP => f.write_str("UDP"),
-            Protocol::SCTP => f.write_str("SCTP"),
-            Protocol(n) => write!(f, "proto{n}"),
+            IpProto::TCP => f.write_str("TCP"),
+            IpProto::UDP => f.write_str("UDP"),
+            IpProto::SCTP => f.write_str("SCTP"),
+            IpProto(n) => write!(f, "proto{n}"),
         }
     }
 }
@@ -81,7 +89,7 @@ pub enum ServiceKey {
         mark: FwMark,
     },
     Addr {
-        protocol: Protocol,
+        protocol: IpProto,
         addr: IpAddr,
         port: u16,
     },
@@ -354,7 +362,7 @@ impl fmt::Display for IpvsOp {
                     mark,
                 } => format!("-f {} -6", mark.get()),
                 ServiceKey::Addr { protocol, addr, port } => {
-                    let flag = if *protocol == Protocol::UDP { "-u" } else { "-t" };
+                    let flag = if *protocol == IpProto::UDP { "-u" } else { "-t" };
                     format!(
                         "{flag} {}",
                         DestKey {

@@ -16,7 +16,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::cluster::{Container, ContainerId};
-use super::model::{Scheduler, ServiceName};
+use super::model::{EndpointMode, PortKey, Protocol, Scheduler, ServiceName};
 use super::spec::{DEFAULT_WEIGHT, MAX_WEIGHT};
 
 pub const SERVICE: &str = "vipd.service";
@@ -29,54 +29,17 @@ pub const PUBLISH: &str = "vipd.publish";
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
 pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 
-/// How a service's name resolves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EndpointMode {
-    /// The name resolves to the service's VIP, balanced by IPVS.
-    #[default]
-    Vip,
-    /// The name resolves to every task's address (DNS round robin); no VIP.
-    Dnsrr,
-}
-
-/// The transport protocol of a named port, as in the `_<proto>` label of an SRV name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PortProtocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl PortProtocol {
-    /// The protocol label without its underscore: `tcp`, `udp`, `sctp`.
-    pub fn label(self) -> &'static str {
-        match self {
-            PortProtocol::Tcp => "tcp",
-            PortProtocol::Udp => "udp",
-            PortProtocol::Sctp => "sctp",
-        }
-    }
-}
-
-impl fmt::Display for PortProtocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
-    }
-}
-
 /// A port a service's tasks listen on, published as SRV `_<name>._<proto>.<svc>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct NamedPort {
     /// The port's name, without underscore: `http` for `_http._tcp.<svc>`.
     pub name: String,
-    pub protocol: PortProtocol,
+    pub protocol: Protocol,
     pub port: u16,
 }
 
 impl NamedPort {
-    pub fn new(name: &str, protocol: PortProtocol, port: u16) -> Self {
+    pub fn new(name: &str, protocol: Protocol, port: u16) -> Self {
         NamedPort {
             name: name.to_owned(),
             protocol,
@@ -89,9 +52,16 @@ impl NamedPort {
 /// go to `target` on the tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Publish {
-    pub protocol: PortProtocol,
+    pub protocol: Protocol,
     pub published: u16,
     pub target: u16,
+}
+
+impl Publish {
+    /// The host port it claims.
+    pub fn key(&self) -> PortKey {
+        PortKey::new(self.protocol, self.published)
+    }
 }
 
 impl fmt::Display for Publish {
@@ -108,8 +78,8 @@ pub fn parse_publish(value: &str) -> Result<Vec<Publish>, String> {
     for item in value.split(',').map(str::trim) {
         let (ports, proto) = item.split_once('/').unwrap_or((item, "tcp"));
         let protocol = match proto {
-            "tcp" => PortProtocol::Tcp,
-            "udp" => PortProtocol::Udp,
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
             _ => return Err(format!("{item:?}: the protocol must be tcp or udp")),
         };
         let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0);
@@ -223,9 +193,9 @@ pub fn task_labels(c: &Container) -> Result<Option<TaskLabels>, LabelError> {
             .filter(|p| *p > 0)
             .ok_or_else(|| err(label, "expected PORT[/tcp|/udp|/sctp] with PORT 1-65535".into()))?;
         let protocol = match proto {
-            "tcp" => PortProtocol::Tcp,
-            "udp" => PortProtocol::Udp,
-            "sctp" => PortProtocol::Sctp,
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "sctp" => Protocol::Sctp,
             _ => return Err(err(label, "the protocol must be tcp, udp or sctp".into())),
         };
         ports.push(NamedPort::new(&name.to_ascii_lowercase(), protocol, port));

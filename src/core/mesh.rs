@@ -11,21 +11,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use super::cluster::{Container, ContainerId};
-use super::labels::{PortProtocol, Publish, ServiceDef};
-use super::model::{BackendAddr, FwMark, ServiceName, Vip};
+use super::labels::{Publish, ServiceDef};
+use super::model::{BackendAddr, FwMark, PortKey, Protocol, ServiceName, Vip};
 use super::rules::{Direction, Intent, IpFamily, Origin};
 use super::spec::{Backend, SandboxSpec, ServiceSpec};
 
-/// A published port's identity on the host: its protocol and number.
-pub type PortKey = (PortProtocol, u16);
-
 /// The ingress namespace's fwmark for a published port: `0x10000 + port` for TCP,
 /// `0x20000 + port` for UDP. Stable across restarts, distinct per port and protocol.
-pub fn ingress_mark(protocol: PortProtocol, port: u16) -> FwMark {
+pub fn ingress_mark(protocol: Protocol, port: u16) -> FwMark {
     let base: u32 = match protocol {
-        PortProtocol::Tcp => 0x1_0000,
-        PortProtocol::Udp => 0x2_0000,
-        PortProtocol::Sctp => 0x3_0000,
+        Protocol::Tcp => 0x1_0000,
+        Protocol::Udp => 0x2_0000,
+        Protocol::Sctp => 0x3_0000,
     };
     FwMark::new(base + u32::from(port)).expect("a mark above 0x10000 is never zero")
 }
@@ -72,10 +69,7 @@ pub fn plan(
     let mut claims: BTreeMap<PortKey, Vec<(&ServiceDef, Publish)>> = BTreeMap::new();
     for def in defs.values() {
         for p in &def.publish {
-            claims
-                .entry((p.protocol, p.published))
-                .or_default()
-                .push((def, *p));
+            claims.entry(p.key()).or_default().push((def, *p));
         }
     }
     let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
@@ -87,7 +81,7 @@ pub fn plan(
             .position(|(d, _)| previous.get(&key) == Some(&d.name))
             .unwrap_or(0);
         let (def, publish) = claimants.remove(winner);
-        let port = format!("{}/{}", key.1, key.0);
+        let port = key.to_string();
         for (loser, _) in claimants {
             out.errors.entry(loser.name.clone()).or_default().push(format!(
                 "port {port} not published: service {} already publishes it",
@@ -121,7 +115,7 @@ pub fn plan(
         out.ingress.services.push(ServiceSpec {
             name: def.name.clone(),
             vip: ingress_vip,
-            fwmark: ingress_mark(key.0, key.1),
+            fwmark: ingress_mark(key.protocol, key.port),
             scheduler: def.scheduler.clone(),
             persistence: None,
             backends,
@@ -191,8 +185,8 @@ mod tests {
             .collect()
     }
 
-    const TCP: PortProtocol = PortProtocol::Tcp;
-    const UDP: PortProtocol = PortProtocol::Udp;
+    const TCP: Protocol = Protocol::Tcp;
+    const UDP: Protocol = Protocol::Udp;
 
     #[test]
     fn published_ports_lead_to_every_serving_task_on_the_target_port() {
@@ -312,7 +306,11 @@ mod tests {
             ),
         ];
         let m = mesh(&cs, &[], &[]);
-        assert_eq!(m.holders[&(TCP, 8080)].as_str(), "api", "smallest name first");
+        assert_eq!(
+            m.holders[&PortKey::new(TCP, 8080)].as_str(),
+            "api",
+            "smallest name first"
+        );
         assert_eq!(dests(&m, 9090), ["10.1.0.3:90"]);
         let web = ServiceName::new("web").unwrap();
         assert_eq!(
@@ -321,11 +319,11 @@ mod tests {
         );
 
         // web held it first: web keeps it.
-        let m = mesh(&cs, &[((TCP, 8080), "web")], &[]);
-        assert_eq!(m.holders[&(TCP, 8080)].as_str(), "web");
+        let m = mesh(&cs, &[(PortKey::new(TCP, 8080), "web")], &[]);
+        assert_eq!(m.holders[&PortKey::new(TCP, 8080)].as_str(), "web");
         assert_eq!(dests(&m, 8080), ["10.1.0.4:8080"]);
         assert_eq!(
-            m.holders[&(TCP, 9090)].as_str(),
+            m.holders[&PortKey::new(TCP, 9090)].as_str(),
             "api",
             "api's other port is published"
         );
@@ -338,15 +336,22 @@ mod tests {
             &[(SERVICE, "web"), (PUBLISH, "8080:80,53:53/udp")],
             &[("n", "10.1.0.3")],
         )];
-        let m = mesh(&cs, &[], &[(TCP, 8080)]);
+        let m = mesh(&cs, &[], &[PortKey::new(TCP, 8080)]);
         let web = ServiceName::new("web").unwrap();
         assert_eq!(
             m.errors[&web],
             ["port 8080/tcp not published: it is already in use on the host (a socket is bound to it)"]
         );
-        assert_eq!(m.holders.keys().copied().collect::<Vec<_>>(), [(UDP, 53)]);
+        assert_eq!(
+            m.holders.keys().copied().collect::<Vec<_>>(),
+            [PortKey::new(UDP, 53)]
+        );
 
-        let kept = mesh(&cs, &[((TCP, 8080), "web")], &[(TCP, 8080)]);
+        let kept = mesh(
+            &cs,
+            &[(PortKey::new(TCP, 8080), "web")],
+            &[PortKey::new(TCP, 8080)],
+        );
         assert!(kept.errors.is_empty());
         assert_eq!(kept.holders.len(), 2);
     }

@@ -308,9 +308,95 @@ impl fmt::Display for SandboxKey {
     }
 }
 
+/// How a service's name resolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// The name resolves to the service's VIP, balanced by IPVS.
+    #[default]
+    Vip,
+    /// The name resolves to every task's address (DNS round robin); no VIP.
+    Dnsrr,
+}
+
+/// A transport protocol: of a published port, of a named port (the `_<proto>` label of an
+/// SRV name), of a port bound on the host. The one protocol type of vipd; IPVS's wire form
+/// is its IP protocol number ([`Protocol::number`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number (`/etc/protocols`), as IPVS and conntrack carry it.
+    pub fn number(self) -> u16 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The protocol label without its underscore: `tcp`, `udp`, `sctp`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A port on the host, as a published port claims it: its protocol and number. At most one
+/// service holds each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortKey {
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl PortKey {
+    pub fn new(protocol: Protocol, port: u16) -> Self {
+        PortKey { protocol, port }
+    }
+}
+
+impl fmt::Display for PortKey {
+    /// `8080/tcp`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_protocol_type_names_itself_numbers_itself_and_keys_host_ports() {
+        let all = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+        let labels: Vec<String> = all.iter().map(|p| p.to_string()).collect();
+        assert_eq!(labels, ["tcp", "udp", "sctp"]);
+        assert_eq!(all.map(Protocol::number), [6, 17, 132]);
+        assert_eq!(
+            crate::core::ipvs::IpProto::from(Protocol::Udp),
+            crate::core::ipvs::IpProto::UDP
+        );
+        let key = PortKey::new(Protocol::Udp, 53);
+        assert_eq!(key.to_string(), "53/udp");
+        // Ordered by protocol, then port, as the mesh hands out ports.
+        assert!(PortKey::new(Protocol::Tcp, 9090) < PortKey::new(Protocol::Udp, 53));
+        assert!(PortKey::new(Protocol::Tcp, 80) < PortKey::new(Protocol::Tcp, 8080));
+    }
 
     #[test]
     fn a_sandbox_key_shows_and_serializes_as_its_path() {

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::alloc::Allocations;
 use crate::core::cluster::{Container, ContainerId, Drain, Health};
-use crate::core::labels::{EndpointMode, LabelError, ServiceDef};
-use crate::core::mesh::PortKey;
+use crate::core::labels::{LabelError, ServiceDef};
+use crate::core::model::EndpointMode;
+use crate::core::model::PortKey;
 use crate::core::model::ServiceName;
 
 /// Everything `vipd status` shows.
@@ -151,7 +152,7 @@ pub fn services(
                 published: def
                     .publish
                     .iter()
-                    .filter(|p| holders.get(&(p.protocol, p.published)) == Some(&def.name))
+                    .filter(|p| holders.get(&p.key()) == Some(&def.name))
                     .map(|p| p.to_string())
                     .collect(),
                 tasks,

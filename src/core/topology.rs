@@ -11,7 +11,8 @@ use std::sync::Arc;
 use super::alloc::Allocations;
 use super::cluster::{Container, ContainerId, NetworkId};
 use super::ipvs::Timeouts;
-use super::labels::{EndpointMode, ServiceDef};
+use super::labels::ServiceDef;
+use super::model::EndpointMode;
 use super::model::{BackendAddr, SandboxKey, ServiceName};
 use super::spec::{Backend, SandboxSpec, ServiceSpec};
 

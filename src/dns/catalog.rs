@@ -28,7 +28,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::names;
-use crate::core::labels::{EndpointMode, NamedPort};
+use crate::core::labels::NamedPort;
+use crate::core::model::EndpointMode;
 use crate::core::model::{BackendAddr, ServiceName, Vip};
 
 /// The TTL of every record when none is configured. Short on purpose: Swarm's fixed 600 s
@@ -627,7 +628,7 @@ impl fmt::Display for RecordData {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::labels::PortProtocol;
+    use crate::core::model::Protocol;
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -645,7 +646,7 @@ mod tests {
                 mode: EndpointMode::Vip,
                 vip: Some(Vip::new("10.0.0.100".parse().unwrap())),
                 tasks: tasks(&["10.0.0.5", "10.0.0.6"]),
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+                ports: vec![NamedPort::new("http", Protocol::Tcp, 80)],
             })
             .service(ServiceRecord {
                 name: ServiceName::new("db").unwrap(),
@@ -653,8 +654,8 @@ mod tests {
                 vip: None,
                 tasks: tasks(&["10.0.0.7", "10.0.0.8", "10.0.0.9", "fd00::9"]),
                 ports: vec![
-                    NamedPort::new("pg", PortProtocol::Tcp, 5432),
-                    NamedPort::new("stats", PortProtocol::Udp, 9125),
+                    NamedPort::new("pg", Protocol::Tcp, 5432),
+                    NamedPort::new("stats", Protocol::Udp, 9125),
                 ],
             })
             .service(ServiceRecord {
@@ -662,7 +663,7 @@ mod tests {
                 mode: EndpointMode::Dnsrr,
                 vip: None,
                 tasks: Vec::new(),
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+                ports: vec![NamedPort::new("http", Protocol::Tcp, 80)],
             })
             .container(ContainerRecord {
                 name: "web.1.abc".into(),
@@ -938,8 +939,8 @@ mod tests {
         }
         let mut two_ports = svc("b");
         two_ports.ports = vec![
-            NamedPort::new("http", PortProtocol::Tcp, 80),
-            NamedPort::new("HTTP", PortProtocol::Tcp, 8080),
+            NamedPort::new("http", Protocol::Tcp, 80),
+            NamedPort::new("HTTP", Protocol::Tcp, 8080),
         ];
         assert!(matches!(
             Catalog::builder().service(two_ports).build(),
@@ -947,8 +948,8 @@ mod tests {
         ));
         let mut both = svc("b");
         both.ports = vec![
-            NamedPort::new("dns", PortProtocol::Tcp, 53),
-            NamedPort::new("dns", PortProtocol::Udp, 53),
+            NamedPort::new("dns", Protocol::Tcp, 53),
+            NamedPort::new("dns", Protocol::Udp, 53),
         ];
         assert!(Catalog::builder().service(both).build().is_ok());
         assert!(Catalog::builder().service(svc("a..b")).build().is_err());
@@ -962,7 +963,7 @@ mod tests {
         }
         assert!(Catalog::builder().domain("a..b").build().is_err());
         let mut dotted = svc("c");
-        dotted.ports = vec![NamedPort::new("a.b", PortProtocol::Tcp, 1)];
+        dotted.ports = vec![NamedPort::new("a.b", Protocol::Tcp, 1)];
         assert!(Catalog::builder().service(dotted).build().is_err());
     }
 

@@ -9,7 +9,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::core::labels::PortProtocol;
+use crate::core::model::Protocol;
 
 /// The label in front of a service's name that names its tasks.
 const TASKS: &str = "tasks";
@@ -50,12 +50,12 @@ pub fn task_host(ip: Ipv4Addr, service: &str) -> String {
 }
 
 /// `_<port>._<proto>.<svc>`: the SRV name of a named port (the port name any case).
-pub fn srv(port: &str, protocol: PortProtocol, service: &str) -> String {
+pub fn srv(port: &str, protocol: Protocol, service: &str) -> String {
     format!("_{}.{}", key(port), protocol_node(protocol, service))
 }
 
 /// `_<proto>.<svc>`: exists because the SRV names below it do.
-pub fn protocol_node(protocol: PortProtocol, service: &str) -> String {
+pub fn protocol_node(protocol: Protocol, service: &str) -> String {
     format!("_{}.{service}", protocol.label())
 }
 
@@ -133,8 +133,8 @@ mod tests {
     fn service_derived_names_are_spelled_as_swarm_spells_them() {
         assert_eq!(tasks("web"), "tasks.web");
         assert_eq!(task_host(ip("10.0.0.5"), "web"), "10-0-0-5.web");
-        assert_eq!(srv("HTTP", PortProtocol::Tcp, "web"), "_http._tcp.web");
-        assert_eq!(protocol_node(PortProtocol::Udp, "db"), "_udp.db");
+        assert_eq!(srv("HTTP", Protocol::Tcp, "web"), "_http._tcp.web");
+        assert_eq!(protocol_node(Protocol::Udp, "db"), "_udp.db");
         assert_eq!(within("web", "vipd.local"), "web.vipd.local");
         assert_eq!(domain("VIPD.Local."), "vipd.local");
     }

@@ -8,7 +8,8 @@ use super::catalog::{Catalog, ContainerRecord, ServiceRecord};
 use super::names;
 use crate::core::alloc::Allocations;
 use crate::core::cluster::Container;
-use crate::core::labels::{EndpointMode, ServiceDef};
+use crate::core::labels::ServiceDef;
+use crate::core::model::EndpointMode;
 use crate::core::model::{BackendAddr, ServiceName};
 
 /// Build the catalog; names DNS cannot carry are left out and reported, one line each.

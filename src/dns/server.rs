@@ -760,7 +760,8 @@ mod tests {
     use hickory_server::zone_handler::MessageResponse;
 
     use super::*;
-    use crate::core::labels::{EndpointMode, NamedPort, PortProtocol};
+    use crate::core::labels::NamedPort;
+    use crate::core::model::{self, EndpointMode};
     use crate::core::model::{BackendAddr, ServiceName, Vip};
     use crate::dns::catalog::{Catalog, ContainerRecord, ServiceRecord};
     use crate::dns::testing::query_edns;
@@ -800,7 +801,7 @@ mod tests {
                 mode: EndpointMode::Vip,
                 vip: Some(Vip::new("10.0.0.100".parse().unwrap())),
                 tasks: vec![BackendAddr::new("10.0.0.5".parse().unwrap())],
-                ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+                ports: vec![NamedPort::new("http", model::Protocol::Tcp, 80)],
             })
             .container(ContainerRecord {
                 name: "box".into(),

@@ -6,8 +6,9 @@ use hickory_server::proto::rr::{Name, RecordType};
 
 use super::catalog::{Catalog, ContainerRecord, ServiceRecord};
 use super::fast::{respond, Shuffler, Table};
-use crate::core::labels::{EndpointMode, NamedPort, PortProtocol};
+use crate::core::labels::NamedPort;
 use crate::core::model::{BackendAddr, ServiceName, Vip};
+use crate::core::model::{EndpointMode, Protocol};
 
 pub(super) fn tasks(ips: &[&str]) -> Vec<BackendAddr> {
     ips.iter().map(|s| BackendAddr::new(s.parse().unwrap())).collect()
@@ -24,7 +25,7 @@ pub(super) fn test_catalog() -> Catalog {
             mode: EndpointMode::Vip,
             vip: Some(Vip::new("10.0.0.100".parse().unwrap())),
             tasks: tasks(&["10.0.0.5", "10.0.0.6"]),
-            ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+            ports: vec![NamedPort::new("http", Protocol::Tcp, 80)],
         })
         .service(ServiceRecord {
             name: ServiceName::new("db").unwrap(),
@@ -32,8 +33,8 @@ pub(super) fn test_catalog() -> Catalog {
             vip: None,
             tasks: tasks(&["10.0.0.7", "10.0.0.8", "10.0.0.9", "fd00::9"]),
             ports: vec![
-                NamedPort::new("pg", PortProtocol::Tcp, 5432),
-                NamedPort::new("Stats", PortProtocol::Udp, 9125),
+                NamedPort::new("pg", Protocol::Tcp, 5432),
+                NamedPort::new("Stats", Protocol::Udp, 9125),
             ],
         })
         .service(ServiceRecord {
@@ -41,14 +42,14 @@ pub(super) fn test_catalog() -> Catalog {
             mode: EndpointMode::Dnsrr,
             vip: None,
             tasks: Vec::new(),
-            ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+            ports: vec![NamedPort::new("http", Protocol::Tcp, 80)],
         })
         .service(ServiceRecord {
             name: ServiceName::new("big").unwrap(),
             mode: EndpointMode::Dnsrr,
             vip: None,
             tasks: (1..=60).map(|i| BackendAddr::new([10, 1, 0, i].into())).collect(),
-            ports: vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+            ports: vec![NamedPort::new("http", Protocol::Tcp, 80)],
         })
         .container(ContainerRecord {
             name: "web.1.abc".into(),

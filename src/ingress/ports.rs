@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 
 use super::IngressError;
-use crate::core::labels::PortProtocol;
+use crate::core::model::{PortKey, Protocol};
 
 /// TCP state `LISTEN` as `/proc/net/tcp` prints it (`st` column).
 const TCP_LISTEN: u8 = 0x0A;
@@ -15,13 +15,13 @@ const TCP_LISTEN: u8 = 0x0A;
 /// LISTEN and every UDP socket (the kernel lists only bound ones), IPv4 and IPv6, from
 /// `/proc/thread-self/net/{tcp,tcp6,udp,udp6}`. A missing IPv6 listing (IPv6 disabled)
 /// counts as empty.
-pub fn bound_ports() -> Result<BTreeSet<(PortProtocol, u16)>, IngressError> {
+pub fn bound_ports() -> Result<BTreeSet<PortKey>, IngressError> {
     let mut out = BTreeSet::new();
     for (file, proto, optional) in [
-        ("tcp", PortProtocol::Tcp, false),
-        ("tcp6", PortProtocol::Tcp, true),
-        ("udp", PortProtocol::Udp, false),
-        ("udp6", PortProtocol::Udp, true),
+        ("tcp", Protocol::Tcp, false),
+        ("tcp6", Protocol::Tcp, true),
+        ("udp", Protocol::Udp, false),
+        ("udp6", Protocol::Udp, true),
     ] {
         let path = format!("/proc/thread-self/net/{file}");
         let text = match fs::read_to_string(&path) {
@@ -34,14 +34,14 @@ pub fn bound_ports() -> Result<BTreeSet<(PortProtocol, u16)>, IngressError> {
             line,
             text,
         })?;
-        out.extend(ports.into_iter().map(|p| (proto, p)));
+        out.extend(ports.into_iter().map(|p| PortKey::new(proto, p)));
     }
     Ok(out)
 }
 
 /// The local ports of one `/proc/net/{tcp,udp}[6]` listing that are held: TCP sockets in
 /// state LISTEN, every UDP socket. On a line it cannot read, its number (from 1) and text.
-fn parse_proc_net(text: &str, proto: PortProtocol) -> Result<Vec<u16>, (usize, String)> {
+fn parse_proc_net(text: &str, proto: Protocol) -> Result<Vec<u16>, (usize, String)> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let mut fields = line.split_whitespace();
@@ -61,7 +61,7 @@ fn parse_proc_net(text: &str, proto: PortProtocol) -> Result<Vec<u16>, (usize, S
         let Some((port, state)) = parsed else {
             return Err((n + 1, line.to_owned()));
         };
-        if port == 0 || (proto == PortProtocol::Tcp && state != TCP_LISTEN) {
+        if port == 0 || (proto == Protocol::Tcp && state != TCP_LISTEN) {
             continue;
         }
         out.push(port);
@@ -97,36 +97,36 @@ mod tests {
     #[test]
     fn tcp_counts_only_listening_sockets() {
         // 0x83DA (33754) is the ESTABLISHED client end: not a held port.
-        assert_eq!(parse_proc_net(TCP, PortProtocol::Tcp), Ok(vec![53]));
-        assert_eq!(parse_proc_net(TCP6, PortProtocol::Tcp), Ok(vec![8080]));
+        assert_eq!(parse_proc_net(TCP, Protocol::Tcp), Ok(vec![53]));
+        assert_eq!(parse_proc_net(TCP6, Protocol::Tcp), Ok(vec![8080]));
     }
 
     #[test]
     fn udp_counts_every_bound_socket() {
-        assert_eq!(parse_proc_net(UDP, PortProtocol::Udp), Ok(vec![5353, 0xB79B]));
-        assert_eq!(parse_proc_net(UDP6, PortProtocol::Udp), Ok(vec![161]));
+        assert_eq!(parse_proc_net(UDP, Protocol::Udp), Ok(vec![5353, 0xB79B]));
+        assert_eq!(parse_proc_net(UDP6, Protocol::Udp), Ok(vec![161]));
     }
 
     #[test]
     fn an_empty_listing_has_no_ports() {
         let header = TCP.lines().next().unwrap();
-        assert_eq!(parse_proc_net(header, PortProtocol::Tcp), Ok(vec![]));
-        assert_eq!(parse_proc_net("", PortProtocol::Udp), Ok(vec![]));
+        assert_eq!(parse_proc_net(header, Protocol::Tcp), Ok(vec![]));
+        assert_eq!(parse_proc_net("", Protocol::Udp), Ok(vec![]));
     }
 
     #[test]
     fn a_line_it_cannot_read_is_reported_with_its_number() {
         let text = format!("{TCP}   3: garbage\n");
-        let (line, text) = parse_proc_net(&text, PortProtocol::Tcp).unwrap_err();
+        let (line, text) = parse_proc_net(&text, Protocol::Tcp).unwrap_err();
         assert_eq!(line, 5);
         assert!(text.contains("garbage"));
-        assert!(parse_proc_net("   0: 0100007F:0035 00000000:0000 ZZ", PortProtocol::Tcp).is_err());
+        assert!(parse_proc_net("   0: 0100007F:0035 00000000:0000 ZZ", Protocol::Tcp).is_err());
     }
 
     #[test]
     fn protocols_print_as_iptables_writes_them() {
-        assert_eq!(PortProtocol::Tcp.to_string(), "tcp");
-        assert_eq!(PortProtocol::Udp.to_string(), "udp");
-        assert!(PortProtocol::Tcp < PortProtocol::Udp);
+        assert_eq!(Protocol::Tcp.to_string(), "tcp");
+        assert_eq!(Protocol::Udp.to_string(), "udp");
+        assert!(Protocol::Tcp < Protocol::Udp);
     }
 }

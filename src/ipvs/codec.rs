@@ -33,7 +33,7 @@ use neli::{neli_enum, FromBytesWithInput, Size, ToBytes};
 
 use super::IpvsError;
 use crate::core::ipvs::{
-    AddrFamily, DestConfig, DestKey, Destination, FwdMethod, IpvsOp, Protocol, ServiceConfig, ServiceFlags,
+    AddrFamily, DestConfig, DestKey, Destination, FwdMethod, IpProto, IpvsOp, ServiceConfig, ServiceFlags,
     ServiceKey, Stats, Timeouts, VirtualService,
 };
 use crate::core::model::{FwMark, Scheduler};
@@ -591,7 +591,7 @@ fn decode_service_nest(p: &Buffer) -> Result<SvcAttrs, IpvsError> {
             mark: FwMark::new(mark).ok_or_else(|| decode_err("fwmark 0"))?,
         },
         (_, Some(protocol), Some(addr), Some(port)) => ServiceKey::Addr {
-            protocol: Protocol(protocol),
+            protocol: IpProto(protocol),
             addr: get_addr("service address", af, addr)?,
             port,
         },
@@ -911,7 +911,7 @@ mod tests {
             mark: FwMark::new(7).unwrap(),
         };
         let tcp = ServiceKey::Addr {
-            protocol: Protocol::TCP,
+            protocol: IpProto::TCP,
             addr: "192.168.1.1".parse().unwrap(),
             port: 8080,
         };
@@ -969,7 +969,7 @@ mod tests {
     #[test]
     fn ports_are_big_endian_and_ipv6_addresses_fill_16_bytes() {
         let key = ServiceKey::Addr {
-            protocol: Protocol::UDP,
+            protocol: IpProto::UDP,
             addr: "2001:db8::53".parse().unwrap(),
             port: 53,
         };
@@ -1101,7 +1101,7 @@ mod tests {
         assert_eq!(
             s.key,
             ServiceKey::Addr {
-                protocol: Protocol::TCP,
+                protocol: IpProto::TCP,
                 addr: "10.9.8.7".parse().unwrap(),
                 port: 8080
             }
@@ -1274,7 +1274,7 @@ mod tests {
 
         fn tcp80() -> ServiceKey {
             ServiceKey::Addr {
-                protocol: Protocol::TCP,
+                protocol: IpProto::TCP,
                 addr: "10.0.0.1".parse().unwrap(),
                 port: 80,
             }

@@ -287,7 +287,7 @@ impl IpvsTable for FakeIpvs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::ipvs::Protocol;
+    use crate::core::ipvs::IpProto;
     use crate::core::model::FwMark;
 
     fn fwm(mark: u32) -> ServiceKey {
@@ -487,7 +487,7 @@ mod tests {
     fn foreign_services_can_be_seeded_and_inspected() {
         let mut t = FakeIpvs::new();
         let key = ServiceKey::Addr {
-            protocol: Protocol::TCP,
+            protocol: IpProto::TCP,
             addr: "10.9.9.9".parse().unwrap(),
             port: 80,
         };

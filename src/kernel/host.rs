@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use tracing::info;
 
 use crate::core::firewall::Rule;
-use crate::core::mesh::PortKey;
+use crate::core::model::PortKey;
 use crate::ingress::IngressError;
 use crate::reconcile::{self, ReconcileError};
 
@@ -89,12 +89,15 @@ impl HostPorts for FakeHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::labels::PortProtocol;
+    use crate::core::model::Protocol;
 
     #[test]
     fn the_fake_host_keeps_the_rules_and_says_what_is_bound() {
         let host = FakeHost::default();
-        host.bound.lock().unwrap().insert((PortProtocol::Tcp, 9090));
+        host.bound
+            .lock()
+            .unwrap()
+            .insert(PortKey::new(Protocol::Tcp, 9090));
         assert_eq!(host.bound().unwrap().len(), 1);
         assert_eq!(host.program(&[]).unwrap(), 0);
         assert_eq!(host.rules.lock().unwrap().as_deref(), Some(&[][..]));

@@ -15,9 +15,9 @@ use super::scrape::targets;
 use super::*;
 use crate::core::ipvs::Destination;
 use crate::core::ipvs::{DestConfig, DestKey, Stats};
-use crate::core::labels;
+
 use crate::core::mesh;
-use crate::core::model::FwMark;
+use crate::core::model::{FwMark, Protocol};
 use crate::core::status::Status;
 use crate::core::status::{EngineState, SandboxStatus, ServiceStatus, TaskStatus};
 use crate::ipvs::IpvsError;
@@ -127,7 +127,7 @@ where
 /// the ingress (5); /ns/gone has vanished.
 fn fake_reader(netns: &Path, marks: &[FwMark]) -> Result<Vec<(FwMark, Destination)>, ReadError> {
     let web = FwMark::new(256).unwrap();
-    let published = mesh::ingress_mark(labels::PortProtocol::Tcp, 8080);
+    let published = mesh::ingress_mark(Protocol::Tcp, 8080);
     match netns.to_str().unwrap() {
         "/ns/a" | "/ns/b" => {
             assert_eq!(marks, [web]);
@@ -222,7 +222,7 @@ async fn a_disabled_handle_counts_nothing() {
 fn the_ingress_reads_the_marks_of_the_published_ports_and_dnsrr_services_have_none() {
     let got = targets(&status(), Some(Path::new("/ns/ingress")));
     let web = FwMark::new(256).unwrap();
-    let ingress = mesh::ingress_mark(labels::PortProtocol::Tcp, 8080);
+    let ingress = mesh::ingress_mark(Protocol::Tcp, 8080);
     let want: Vec<(&str, Vec<FwMark>)> = vec![
         ("/ns/a", vec![web]),
         ("/ns/b", vec![web]),

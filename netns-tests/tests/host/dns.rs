@@ -9,8 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use vipd::core::labels::{EndpointMode, NamedPort, PortProtocol};
+use vipd::core::labels::NamedPort;
 use vipd::core::model::{BackendAddr, ServiceName, Vip};
+use vipd::core::model::{EndpointMode, Protocol};
 use vipd::dns::catalog::{Catalog, ContainerRecord, ServiceRecord};
 use vipd::dns::server::{loopback_networks, CatalogHandle, DnsConfig, DnsServer};
 use vipd::netns::{run_in, NetnsPath};
@@ -116,15 +117,15 @@ fn main_catalog() -> Catalog {
             "web",
             vip("10.10.0.100"),
             &["10.10.0.5", "10.10.0.6"],
-            vec![NamedPort::new("http", PortProtocol::Tcp, 80)],
+            vec![NamedPort::new("http", Protocol::Tcp, 80)],
         ))
         .service(svc(
             "db",
             None,
             &["10.10.0.7", "10.10.0.8", "10.10.0.9"],
             vec![
-                NamedPort::new("pg", PortProtocol::Tcp, 5432),
-                NamedPort::new("metrics", PortProtocol::Udp, 9100),
+                NamedPort::new("pg", Protocol::Tcp, 5432),
+                NamedPort::new("metrics", Protocol::Udp, 9100),
             ],
         ))
         .container(container("web.1.abc", "10.10.0.5", &[]))

@@ -237,7 +237,8 @@ fn a_firewall_error_names_the_failing_line() {
 
 #[test]
 fn the_meshs_host_intents_render_to_the_lines_iptables_save_prints_and_go_again() {
-    use vipd::core::labels::{PortProtocol, Publish};
+    use vipd::core::labels::Publish;
+    use vipd::core::model::Protocol;
     use vipd::core::model::ServiceName;
     use vipd::core::rules::{Direction, Intent, IpFamily, Origin};
     use vipd::reconcile::host_firewall;
@@ -246,7 +247,7 @@ fn the_meshs_host_intents_render_to_the_lines_iptables_save_prints_and_go_again(
     let ns = Netns::new("vfw");
     let pristine = (ns.iptables_save("nat"), ns.iptables_save("filter"));
     let publish = Publish {
-        protocol: PortProtocol::Udp,
+        protocol: Protocol::Udp,
         published: 5353,
         target: 53,
     };

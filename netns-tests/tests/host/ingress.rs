@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 
-use vipd::core::labels::PortProtocol as Proto;
 use vipd::core::model::Ipv4Net;
+use vipd::core::model::{PortKey, Protocol as Proto};
 use vipd::ingress::{self, Ingress, IngressConfig, IngressError};
 use vipd::netns::{run_in, NetnsPath};
 
@@ -362,12 +362,16 @@ fn bound_ports_sees_listeners_and_bound_udp_of_its_own_namespace_only() {
         )
     })
     .expect("enter the namespace");
-    for held in [(Proto::Tcp, tcp6), (Proto::Tcp, tcp4), (Proto::Udp, udp)] {
+    for held in [
+        PortKey::new(Proto::Tcp, tcp6),
+        PortKey::new(Proto::Tcp, tcp4),
+        PortKey::new(Proto::Udp, udp),
+    ] {
         assert!(ports.contains(&held), "{held:?} missing from {ports:?}");
     }
     // The client end of a connection is ESTABLISHED, not LISTEN.
-    assert!(!ports.contains(&(Proto::Tcp, client)), "{ports:?}");
-    assert!(!ports.contains(&(Proto::Tcp, closed)), "{ports:?}");
+    assert!(!ports.contains(&PortKey::new(Proto::Tcp, client)), "{ports:?}");
+    assert!(!ports.contains(&PortKey::new(Proto::Tcp, closed)), "{ports:?}");
     assert_eq!(ports.len(), 3, "{ports:?}");
 
     // Another namespace does not see them.

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vipd::core::ipvs::{
-    AddrFamily, DestConfig, DestKey, FwdMethod, IpvsOp, Protocol, ServiceConfig, ServiceFlags, ServiceKey,
+    AddrFamily, DestConfig, DestKey, FwdMethod, IpProto, IpvsOp, ServiceConfig, ServiceFlags, ServiceKey,
     Timeouts,
 };
 use vipd::core::model::{FwMark, Scheduler};
@@ -535,17 +535,17 @@ fn foreign_address_keyed_services_decode() {
     n.ipvsadm(&["-a", "-t", "[fd66::10]:443", "-r", "[fd66::2]:8443", "-m"]);
     n.ipvsadm(&["-A", "-f", "9", "-s", "mh"]);
     let tcp = ServiceKey::Addr {
-        protocol: Protocol::TCP,
+        protocol: IpProto::TCP,
         addr: "10.66.1.1".parse().unwrap(),
         port: 80,
     };
     let udp = ServiceKey::Addr {
-        protocol: Protocol::UDP,
+        protocol: IpProto::UDP,
         addr: "10.66.1.1".parse().unwrap(),
         port: 53,
     };
     let tcp6 = ServiceKey::Addr {
-        protocol: Protocol::TCP,
+        protocol: IpProto::TCP,
         addr: "fd66::10".parse().unwrap(),
         port: 443,
     };

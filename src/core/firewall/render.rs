@@ -177,8 +177,9 @@ pub fn read_service_name(spec: &str) -> Option<ServiceName> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::core::labels::{PortProtocol, Publish};
+    use crate::core::labels::Publish;
     use crate::core::model::Ipv4Net;
+    use crate::core::model::Protocol;
 
     pub(in crate::core::firewall) fn name(s: &str) -> ServiceName {
         ServiceName::new(s).unwrap()
@@ -244,12 +245,12 @@ pub(super) mod tests {
     #[test]
     fn mesh_intents_render_in_iptables_save_form() {
         let http = Publish {
-            protocol: PortProtocol::Tcp,
+            protocol: Protocol::Tcp,
             published: 8080,
             target: 80,
         };
         let dns = Publish {
-            protocol: PortProtocol::Udp,
+            protocol: Protocol::Udp,
             published: 53,
             target: 5353,
         };
@@ -344,7 +345,7 @@ pub(super) mod tests {
             service: name("web"),
             addr: vip("10.254.255.2"),
             publish: Publish {
-                protocol: PortProtocol::Tcp,
+                protocol: Protocol::Tcp,
                 published: 8080,
                 target: 80,
             },
