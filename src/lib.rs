@@ -32,4 +32,5 @@ pub mod privileges;
 pub mod reconcile;
 pub mod show;
 pub mod state;
+pub mod store;
 pub mod sysctl;
