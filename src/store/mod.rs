@@ -18,6 +18,10 @@ pub mod kv;
 pub mod layout;
 pub mod memory;
 pub mod reflector;
+pub mod scenarios;
+
+#[cfg(test)]
+mod tests;
 
 pub use claims::{Cluster, StoreError};
 pub use kv::{Kv, KvError, LeaseId, Revision};
