@@ -84,10 +84,13 @@ mod grpc_code {
     pub const UNAVAILABLE: i32 = 14;
 }
 
-/// A lease error names the lease it is about.
+/// A lease error names the lease it is about (etcd says "lease not found" in a gRPC
+/// status, the client in a keep-alive error).
 fn lease_error(e: etcd_client::Error, lease: LeaseId) -> KvError {
     match convert(e) {
-        KvError::Rejected(msg) if msg.contains("lease not found") => KvError::LeaseNotFound(lease),
+        KvError::Rejected(msg) | KvError::Unavailable(msg) if msg.contains("lease not found") => {
+            KvError::LeaseNotFound(lease)
+        }
         other => other,
     }
 }

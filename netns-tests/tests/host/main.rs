@@ -12,3 +12,4 @@ mod docker;
 mod firewall;
 mod ingress;
 mod metrics;
+mod store;
