@@ -53,75 +53,57 @@ fn check_segment(what: &'static str, name: &str) -> Result<(), InvalidName> {
     }
 }
 
-/// A node's name in the cluster (unique among live nodes).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct NodeName(String);
+/// A validated name that is one segment of a key: built with `new`, read back from JSON
+/// through the same check.
+macro_rules! key_segment {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
 
-impl NodeName {
-    pub fn new(name: &str) -> Result<Self, InvalidName> {
-        check_segment("node name", name).map(|()| NodeName(name.to_owned()))
-    }
+        impl $name {
+            pub fn new(name: &str) -> Result<Self, InvalidName> {
+                check_segment($what, name).map(|()| $name(name.to_owned()))
+            }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidName;
+
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                $name::new(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(n: $name) -> String {
+                n.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
 }
 
-impl TryFrom<String> for NodeName {
-    type Error = InvalidName;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        NodeName::new(&s)
-    }
-}
-
-impl From<NodeName> for String {
-    fn from(n: NodeName) -> String {
-        n.0
-    }
-}
-
-impl fmt::Display for NodeName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A task's id (its container id), unique within its node.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct TaskId(String);
-
-impl TaskId {
-    pub fn new(id: &str) -> Result<Self, InvalidName> {
-        check_segment("task id", id).map(|()| TaskId(id.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for TaskId {
-    type Error = InvalidName;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        TaskId::new(&s)
-    }
-}
-
-impl From<TaskId> for String {
-    fn from(n: TaskId) -> String {
-        n.0
-    }
-}
-
-impl fmt::Display for TaskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+key_segment!(
+    /// A node's name in the cluster (unique among live nodes).
+    NodeName,
+    "node name"
+);
+key_segment!(
+    /// A task's id (its container id), unique within its node.
+    TaskId,
+    "task id"
+);
 
 /// `A.B.C.D/N` as text in JSON and keys (the core type has no parser of its own).
 pub(crate) mod net_text {
@@ -358,5 +340,167 @@ impl ClusterState {
     /// The tasks of one service, on every node.
     pub fn tasks_of<'a>(&'a self, service: &'a ServiceName) -> impl Iterator<Item = &'a TaskRecord> + 'a {
         self.tasks.values().filter(move |t| &t.service == service)
+    }
+}
+
+/// The keys of one map that differ between two snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes<K> {
+    pub added: Vec<K>,
+    pub removed: Vec<K>,
+    /// Present in both, with another value.
+    pub changed: Vec<K>,
+}
+
+impl<K> Default for Changes<K> {
+    fn default() -> Self {
+        Changes {
+            added: Vec::new(),
+            removed: Vec::new(),
+            changed: Vec::new(),
+        }
+    }
+}
+
+impl<K> Changes<K> {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+fn changes<K: Ord + Clone, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Changes<K> {
+    let mut c = Changes::default();
+    for (k, v) in new {
+        match old.get(k) {
+            None => c.added.push(k.clone()),
+            Some(o) if o != v => c.changed.push(k.clone()),
+            Some(_) => {}
+        }
+    }
+    c.removed = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
+    c
+}
+
+/// What changed between two snapshots (after a re-list too, so nothing is missed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub nodes: Changes<NodeName>,
+    pub subnets: Changes<NodeName>,
+    pub services: Changes<ServiceName>,
+    pub ports: Changes<(PortProtocol, u16)>,
+    pub tasks: Changes<(ServiceName, NodeName, TaskId)>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+            && self.subnets.is_empty()
+            && self.services.is_empty()
+            && self.ports.is_empty()
+            && self.tasks.is_empty()
+    }
+}
+
+impl ClusterState {
+    /// What `newer` has that this snapshot has not, and the other way round.
+    pub fn diff(&self, newer: &ClusterState) -> Diff {
+        Diff {
+            nodes: changes(&self.nodes, &newer.nodes),
+            subnets: changes(&self.subnets, &newer.subnets),
+            services: changes(&self.services, &newer.services),
+            ports: changes(&self.ports, &newer.ports),
+            tasks: changes(&self.tasks, &newer.tasks),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            create_revision: Revision(2),
+            mod_revision: Revision(2),
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_parses_every_record_and_names_the_keys_it_cannot_read() {
+        let keys = Keys::new("/vipd/v1");
+        let kvs = [
+            kv(
+                "/vipd/v1/nodes/n1",
+                r#"{"name":"n1","address":"192.0.2.1","subnet":"10.230.3.0/24"}"#,
+            ),
+            kv("/vipd/v1/node-subnets/n1", "10.230.3.0/24"),
+            kv("/vipd/v1/services/web", r#"{"vip":"10.253.0.1","fwmark":256}"#),
+            kv("/vipd/v1/vips/10.253.0.1", "web"),
+            kv("/vipd/v1/ports/udp/53", "web"),
+            kv(
+                "/vipd/v1/tasks/web/n1/t1",
+                r#"{"id":"t1","service":"web","node":"n1","address":"10.230.3.5"}"#,
+            ),
+            // A record filed under another name, a bad value, a key of no known kind.
+            kv("/vipd/v1/nodes/n2", r#"{"name":"n1","address":"192.0.2.1"}"#),
+            kv("/vipd/v1/services/db", "not json"),
+            kv("/vipd/v1/future/x", ""),
+        ];
+        let st = ClusterState::from_kvs(&keys, &kvs, Revision(9));
+        let n1 = NodeName::new("n1").unwrap();
+        assert_eq!(st.nodes[&n1].subnet.unwrap().to_string(), "10.230.3.0/24");
+        assert_eq!(st.subnets[&n1].to_string(), "10.230.3.0/24");
+        assert_eq!(st.services.len(), 1);
+        assert_eq!(st.ports[&(PortProtocol::Udp, 53)].as_str(), "web");
+        assert_eq!(st.tasks.len(), 1);
+        assert_eq!(
+            st.unreadable,
+            ["/vipd/v1/nodes/n2", "/vipd/v1/services/db", "/vipd/v1/future/x"]
+        );
+        // Records round-trip through their JSON.
+        let rec = &st.nodes[&n1];
+        assert_eq!(
+            &serde_json::from_slice::<NodeRecord>(&serde_json::to_vec(rec).unwrap()).unwrap(),
+            rec
+        );
+    }
+
+    #[test]
+    fn a_diff_names_what_was_added_removed_and_changed() {
+        let keys = Keys::default();
+        let old = ClusterState::from_kvs(
+            &keys,
+            &[
+                kv("/vipd/v1/ports/tcp/80", "web"),
+                kv("/vipd/v1/ports/tcp/81", "web"),
+            ],
+            Revision(2),
+        );
+        let new = ClusterState::from_kvs(
+            &keys,
+            &[
+                kv("/vipd/v1/ports/tcp/80", "api"),
+                kv("/vipd/v1/ports/tcp/82", "web"),
+            ],
+            Revision(3),
+        );
+        let d = old.diff(&new);
+        assert_eq!(d.ports.changed, [(PortProtocol::Tcp, 80)]);
+        assert_eq!(d.ports.added, [(PortProtocol::Tcp, 82)]);
+        assert_eq!(d.ports.removed, [(PortProtocol::Tcp, 81)]);
+        assert!(d.nodes.is_empty() && !d.is_empty());
+        assert!(new.diff(&new).is_empty());
+    }
+
+    #[test]
+    fn names_that_would_break_a_key_are_refused() {
+        assert!(NodeName::new("node-1.example").is_ok());
+        for bad in ["", "a/b", "-a", "a b", &"x".repeat(254)] {
+            assert!(NodeName::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(serde_json::from_str::<TaskId>(r#""../x""#).is_err());
     }
 }

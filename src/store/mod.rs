@@ -25,5 +25,5 @@ mod tests;
 
 pub use claims::{Cluster, StoreError};
 pub use kv::{Kv, KvError, LeaseId, Revision};
-pub use layout::{ClusterState, Keys, NodeName, NodeRecord, TaskId, TaskRecord, VipClaim};
+pub use layout::{Changes, ClusterState, Diff, Keys, NodeName, NodeRecord, TaskId, TaskRecord, VipClaim};
 pub use reflector::{Backoff, Reflector, View};

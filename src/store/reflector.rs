@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::kv::{Event, KeyValue, Kv, KvError, Revision, WatchMessage};
-use super::layout::{ClusterState, Keys};
+use super::layout::{ClusterState, Diff, Keys};
 
 /// How long to wait between attempts while the store is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,8 @@ impl Default for Backoff {
 pub struct View {
     /// The last consistent snapshot (empty at revision 0 until the first list).
     pub state: Arc<ClusterState>,
+    /// What changed from the snapshot before (after a re-list too).
+    pub diff: Arc<Diff>,
     /// Since when the store has been unreachable; `None` while it answers.
     pub unreachable_since: Option<Instant>,
     /// The last error, while unreachable.
@@ -64,6 +66,7 @@ impl Reflector {
     pub fn spawn(kv: Arc<dyn Kv>, keys: Keys, backoff: Backoff) -> Self {
         let (tx, view) = watch::channel(View {
             state: Arc::new(ClusterState::default()),
+            diff: Arc::new(Diff::default()),
             unreachable_since: None,
             last_error: None,
             lists: 0,
@@ -160,6 +163,7 @@ impl Loop {
         let state = ClusterState::from_kvs(&self.keys, self.cache.values(), revision);
         debug!(%revision, listed, nodes = state.nodes.len(), tasks = state.tasks.len(), "new snapshot");
         self.tx.send_modify(|v| {
+            v.diff = Arc::new(v.state.diff(&state));
             v.state = Arc::new(state);
             v.unreachable_since = None;
             v.last_error = None;

@@ -438,6 +438,13 @@ async fn the_reflector_follows_changes_lists_again_after_a_compaction_and_keeps_
         .unwrap();
     let v = wait_for(&mut rx, "the task", |v| v.state.tasks.len() == 1).await;
     assert_eq!(v.lists, 1);
+    let t1 = (
+        svc("web"),
+        NodeName::new("n1").unwrap(),
+        TaskId::new("t1").unwrap(),
+    );
+    assert_eq!(v.diff.tasks.added, [t1.clone()]);
+    assert!(v.diff.nodes.is_empty());
 
     // Its watch falls behind a compaction: it lists again and misses nothing.
     reader.set_link(Link::Stalled);
@@ -452,6 +459,12 @@ async fn the_reflector_follows_changes_lists_again_after_a_compaction_and_keeps_
     assert_eq!(v.state.tasks.len(), 2);
     assert_eq!(v.state.services.len(), 1);
     assert_eq!(v.state.revision, kv.revision());
+    assert_eq!(
+        v.diff.tasks.added.len(),
+        1,
+        "the re-list's diff has what the watch missed"
+    );
+    assert_eq!(v.diff.services.added, [svc("web")]);
 
     // Unreachable: the snapshot stays, the view says since when.
     reader.set_link(Link::Down);
@@ -471,5 +484,6 @@ async fn the_reflector_follows_changes_lists_again_after_a_compaction_and_keeps_
     reader.set_link(Link::Up);
     let back = wait_for(&mut rx, "recovery", |v| v.unreachable_since.is_none()).await;
     assert_eq!(back.state.tasks.len(), 1);
+    assert_eq!(back.diff.tasks.removed, [t1]);
     assert!(back.last_error.is_none());
 }
