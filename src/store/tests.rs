@@ -443,7 +443,7 @@ async fn the_reflector_follows_changes_lists_again_after_a_compaction_and_keeps_
         NodeName::new("n1").unwrap(),
         TaskId::new("t1").unwrap(),
     );
-    assert_eq!(v.diff.tasks.added, [t1.clone()]);
+    assert_eq!(v.diff.tasks.added, std::slice::from_ref(&t1));
     assert!(v.diff.nodes.is_empty());
 
     // Its watch falls behind a compaction: it lists again and misses nothing.

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use tokio::sync::watch;
+use vipd::core::model::{Ipv4Net, ServiceName};
 use vipd::store::etcd::{EtcdConfig, EtcdKv};
-use vipd::store::kv::{Kv, Revision, WatchMessage};
-use vipd::store::{scenarios, Cluster, Keys, NodeName, NodeRecord, TaskId, TaskRecord};
+use vipd::store::kv::{Kv, KvError, Revision, WatchMessage};
+use vipd::store::{scenarios, Cluster, Keys, NodeName, NodeRecord, StoreError, TaskId, TaskRecord, View};
 
 use crate::common::{run, unique};
 
@@ -98,11 +100,40 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// Stop the member (its data dir stays until drop).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn svc(name: &str) -> ServiceName {
+    ServiceName::new(name).unwrap()
+}
+
+fn pool() -> Ipv4Net {
+    Ipv4Net::new("10.253.0.0".parse().unwrap(), 16).unwrap()
+}
+
+/// The reflector's first view that `ok` accepts; fails after `secs` seconds.
+async fn wait_view(
+    rx: &mut watch::Receiver<View>,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&View) -> bool,
+) -> View {
+    match tokio::time::timeout(Duration::from_secs(secs), rx.wait_for(|v| ok(v))).await {
+        Ok(Ok(v)) => v.clone(),
+        _ => panic!("timed out after {secs} s: {what}"),
     }
 }
 
@@ -135,24 +166,30 @@ fn claims_under_races_against_etcd_give_one_vip_per_service_and_never_share_one(
     });
 }
 
+fn task_t2() -> TaskRecord {
+    TaskRecord {
+        id: TaskId::new("t2").unwrap(),
+        service: svc("web"),
+        node: NodeName::new("n1").unwrap(),
+        address: "10.0.0.2".parse().unwrap(),
+    }
+}
+
 #[test]
 fn a_node_lease_of_two_seconds_ends_in_etcd_and_takes_the_nodes_tasks() {
     let etcd = Etcd::start();
     runtime().block_on(async {
         let cluster = Cluster::new(etcd.kv().await, Keys::default());
         let lease = cluster.lease(Duration::from_secs(2), None).await.unwrap();
-        let name = NodeName::new("n1").unwrap();
         let node = NodeRecord {
-            name: name.clone(),
+            name: NodeName::new("n1").unwrap(),
             address: "192.0.2.1".parse().unwrap(),
             subnet: None,
         };
         cluster.register_node(&node, lease).await.unwrap();
         let task = TaskRecord {
             id: TaskId::new("t1").unwrap(),
-            service: vipd::core::model::ServiceName::new("web").unwrap(),
-            node: name,
-            address: "10.0.0.2".parse().unwrap(),
+            ..task_t2()
         };
         cluster.put_task(&task, lease).await.unwrap();
         assert_eq!(cluster.tasks().await.unwrap(), vec![task]);
@@ -173,6 +210,9 @@ fn a_node_lease_of_two_seconds_ends_in_etcd_and_takes_the_nodes_tasks() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         assert_eq!(cluster.kv().lease_time_to_live(lease).await.unwrap(), None);
+        // etcd refuses a put on the ended lease, and says which lease.
+        let late = cluster.put_task(&task_t2(), lease).await.unwrap_err();
+        assert_eq!(late, StoreError::Kv(KvError::LeaseNotFound(lease)));
         assert_ne!(
             cluster.lease(Duration::from_secs(2), Some(lease)).await.unwrap(),
             lease
@@ -186,12 +226,10 @@ fn a_watch_from_a_compacted_revision_says_so_and_the_reflector_lists_again() {
     runtime().block_on(async {
         let kv = etcd.kv().await;
         let cluster = Cluster::new(kv.clone(), Keys::default());
-        let pool = vipd::core::model::Ipv4Net::new("10.253.0.0".parse().unwrap(), 16).unwrap();
-        let web = vipd::core::model::ServiceName::new("web").unwrap();
-        cluster.claim_vip(&web, pool).await.unwrap();
+        cluster.claim_vip(&svc("web"), pool()).await.unwrap();
         let before = kv.get_prefix("/vipd/v1/").await.unwrap().revision;
-        let db = vipd::core::model::ServiceName::new("db").unwrap();
-        cluster.claim_vip(&db, pool).await.unwrap();
+        let db = svc("db");
+        cluster.claim_vip(&db, pool()).await.unwrap();
         let now = kv.get_prefix("/vipd/v1/").await.unwrap().revision;
         etcd.etcdctl(&["compact", &now.0.to_string()]);
         let mut w = kv.watch("/vipd/v1/", Revision(before.0)).await.unwrap();
@@ -204,23 +242,49 @@ fn a_watch_from_a_compacted_revision_says_so_and_the_reflector_lists_again() {
 
         let reflector = vipd::store::Reflector::spawn(kv.clone(), Keys::default(), Default::default());
         let mut rx = reflector.subscribe();
-        let v = tokio::time::timeout(
-            Duration::from_secs(10),
-            rx.wait_for(|v| v.state.services.len() == 2),
-        )
-        .await
-        .expect("the reflector lists the services")
-        .unwrap()
-        .clone();
+        let v = wait_view(&mut rx, 10, "the reflector lists the services", |v| {
+            v.state.services.len() == 2
+        })
+        .await;
         assert_eq!(v.state.revision, now);
-        let api = vipd::core::model::ServiceName::new("api").unwrap();
-        cluster.claim_vip(&api, pool).await.unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            rx.wait_for(|v| v.state.services.len() == 3),
-        )
-        .await
-        .expect("the reflector watches new claims")
-        .unwrap();
+        let api = svc("api");
+        cluster.claim_vip(&api, pool()).await.unwrap();
+        wait_view(&mut rx, 10, "the reflector watches new claims", |v| {
+            v.state.services.len() == 3
+        })
+        .await;
+    });
+}
+
+#[test]
+fn an_unreachable_etcd_leaves_the_snapshot_as_it_was_and_new_claims_fail_clearly() {
+    let mut etcd = Etcd::start();
+    runtime().block_on(async {
+        let kv = etcd.kv().await;
+        let cluster = Cluster::new(kv.clone(), Keys::default());
+        cluster.claim_vip(&svc("web"), pool()).await.unwrap();
+        let backoff = vipd::store::Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(500),
+        };
+        let reflector = vipd::store::Reflector::spawn(kv.clone(), Keys::default(), backoff);
+        let mut rx = reflector.subscribe();
+        wait_view(&mut rx, 10, "the reflector lists the service", |v| {
+            v.state.services.len() == 1
+        })
+        .await;
+
+        etcd.kill();
+        let down = wait_view(&mut rx, 30, "the reflector notices the dead etcd", |v| {
+            v.unreachable_since.is_some()
+        })
+        .await;
+        assert_eq!(down.state.services.len(), 1, "the last snapshot is kept");
+        let db = svc("db");
+        match cluster.claim_vip(&db, pool()).await {
+            Err(StoreError::Kv(e)) => assert!(e.is_transient(), "{e}"),
+            other => panic!("a claim without etcd must fail as unreachable: {other:?}"),
+        }
+        assert_eq!(reflector.view().state.services.len(), 1);
     });
 }
