@@ -40,5 +40,6 @@ pub mod privileges;
 pub mod reconcile;
 pub mod show;
 pub mod state;
+pub mod store;
 pub mod sysctl;
 pub mod tools;

@@ -13,3 +13,4 @@ mod firewall;
 mod ingress;
 mod metrics;
 mod overlay;
+mod store;
