@@ -38,7 +38,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use serde::Serialize;
 
-pub use crate::core::cluster::{ContainerId, Health, NetworkId};
+pub use crate::core::containers::{ContainerId, Health, NetworkId};
 
 /// Where the Docker CLI and bollard look when `DOCKER_HOST` is not set.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";

@@ -267,7 +267,8 @@ fn parse_net_arg(text: &str, flag: &str) -> Result<vipd::core::model::Ipv4Net> {
         .parse()
         .with_context(|| format!("{flag} {text:?}: bad prefix length"))?;
     vipd::core::model::Ipv4Net::new(addr, prefix)
-        .filter(|n| n.prefix <= 30)
+        .ok()
+        .filter(|n| n.prefix_len() <= 30)
         .with_context(|| format!("{flag} {text:?}: the prefix length must be 0-30"))
 }
 
@@ -368,7 +369,9 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         .iter()
         .flat_map(|n| {
             n.subnets.iter().filter_map(|(a, p)| {
-                vipd::core::model::Ipv4Net::new(*a, *p).map(|net| (format!("Docker network {}", n.name), net))
+                vipd::core::model::Ipv4Net::new(*a, *p)
+                    .ok()
+                    .map(|net| (format!("Docker network {}", n.name), net))
             })
         })
         .collect();
@@ -406,7 +409,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
             // connected and local routes) are its own.
             let link_exists = nix::net::if_::if_nametoindex(vipd::ingress::DEFAULT_HOST_IFACE).is_ok();
             let own = |r: &vipd::core::model::Ipv4Net| {
-                link_exists && r.prefix >= subnet.prefix && subnet.contains(r.addr)
+                link_exists && r.prefix_len() >= subnet.prefix_len() && subnet.contains(&r.addr())
             };
             for (what, net) in routes.iter().filter(|(_, r)| !own(r)) {
                 if let Some(e) = overlap(what, *net) {
@@ -458,7 +461,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
                 .with_metrics(metrics.clone());
             let mut allowed = vipd::dns::server::loopback_networks();
             for (_, net) in &others {
-                allowed.push(format!("{}/{}", net.network().addr, net.prefix).parse()?);
+                allowed.push(ipnet::IpNet::V4(net.trunc()));
             }
             let config = vipd::dns::server::DnsConfig::new(dns_listen.clone(), allowed);
             let server = vipd::dns::server::DnsServer::bind(config, handle.clone()).await?;
@@ -586,7 +589,7 @@ fn run(cli: Cli) -> Result<()> {
                     bail_input!("--ingress-netns {ingress_netns:?}: expected a name for /run/netns, e.g. vipd_ingress");
                 }
                 let subnet = parse_net(&ingress_subnet, "--ingress-subnet")?;
-                if subnet.addr != subnet.network().addr {
+                if subnet.addr() != subnet.network() {
                     bail_input!("--ingress-subnet {ingress_subnet:?}: expected a network address, e.g. {DEFAULT_INGRESS_SUBNET}");
                 }
                 Some((ingress_netns, subnet))

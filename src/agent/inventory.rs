@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::core::cluster::{Container, ContainerId};
+use crate::core::containers::{Container, ContainerId};
 use crate::docker::NetworkInfo;
 
 /// Containers by id, and the networks.
@@ -58,7 +58,7 @@ impl Inventory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::cluster::NetworkId;
+    use crate::core::containers::NetworkId;
 
     fn net(id: &str) -> NetworkInfo {
         NetworkInfo {
@@ -73,7 +73,7 @@ mod tests {
     #[test]
     fn inspects_update_or_remove_one_container_and_network_listings_say_when_they_change() {
         let mut inv = Inventory::default();
-        let a = crate::core::cluster::fixture::container("a1aaaaaaaaaa", &[], &[("front", "10.1.0.5")]);
+        let a = crate::core::containers::fixture::container("a1aaaaaaaaaa", &[], &[("front", "10.1.0.5")]);
         inv.replace_containers([(a.id.clone(), a.clone())].into());
         let mut stopped = a.clone();
         stopped.running = false;

@@ -27,7 +27,7 @@ use futures::StreamExt;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::core::alloc::Allocations;
-use crate::core::cluster::{Attachment, Container, ContainerId, Drain, Health};
+use crate::core::containers::{Attachment, Container, ContainerId, Drain, Health};
 use crate::core::firewall::Rule;
 use crate::core::ipvs::Timeouts;
 use crate::core::labels;

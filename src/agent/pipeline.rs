@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::alloc::Allocations;
-use crate::core::cluster::{Attachment, Container};
+use crate::core::containers::{Attachment, Container};
 use crate::core::firewall::Rule;
 use crate::core::ipvs::Timeouts;
 use crate::core::labels::{self, LabelError, ServiceDef};
@@ -214,7 +214,7 @@ pub fn status(i: StatusInput<'_>) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::cluster::fixture::container;
+    use crate::core::containers::fixture::container;
     use crate::core::plan::ObservedSandbox;
     use crate::kernel::{KernelView, Programmed};
 

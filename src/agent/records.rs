@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::core::cluster::Attachment;
+use crate::core::containers::Attachment;
 use crate::core::model::SandboxKey;
 use crate::core::spec::SandboxSpec;
 use crate::core::status::SandboxStatus;

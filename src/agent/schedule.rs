@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::core::cluster::{ContainerId, Drain};
+use crate::core::containers::{ContainerId, Drain};
 
 /// How soon a listing that failed (while the event stream still runs) is tried again.
 pub const RELIST_RETRY: Duration = Duration::from_secs(5);

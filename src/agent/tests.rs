@@ -1,7 +1,7 @@
 use std::sync::Mutex;
 
 use super::*;
-use crate::core::cluster::NetworkId;
+use crate::core::containers::NetworkId;
 use crate::core::firewall::MarkedService;
 use crate::core::spec::SandboxSpec;
 use crate::docker::fake::{running_container, FakeEngine};
@@ -913,7 +913,7 @@ async fn status_lists_services_tasks_sandboxes_and_what_went_wrong() {
     let web = [(labels::SERVICE, "web")];
     engine.upsert_container(on_net("w1aaaaaaaaaa", "w1", "10.1.0.3", &web));
     let mut w2 = on_net("w2aaaaaaaaaa", "w2", "10.1.0.4", &web);
-    w2.health = Some(crate::core::cluster::Health::Unhealthy);
+    w2.health = Some(crate::core::containers::Health::Unhealthy);
     engine.upsert_container(w2);
     engine.upsert_container(on_net(
         "dbaaaaaaaaaa",

@@ -66,13 +66,13 @@ pub struct PoolOverlap {
 
 /// Do two networks share any address?
 pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
-    let shorter = a.prefix.min(b.prefix);
+    let shorter = a.prefix_len().min(b.prefix_len());
     let mask = if shorter == 0 {
         0
     } else {
         u32::MAX << (32 - u32::from(shorter))
     };
-    u32::from(a.addr) & mask == u32::from(b.addr) & mask
+    u32::from(a.addr()) & mask == u32::from(b.addr()) & mask
 }
 
 /// Check the pool against named networks (Docker networks, host routes).
@@ -207,7 +207,7 @@ impl Allocations {
         let out: Vec<ServiceName> = self
             .services
             .iter()
-            .filter(|(_, a)| !pool.contains(a.vip))
+            .filter(|(_, a)| !pool.contains(&a.vip))
             .map(|(s, _)| s.clone())
             .collect();
         for s in &out {
@@ -226,8 +226,8 @@ impl Allocations {
 /// The first and last usable address of a pool, as numbers: not the network or broadcast
 /// address when the pool is a /30 or larger.
 fn pool_range(pool: Ipv4Net) -> (u32, u32) {
-    let base = u32::from(pool.network().addr);
-    let size: u64 = 1u64 << (32 - u32::from(pool.prefix));
+    let base = u32::from(pool.network());
+    let size: u64 = 1u64 << (32 - u32::from(pool.prefix_len()));
     let (first, last) = if size >= 4 { (1, size - 2) } else { (0, size - 1) };
     (base + first as u32, base + last as u32)
 }

@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::cluster::{Container, ContainerId};
+use super::containers::{Container, ContainerId};
 use super::model::{EndpointMode, PortKey, Protocol, Scheduler, ServiceName};
 use super::spec::{DEFAULT_WEIGHT, MAX_WEIGHT};
 
@@ -312,7 +312,7 @@ mod tests {
         Container {
             name: format!("c{id}"),
             sandbox: None,
-            ..crate::core::cluster::fixture::container(&id.repeat(12), labels, &[])
+            ..crate::core::containers::fixture::container(&id.repeat(12), labels, &[])
         }
     }
 

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use super::cluster::{Container, ContainerId};
+use super::containers::{Container, ContainerId};
 use super::labels::{Publish, ServiceDef};
 use super::model::{BackendAddr, FwMark, PortKey, Protocol, ServiceName, Vip};
 use super::rules::{Direction, Intent, IpFamily, Origin};
@@ -149,11 +149,11 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::cluster::Health;
+    use crate::core::containers::Health;
     use crate::core::labels::{self, PUBLISH, SERVICE};
     use crate::core::plan;
 
-    use crate::core::cluster::fixture::container as c;
+    use crate::core::containers::fixture::container as c;
 
     fn link() -> IngressLink {
         IngressLink {

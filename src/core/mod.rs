@@ -1,7 +1,7 @@
 //! The pure core: no I/O, no unsafe, tested fast.
 
 pub mod alloc;
-pub mod cluster;
+pub mod containers;
 pub mod firewall;
 pub mod ipvs;
 pub mod labels;

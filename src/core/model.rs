@@ -233,44 +233,8 @@ impl fmt::Display for BackendAddr {
     }
 }
 
-/// An IPv4 network: an address and a prefix length, e.g. a sandbox's `10.0.0.2/24`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Ipv4Net {
-    pub addr: std::net::Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Ipv4Net {
-    pub fn new(addr: std::net::Ipv4Addr, prefix: u8) -> Option<Self> {
-        (prefix <= 32).then_some(Ipv4Net { addr, prefix })
-    }
-
-    fn mask(self) -> u32 {
-        if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix))
-        }
-    }
-
-    /// The network itself (host bits cleared).
-    pub fn network(self) -> Ipv4Net {
-        Ipv4Net {
-            addr: (u32::from(self.addr) & self.mask()).into(),
-            prefix: self.prefix,
-        }
-    }
-
-    pub fn contains(self, ip: std::net::Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
-    }
-}
-
-impl fmt::Display for Ipv4Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
+/// An IPv4 network: the `ipnet` type, the one CIDR type of vipd.
+pub use ipnet::Ipv4Net;
 
 /// A container's network namespace, as the engine names it (Docker's `SandboxKey`, a path
 /// such as `/run/docker/netns/0123456789ab`), or the ingress namespace: what the agent and
@@ -377,6 +341,83 @@ impl fmt::Display for PortKey {
     }
 }
 
+/// A name unfit for a key segment (a node name or a task id).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {name:?}: use 1-253 characters from a-z, A-Z, 0-9, '-', '_' and '.', starting with a letter or digit")]
+pub struct InvalidName {
+    pub what: &'static str,
+    pub name: String,
+}
+
+fn check_segment(what: &'static str, name: &str) -> Result<(), InvalidName> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// A validated name that is one segment of a key: built with `new`, read back from JSON
+/// through the same check.
+macro_rules! key_segment {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(name: &str) -> Result<Self, InvalidName> {
+                check_segment($what, name).map(|()| $name(name.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidName;
+
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                $name::new(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(n: $name) -> String {
+                n.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+key_segment!(
+    /// A node's name in the cluster (unique among live nodes).
+    NodeName,
+    "node name"
+);
+key_segment!(
+    /// A task's id (its container id), unique within its node.
+    TaskId,
+    "task id"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,10 +478,10 @@ mod tests {
     #[test]
     fn ipv4_networks_contain_their_hosts() {
         let n = Ipv4Net::new("10.0.0.2".parse().unwrap(), 24).unwrap();
-        assert!(n.contains("10.0.0.200".parse().unwrap()));
-        assert!(!n.contains("10.0.1.2".parse().unwrap()));
-        assert_eq!(n.network().to_string(), "10.0.0.0/24");
+        assert!(n.contains(&"10.0.0.200".parse::<std::net::Ipv4Addr>().unwrap()));
+        assert!(!n.contains(&"10.0.1.2".parse::<std::net::Ipv4Addr>().unwrap()));
+        assert_eq!(n.trunc().to_string(), "10.0.0.0/24");
         let all = Ipv4Net::new("1.2.3.4".parse().unwrap(), 0).unwrap();
-        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!(all.contains(&"8.8.8.8".parse::<std::net::Ipv4Addr>().unwrap()));
     }
 }

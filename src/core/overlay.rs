@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use super::model::{Ipv4Net, NodeName};
 
 /// The longest interface name the kernel takes (`IFNAMSIZ` less the terminating NUL).
 pub const MAX_DEVICE_NAME: usize = 15;
@@ -23,26 +23,6 @@ pub const NODE_PREFIX: u8 = 24;
 /// Bytes VXLAN adds to every packet over an IPv4 underlay: outer IPv4 (20), UDP (8),
 /// VXLAN (8) and the inner Ethernet header (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
-
-/// The name a node goes by in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeName(String);
-
-impl NodeName {
-    pub fn new(name: impl Into<String>) -> Self {
-        NodeName(name.into())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for NodeName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// One node of the cluster: where its VXLAN packets go (`underlay`) and the /24 its
 /// containers live in.
@@ -507,7 +487,7 @@ mod tests {
 
     fn node(name: &str, underlay: [u8; 4], third: u8) -> Node {
         Node {
-            name: NodeName::new(name),
+            name: NodeName::new(name).unwrap(),
             underlay: Ipv4Addr::from(underlay),
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 230, third, 0), 24).unwrap(),
         }
@@ -679,7 +659,7 @@ mod tests {
         assert_eq!(mac.to_string(), "06:76:0a:e6:01:00");
         let mut elsewhere = a();
         elsewhere.underlay = Ipv4Addr::new(10, 0, 0, 1);
-        elsewhere.name = NodeName::new("renamed");
+        elsewhere.name = NodeName::new("renamed").unwrap();
         assert_eq!(elsewhere.mac(), mac);
         assert_ne!(b().mac(), mac);
         let first = mac.octets()[0];
@@ -703,16 +683,16 @@ mod tests {
         assert_eq!(
             desired(&config, &a(), &[b(), same_subnet]),
             Err(OverlayError::DuplicateSubnet {
-                node: NodeName::new("c"),
-                other: NodeName::new("b"),
+                node: NodeName::new("c").unwrap(),
+                other: NodeName::new("b").unwrap(),
                 subnet: b().subnet
             })
         );
         let mut same_name = c();
-        same_name.name = NodeName::new("b");
+        same_name.name = NodeName::new("b").unwrap();
         assert_eq!(
             desired(&config, &a(), &[b(), same_name]),
-            Err(OverlayError::DuplicateName(NodeName::new("b")))
+            Err(OverlayError::DuplicateName(NodeName::new("b").unwrap()))
         );
     }
 

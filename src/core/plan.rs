@@ -323,7 +323,7 @@ fn snat_sources(spec: &SandboxSpec, addrs: &[Ipv4Net]) -> BTreeSet<(Ipv4Net, std
         .filter(|s| s.publish.is_none())
         .flat_map(|s| &s.backends)
         .filter_map(|b| own_network(addrs, &b.addr))
-        .map(|own| (own.network(), own.addr))
+        .map(|own| (own.trunc(), own.addr()))
         .collect()
 }
 
@@ -475,7 +475,7 @@ fn own_network(addrs: &[Ipv4Net], addr: &BackendAddr) -> Option<Ipv4Net> {
     let IpAddr::V4(ip) = addr.addr() else {
         return None;
     };
-    addrs.iter().find(|a| a.contains(ip)).copied()
+    addrs.iter().find(|a| a.contains(&ip)).copied()
 }
 
 /// Whether a backend of one of `spec`'s VIP services is on the network `net`: then the
@@ -485,7 +485,7 @@ fn covers(spec: &SandboxSpec, net: Ipv4Net) -> bool {
         .iter()
         .filter(|s| s.publish.is_none())
         .flat_map(|s| &s.backends)
-        .any(|b| matches!(b.addr.addr(), IpAddr::V4(ip) if net.contains(ip)))
+        .any(|b| matches!(b.addr.addr(), IpAddr::V4(ip) if net.contains(&ip)))
 }
 
 /// Add to `plan` what brings one service, and its destinations, from `seen` to `svc`.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::core::alloc::Allocations;
-use crate::core::cluster::{Container, ContainerId, Drain, Health};
+use crate::core::containers::{Container, ContainerId, Drain, Health};
 use crate::core::labels::{LabelError, ServiceDef};
 use crate::core::model::EndpointMode;
 use crate::core::model::PortKey;

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::alloc::Allocations;
-use super::cluster::{Container, ContainerId, NetworkId};
+use super::containers::{Container, ContainerId, NetworkId};
 use super::ipvs::Timeouts;
 use super::labels::ServiceDef;
 use super::model::EndpointMode;
@@ -95,11 +95,11 @@ fn services_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::cluster::{Drain, Health};
+    use crate::core::containers::{Drain, Health};
     use crate::core::labels;
     use crate::core::model::Ipv4Net;
 
-    use crate::core::cluster::fixture::container as c;
+    use crate::core::containers::fixture::container as c;
 
     fn plan(cs: &[Container]) -> BTreeMap<SandboxKey, Arc<SandboxSpec>> {
         let (defs, errors) = labels::services(cs);

@@ -180,7 +180,7 @@ impl GatewayDns {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::cluster::NetworkId;
+    use crate::core::containers::NetworkId;
 
     fn net(name: &str, driver: &str, subnet: &str, gateway: Option<&str>) -> NetworkInfo {
         let (a, p) = subnet.split_once('/').unwrap();

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use super::catalog::{Catalog, ContainerRecord, ServiceRecord};
 use super::names;
 use crate::core::alloc::Allocations;
-use crate::core::cluster::Container;
+use crate::core::containers::Container;
 use crate::core::labels::ServiceDef;
 use crate::core::model::EndpointMode;
 use crate::core::model::{BackendAddr, ServiceName};
@@ -103,7 +103,7 @@ fn first_address(c: &Container) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::cluster::fixture;
+    use crate::core::containers::fixture;
     use crate::core::labels;
     use crate::core::model::Ipv4Net;
     use crate::dns::catalog::{answer, Answer, Query, QueryType, RecordData, CLASS_IN};

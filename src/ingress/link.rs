@@ -201,8 +201,8 @@ async fn converge_links(
 
     // Addresses first: a link that comes up with its address gets its subnet route.
     let (host_index, peer_index) = (host_link.header.index, peer_link.header.index);
-    let want_host = Ipv4Net::new(plan.host_addr, plan.prefix);
-    let want_peer = Ipv4Net::new(plan.ingress_addr, plan.prefix);
+    let want_host = Ipv4Net::new(plan.host_addr, plan.prefix).ok();
+    let want_peer = Ipv4Net::new(plan.ingress_addr, plan.prefix).ok();
     for (handle, index, iface, want, side) in [
         (host, host_index, host_if, want_host, Side::Host),
         (ingress, peer_index, peer_if, want_peer, inside),
@@ -344,7 +344,7 @@ async fn ensure_addr(
             AddressAttribute::Local(std::net::IpAddr::V4(a)) => Some(*a),
             _ => None,
         });
-        if let Some(net) = local.and_then(|a| Ipv4Net::new(a, msg.header.prefix_len)) {
+        if let Some(net) = local.and_then(|a| Ipv4Net::new(a, msg.header.prefix_len).ok()) {
             have.push((net, msg));
         }
     }
@@ -368,7 +368,7 @@ async fn ensure_addr(
     if !present {
         handle
             .address()
-            .add(index, want.addr.into(), want.prefix)
+            .add(index, want.addr().into(), want.prefix_len())
             .execute()
             .await
             .map_err(|source| IngressError::Netlink {

@@ -81,7 +81,7 @@ impl IngressConfig {
         check_netns_name(&self.netns_name)?;
         check_iface("host_iface", &self.host_iface)?;
         check_iface("ingress_iface", &self.ingress_iface)?;
-        let prefix = self.subnet.prefix;
+        let prefix = self.subnet.prefix_len();
         if prefix > 30 {
             return Err(IngressError::Config {
                 field: "subnet",
@@ -89,7 +89,7 @@ impl IngressConfig {
                 reason: "must be a /30 or larger (two usable addresses)",
             });
         }
-        let network = u32::from(self.subnet.network().addr);
+        let network = u32::from(self.subnet.network());
         Ok(Ingress {
             netns: NetnsPath::from_arg(&self.netns_name),
             host_addr: Ipv4Addr::from(network + 1),

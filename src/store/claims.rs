@@ -11,7 +11,7 @@ use std::time::Duration;
 use tracing::{debug, info, instrument};
 
 use super::kv::{Compare, KeyValue, Kv, KvError, LeaseId, Op, Txn};
-use super::layout::{net_text, ClusterState, Keys, NodeName, NodeRecord, TaskRecord, VipClaim};
+use super::layout::{ClusterState, Keys, NodeName, NodeRecord, TaskRecord, VipClaim};
 use crate::core::alloc::FIRST_FWMARK;
 use crate::core::model::Protocol;
 use crate::core::model::{Ipv4Net, ServiceName};
@@ -86,8 +86,8 @@ fn put(key: String, value: Vec<u8>, lease: Option<LeaseId>) -> Op {
 /// The first and last address of a pool that may be handed out: not the network or
 /// broadcast address of a /30 or larger.
 fn usable(pool: Ipv4Net) -> (u64, u64) {
-    let base = u64::from(u32::from(pool.network().addr));
-    let size = 1u64 << (32 - u32::from(pool.prefix));
+    let base = u64::from(u32::from(pool.network()));
+    let size = 1u64 << (32 - u32::from(pool.prefix_len()));
     if size >= 4 {
         (base + 1, base + size - 2)
     } else {
@@ -206,19 +206,22 @@ impl Cluster {
         prefix_len: u8,
         lease: Option<LeaseId>,
     ) -> Result<Ipv4Net, StoreError> {
-        if prefix_len < range.prefix || prefix_len > 30 {
+        if prefix_len < range.prefix_len() || prefix_len > 30 {
             return Err(StoreError::BadSubnetSize { range, prefix_len });
         }
-        let range = range.network();
+        let range = range.trunc();
         let mine_key = self.keys.node_subnet(node);
-        let count = 1u64 << (prefix_len - range.prefix);
+        let count = 1u64 << (prefix_len - range.prefix_len());
         let step = 1u64 << (32 - u32::from(prefix_len));
         for _ in 0..MAX_ATTEMPTS {
             if let Some(kv) = self.get(&mine_key).await? {
-                let net = net_text::parse(&text(&kv)).ok_or_else(|| StoreError::Corrupt {
-                    key: kv.key.clone(),
-                    error: "not an IPv4 network".into(),
-                })?;
+                let net = text(&kv)
+                    .parse::<Ipv4Net>()
+                    .ok()
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: kv.key.clone(),
+                        error: "not an IPv4 network".into(),
+                    })?;
                 return Ok(net);
             }
             let taken: BTreeSet<String> = self
@@ -229,11 +232,11 @@ impl Cluster {
                 .into_iter()
                 .map(|kv| kv.key)
                 .collect();
-            let base = u64::from(u32::from(range.addr));
+            let base = u64::from(u32::from(range.addr()));
             let free = (0..count)
                 .filter_map(|i| {
                     let addr = Ipv4Addr::from(u32::try_from(base + i * step).ok()?);
-                    Ipv4Net::new(addr, prefix_len)
+                    Ipv4Net::new(addr, prefix_len).ok()
                 })
                 .find(|net| !taken.contains(&self.keys.subnet(*net)));
             let Some(net) = free else {
@@ -272,7 +275,7 @@ impl Cluster {
         };
         let mut ops = vec![Op::Delete(mine_key.clone())];
         let mut when = vec![Compare::ModRevisionIs(mine_key, kv.mod_revision)];
-        if let Some(net) = net_text::parse(&text(&kv)) {
+        if let Ok(net) = text(&kv).parse::<Ipv4Net>() {
             let index = self.keys.subnet(net);
             when.push(Compare::ValueIs(index.clone(), node.as_str().into()));
             ops.push(Op::Delete(index));

@@ -16,7 +16,6 @@
 //! that make a value unique cluster-wide inside the claim's transaction.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
@@ -28,116 +27,7 @@ use crate::core::model::{FwMark, Ipv4Net, ServiceName, Vip};
 /// The default prefix of every vipd key in the cluster store.
 pub const DEFAULT_PREFIX: &str = "/vipd/v1/";
 
-/// A name unfit for a key segment (a node name or a task id).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {what} {name:?}: use 1-253 characters from a-z, A-Z, 0-9, '-', '_' and '.', starting with a letter or digit")]
-pub struct InvalidName {
-    pub what: &'static str,
-    pub name: String,
-}
-
-fn check_segment(what: &'static str, name: &str) -> Result<(), InvalidName> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(InvalidName {
-            what,
-            name: name.to_owned(),
-        })
-    }
-}
-
-/// A validated name that is one segment of a key: built with `new`, read back from JSON
-/// through the same check.
-macro_rules! key_segment {
-    ($(#[$doc:meta])* $name:ident, $what:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
-
-        impl $name {
-            pub fn new(name: &str) -> Result<Self, InvalidName> {
-                check_segment($what, name).map(|()| $name(name.to_owned()))
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl TryFrom<String> for $name {
-            type Error = InvalidName;
-
-            fn try_from(s: String) -> Result<Self, Self::Error> {
-                $name::new(&s)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(n: $name) -> String {
-                n.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-    };
-}
-
-key_segment!(
-    /// A node's name in the cluster (unique among live nodes).
-    NodeName,
-    "node name"
-);
-key_segment!(
-    /// A task's id (its container id), unique within its node.
-    TaskId,
-    "task id"
-);
-
-/// `A.B.C.D/N` as text in JSON and keys (the core type has no parser of its own).
-pub(crate) mod net_text {
-    use super::Ipv4Net;
-
-    pub fn parse(s: &str) -> Option<Ipv4Net> {
-        let (addr, len) = s.split_once('/')?;
-        Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?)
-    }
-
-    pub fn serialize<S: serde::Serializer>(net: &Ipv4Net, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(net)
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ipv4Net, D::Error> {
-        let s = <String as serde::Deserialize>::deserialize(d)?;
-        parse(&s).ok_or_else(|| serde::de::Error::custom(format!("not an IPv4 network: {s:?}")))
-    }
-
-    pub mod opt {
-        use super::Ipv4Net;
-
-        pub fn serialize<S: serde::Serializer>(net: &Option<Ipv4Net>, s: S) -> Result<S::Ok, S::Error> {
-            match net {
-                Some(n) => super::serialize(n, s),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Net>, D::Error> {
-            super::deserialize(d).map(Some)
-        }
-    }
-}
+pub use crate::core::model::{InvalidName, NodeName, TaskId};
 
 /// A registered node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +36,7 @@ pub struct NodeRecord {
     /// The address other nodes reach it at (the VXLAN underlay).
     pub address: IpAddr,
     /// The node's slice of the cluster range, once it has one.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "net_text::opt")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<Ipv4Net>,
 }
 
@@ -222,7 +112,7 @@ impl Keys {
     }
 
     pub fn subnet(&self, net: Ipv4Net) -> String {
-        self.key(&["subnets", &format!("{}-{}", net.addr, net.prefix)])
+        self.key(&["subnets", &format!("{}-{}", net.addr(), net.prefix_len())])
     }
 
     pub fn service(&self, service: &ServiceName) -> String {
@@ -313,7 +203,7 @@ impl ClusterState {
             }
             ["node-subnets", name] => {
                 self.subnets
-                    .insert(NodeName::new(name).ok()?, net_text::parse(text?)?);
+                    .insert(NodeName::new(name).ok()?, text?.parse().ok()?);
             }
             ["services", name] => {
                 let claim: VipClaim = serde_json::from_slice(&kv.value).ok()?;

@@ -7,7 +7,8 @@
 
 use std::net::Ipv4Addr;
 
-use vipd::core::overlay::{DeviceName, Node, NodeName, OverlayConfig, OverlayOp};
+use vipd::core::model::NodeName;
+use vipd::core::overlay::{DeviceName, Node, OverlayConfig, OverlayOp};
 use vipd::netns::{run_in, NetnsPath};
 use vipd::overlay::{self, OverlayKernelError};
 
@@ -91,7 +92,7 @@ impl World {
             container.exec(&["ip", "route", "add", "default", "via", &gateway]);
 
             let node = Node {
-                name: NodeName::new(name),
+                name: NodeName::new(name).unwrap(),
                 underlay,
                 subnet: format!("10.230.{third}.0/24").parse().unwrap(),
             };

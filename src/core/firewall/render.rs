@@ -36,7 +36,7 @@ pub fn render(intent: &Intent) -> ChainRule {
             NAT_POSTROUTING,
             format!(
                 "-d {} -m ipvs --ipvs -m comment --comment {COMMENT_PREFIX}snat -j SNAT --to-source {source}",
-                dest_net.network()
+                dest_net.trunc()
             ),
         ),
         Intent::SnatAllIpvs { source } => rule(
