@@ -65,7 +65,8 @@ pub struct ClusterNode {
     /// Its dockerd's directory (dockerd-start.sh's DIR) and the etcd data dir's parent.
     dir: PathBuf,
     etcd_dir: PathBuf,
-    etcd: Option<Child>,
+    /// The etcd member (behind a lock: it is watched from a thread of its own).
+    etcd: Mutex<Option<Child>>,
 }
 
 impl ClusterNode {
@@ -240,10 +241,19 @@ impl Cluster {
 
         let t = Instant::now();
         cluster.start_etcd();
-        let dockerds = cluster.start_dockerds();
-        cluster.wait_etcd();
-        cluster.step("etcd cluster healthy", t);
-        let mut failures = Vec::new();
+        // etcd comes up while the dockerds do: both are waits, not work.
+        let (etcd, dockerds) = std::thread::scope(|scope| {
+            let cluster = &cluster;
+            let etcd = scope.spawn(move || {
+                let healthy = cluster.wait_etcd();
+                cluster.step("etcd cluster healthy (alongside the dockerds)", t);
+                healthy
+            });
+            let dockerds = cluster.start_dockerds();
+            let etcd = etcd.join().unwrap_or_else(|_| Err("panicked".into()));
+            (etcd, dockerds)
+        });
+        let mut failures: Vec<String> = etcd.err().into_iter().collect();
         for (node, result) in cluster.nodes.iter_mut().zip(dockerds) {
             match result {
                 Ok(host) => node.docker_host = host,
@@ -252,7 +262,7 @@ impl Cluster {
         }
         assert!(
             failures.is_empty(),
-            "dockerd start failed:\n{}",
+            "cluster start failed:\n{}",
             failures.join("\n")
         );
         cluster.step("dockerds ready and images imported (parallel)", t);
@@ -274,15 +284,12 @@ impl Cluster {
     pub fn step(&self, what: &str, since: Instant) {
         let took = since.elapsed();
         eprintln!("cluster: {what}: {:.1} s", took.as_secs_f64());
-        self.timings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((what.to_owned(), took));
+        lock(&self.timings).push((what.to_owned(), took));
     }
 
     /// Every step recorded so far, in order.
     pub fn timings(&self) -> Vec<(String, Duration)> {
-        self.timings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.timings).clone()
     }
 
     fn make_node(&self, i: u8) -> ClusterNode {
@@ -314,13 +321,13 @@ impl Cluster {
             etcd_url: format!("http://{underlay}:2379"),
             dir: self.base.join(format!("n{i}")),
             etcd_dir: self.etcd_base.join(format!("n{i}")),
-            etcd: None,
+            etcd: Mutex::new(None),
         }
     }
 
     /// One etcd member per node, all at once (`--initial-cluster-state new` waits for
     /// the others), with the emulation's timing and no fsync.
-    fn start_etcd(&mut self) {
+    fn start_etcd(&self) {
         let initial: Vec<String> = self
             .nodes
             .iter()
@@ -328,7 +335,7 @@ impl Cluster {
             .collect();
         let initial = initial.join(",");
         let token = unique("vcl-etcd-");
-        for node in &mut self.nodes {
+        for node in &self.nodes {
             std::fs::create_dir_all(&node.etcd_dir).expect("etcd dir");
             let log = File::create(node.etcd_dir.join("etcd.log")).expect("etcd log");
             let ip = node.underlay;
@@ -352,24 +359,28 @@ impl Cluster {
                 .stderr(log)
                 .spawn()
                 .expect("cannot start etcd (scripts/setup.sh --deps installs it)");
-            node.etcd = Some(child);
+            *lock(&node.etcd) = Some(child);
         }
     }
 
-    /// Until every member reports healthy and the member list has them all.
-    fn wait_etcd(&mut self) {
+    /// Until every member reports healthy and the member list has them all; why not
+    /// when a member exits or the time is up.
+    fn wait_etcd(&self) -> Result<(), String> {
         let endpoints: Vec<&str> = self.nodes.iter().map(|n| n.etcd_url.as_str()).collect();
         let endpoints = format!("--endpoints={}", endpoints.join(","));
         let deadline = Instant::now() + ETCD_TIMEOUT;
         let first = self.node(1).netns_path();
         loop {
-            for node in &mut self.nodes {
-                if let Some(status) = node.etcd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    panic!(
+            for node in &self.nodes {
+                let exited = lock(&node.etcd)
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    return Err(format!(
                         "etcd of {} exited ({status}):\n{}",
                         node.name,
                         log_tail(&node.etcd_dir.join("etcd.log"))
-                    );
+                    ));
                 }
             }
             let health = exec_in_output(
@@ -383,16 +394,24 @@ impl Cluster {
                 ],
             );
             if health.status.success() {
-                let members = exec_in(&first, &["etcdctl", &endpoints, "member", "list"]);
-                assert_eq!(members.lines().count(), self.nodes.len(), "{members}");
-                return;
+                let members = exec_in_output(&first, &["etcdctl", &endpoints, "member", "list"]);
+                let list = String::from_utf8_lossy(&members.stdout);
+                if members.status.success() && list.lines().count() == self.nodes.len() {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "not {} members: {}",
+                    self.nodes.len(),
+                    describe(&members)
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd not healthy after {ETCD_TIMEOUT:?}: {}\nnode1's log:\n{}",
-                describe(&health),
-                log_tail(&self.node(1).etcd_dir.join("etcd.log"))
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "etcd not healthy after {ETCD_TIMEOUT:?}: {}\nnode1's log:\n{}",
+                    describe(&health),
+                    log_tail(&self.node(1).etcd_dir.join("etcd.log"))
+                ));
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
     }
@@ -527,6 +546,11 @@ impl Cluster {
     }
 }
 
+/// A lock whose holder may have panicked: teardown must go on regardless.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -554,8 +578,8 @@ impl Drop for Cluster {
                 });
             }
         });
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.etcd.take() {
+        for node in &self.nodes {
+            if let Some(mut child) = lock(&node.etcd).take() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
