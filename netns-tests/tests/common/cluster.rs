@@ -28,6 +28,7 @@ use vipd::core::overlay::{Node, NodeName, OverlayConfig};
 use vipd::netns::{run_in, NetnsPath};
 use vipd::overlay;
 
+use super::docker::{describe, docker_at, docker_output_at, import_busybox, script};
 use super::{output, require_root, run, unique, veth, Netns};
 
 /// The image busybox-image.sh imports into every node's dockerd.
@@ -43,8 +44,6 @@ pub const OVERLAY_CHAIN: &str = "VIPD-OVERLAY";
 const UPLINK: &str = "up0";
 /// The underlay MTU; the overlay and the `vipd` network take 50 bytes less.
 const UNDERLAY_MTU: u32 = 1500;
-/// Seconds one docker CLI call may take (a hung daemon fails the test, not hangs it).
-const CLI_TIMEOUT_S: &str = "180";
 /// How long etcd's members may take to form the cluster.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -91,25 +90,12 @@ impl ClusterNode {
 
     /// `docker ARGS` against this node's dockerd, with a timeout; whatever it did.
     pub fn docker_output(&self, args: &[&str]) -> Output {
-        Command::new("timeout")
-            .args([CLI_TIMEOUT_S, docker_cli(), "-H", &self.docker_host])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run the docker client")
+        docker_output_at(&self.docker_host, args)
     }
 
     /// `docker ARGS`, which must succeed; its stdout, trimmed.
     pub fn docker(&self, args: &[&str]) -> String {
-        let out = self.docker_output(args);
-        assert!(
-            out.status.success(),
-            "{}: `docker {}` failed: {}",
-            self.name,
-            args.join(" "),
-            describe(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        docker_at(&self.docker_host, args)
     }
 
     /// `docker run -d ARGS` (image and command included); the container's id. It is
@@ -166,30 +152,6 @@ pub fn exec_in_output(netns: &str, args: &[&str]) -> Output {
     let mut full = vec!["nsenter", &net, "--"];
     full.extend_from_slice(args);
     output(&full)
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Debian's docker client, which speaks its daemon's API version.
-fn docker_cli() -> &'static str {
-    if Path::new("/usr/bin/docker").exists() {
-        "/usr/bin/docker"
-    } else {
-        "docker"
-    }
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts/docker")
-        .join(name)
 }
 
 /// The underlay address of node `i`: nodes on the fabric in 192.168.230.0/24, node 3 in
@@ -456,14 +418,7 @@ impl Cluster {
             .ok_or_else(|| format!("no DOCKER_HOST line in:\n{stdout}"))?
             .to_owned();
         self.step(&format!("{}: dockerd ready", node.name), t);
-        let image = Command::new(script("busybox-image.sh"))
-            .env("DOCKER_HOST", &host)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run busybox-image.sh: {e}"))?;
-        if !image.status.success() {
-            return Err(format!("busybox-image.sh failed: {}", describe(&image)));
-        }
+        import_busybox(&host)?;
         self.step(&format!("{}: dockerd ready and image imported", node.name), t);
         Ok(host)
     }
