@@ -45,14 +45,17 @@
 # Environment: VIPD_DOCKERD_START_TIMEOUT (seconds to wait for the daemon, default 120:
 # about 3 s on the build host, about 14 s in the emulated VM), VIPD_DOCKER_STORAGE_DRIVER,
 # VIPD_DOCKER_CLI (see lib.sh), VIPD_DOCKERD_LIVE_RESTORE=1 (containers keep running while
-# dockerd is down: `live-restore` in its daemon.json).
+# dockerd is down: `live-restore` in its daemon.json), VIPD_DOCKER_NETNS_NAME (run dockerd
+# in this existing namespace, which stays the caller's: several dockerds as the "nodes" of
+# a test cluster, each in its node's namespace), VIPD_DOCKER_ADDRESS_POOL (instead of
+# base=10.210.0.0/16,size=24, so that nodes' default bridges differ).
 set -euo pipefail
 
 script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/docker/lib.sh
 . "$script_dir/lib.sh"
 
-readonly ADDRESS_POOL=base=10.210.0.0/16,size=24
+readonly ADDRESS_POOL=${VIPD_DOCKER_ADDRESS_POOL:-base=10.210.0.0/16,size=24}
 readonly START_TIMEOUT=${VIPD_DOCKERD_START_TIMEOUT:-120}
 # dockerd and its containerd live in /usr/sbin and /usr/bin; iptables in /usr/sbin.
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
@@ -63,6 +66,14 @@ log() { echo "dockerd-start: $*" >&2; }
 [[ $EUID -eq 0 ]] || { log "must run as root"; exit 1; }
 command -v dockerd >/dev/null || { log "dockerd not found: run scripts/docker/ensure-docker.sh"; exit 1; }
 docker_dir_layout "$1"
+if [[ -n "${VIPD_DOCKER_NETNS_NAME:-}" ]]; then
+  [[ -e "/run/netns/$VIPD_DOCKER_NETNS_NAME" ]] || {
+    log "VIPD_DOCKER_NETNS_NAME: no namespace /run/netns/$VIPD_DOCKER_NETNS_NAME"
+    exit 1
+  }
+  echo "$VIPD_DOCKER_NETNS_NAME" >"$DOCKER_DIR/netns-name"
+  docker_dir_layout "$1"
+fi
 
 print_env() {
   echo "DOCKER_HOST=unix://$DOCKER_SOCK"

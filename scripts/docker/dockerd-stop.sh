@@ -17,7 +17,8 @@
 #      mount dockerd makes, overlay2 layers, the sandboxes' netns bind mounts);
 #   5. delete the network namespace dockerd ran in, which takes docker0, the user
 #      bridges, the veths and all of Docker's iptables chains with it; the host's own
-#      network was never touched (see dockerd-start.sh);
+#      network was never touched (see dockerd-start.sh); a namespace the caller gave
+#      dockerd-start.sh (VIPD_DOCKER_NETNS_NAME) is left to the caller;
 #   6. remove the runtime state (socket, pidfile, exec-root), or all of DIR with --purge.
 # Exits 0 when nothing of it is left running or mounted, also when it was not running.
 set -euo pipefail
@@ -131,7 +132,8 @@ while read -r mp; do
 done < <(mounts_under_dir)
 
 # 5. The network namespace (its bridges, veths and iptables chains go with it).
-if [[ -e "$DOCKER_NETNS" ]]; then
+# A namespace the caller gave dockerd-start.sh is the caller's to delete.
+if ((DOCKER_NETNS_OWNED)) && [[ -e "$DOCKER_NETNS" ]]; then
   ip netns del "$DOCKER_NETNS_NAME" || log "cannot delete netns $DOCKER_NETNS_NAME"
 fi
 

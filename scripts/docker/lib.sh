@@ -43,10 +43,19 @@ docker_dir_layout() {
   # again. It names the network namespace dockerd runs in and the cgroup parent of its
   # containers.
   DOCKER_INSTANCE=vipd-docker-$(printf '%s' "$DOCKER_DIR" | sha256sum | cut -c1-10)
-  DOCKER_NETNS_NAME=$DOCKER_INSTANCE
+  # A namespace the caller gave dockerd-start.sh (VIPD_DOCKER_NETNS_NAME) is recorded in
+  # DIR, so every script finds it again; it is the caller's (a test's "node"), so
+  # dockerd-stop.sh leaves it for the caller to delete (DOCKER_NETNS_OWNED=0).
+  if [[ -r "$DOCKER_DIR/netns-name" ]]; then
+    DOCKER_NETNS_NAME=$(<"$DOCKER_DIR/netns-name")
+    DOCKER_NETNS_OWNED=0
+  else
+    DOCKER_NETNS_NAME=$DOCKER_INSTANCE
+    DOCKER_NETNS_OWNED=1
+  fi
   DOCKER_NETNS=/run/netns/$DOCKER_NETNS_NAME
   export DOCKER_DIR DOCKER_SOCK DOCKER_PIDFILE DOCKER_LOG DOCKER_CONF DOCKER_DATA DOCKER_EXEC \
-    DOCKER_INSTANCE DOCKER_NETNS_NAME DOCKER_NETNS
+    DOCKER_INSTANCE DOCKER_NETNS_NAME DOCKER_NETNS DOCKER_NETNS_OWNED
 }
 
 # True when process $1 exists and is not a zombie (a killed daemon whose parent has not

@@ -49,13 +49,15 @@ pub fn dockerd() -> &'static Dockerd {
     }
 }
 
-fn script(name: &str) -> PathBuf {
+/// A script of scripts/docker/.
+pub fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scripts/docker")
         .join(name)
 }
 
-fn describe(out: &Output) -> String {
+/// A finished command's status and output, for a failure message.
+pub fn describe(out: &Output) -> String {
     format!(
         "{}\nstdout:\n{}\nstderr:\n{}",
         out.status,
@@ -169,14 +171,7 @@ fn start(shared: bool, live_restore: bool) -> Result<Dockerd, String> {
     }
     let t_daemon = t0.elapsed();
 
-    let image = Command::new(script("busybox-image.sh"))
-        .env("DOCKER_HOST", &host)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run busybox-image.sh: {e}"))?;
-    if !image.status.success() {
-        return Err(format!("busybox-image.sh failed: {}", describe(&image)));
-    }
+    import_busybox(&host)?;
     eprintln!(
         "private dockerd at {host}: ready after {:.1} s, image after {:.1} s",
         t_daemon.as_secs_f64(),
@@ -191,6 +186,19 @@ fn start(shared: bool, live_restore: bool) -> Result<Dockerd, String> {
     })
 }
 
+/// [`IMAGE`] into the dockerd at `host` (busybox-image.sh; a no-op when it is there).
+pub fn import_busybox(host: &str) -> Result<(), String> {
+    let image = Command::new(script("busybox-image.sh"))
+        .env("DOCKER_HOST", host)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run busybox-image.sh: {e}"))?;
+    if !image.status.success() {
+        return Err(format!("busybox-image.sh failed: {}", describe(&image)));
+    }
+    Ok(())
+}
+
 /// The docker client: Debian's, which comes with the daemon (VIPD_DOCKER_CLI overrides).
 fn docker_cli() -> String {
     if let Ok(cli) = std::env::var("VIPD_DOCKER_CLI") {
@@ -203,29 +211,39 @@ fn docker_cli() -> String {
     }
 }
 
+/// `docker -H HOST ARGS`, with a timeout; what it did, whatever it was.
+pub fn docker_output_at(host: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg(CLI_TIMEOUT_S)
+        .arg(docker_cli())
+        .args(["-H", host])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run the docker client")
+}
+
+/// `docker -H HOST ARGS`, which must succeed; its stdout, trimmed.
+pub fn docker_at(host: &str, args: &[&str]) -> String {
+    let out = docker_output_at(host, args);
+    assert!(
+        out.status.success(),
+        "`docker -H {host} {}` failed: {}",
+        args.join(" "),
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 impl Dockerd {
     /// `docker ARGS` against this daemon, with a timeout; what it did, whatever it was.
     pub fn docker_output(&self, args: &[&str]) -> Output {
-        Command::new("timeout")
-            .arg(CLI_TIMEOUT_S)
-            .arg(docker_cli())
-            .args(["-H", &self.host])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run the docker client")
+        docker_output_at(&self.host, args)
     }
 
     /// `docker ARGS`, which must succeed; its stdout, trimmed.
     pub fn docker(&self, args: &[&str]) -> String {
-        let out = self.docker_output(args);
-        assert!(
-            out.status.success(),
-            "`docker {}` failed: {}",
-            args.join(" "),
-            describe(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        docker_at(&self.host, args)
     }
 
     /// A user-defined bridge network (removed when dropped); `extra` goes to

@@ -2,6 +2,7 @@
 //! commands that fail loudly, and the vipd binary cargo built.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod docker;
 
 use std::path::Path;
