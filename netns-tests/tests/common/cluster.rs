@@ -24,7 +24,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use vipd::core::overlay::{Node, NodeName, OverlayConfig};
+use vipd::core::model::NodeName;
+use vipd::core::overlay::{Node, OverlayConfig};
 use vipd::netns::{run_in, NetnsPath};
 use vipd::overlay;
 
@@ -82,7 +83,7 @@ impl ClusterNode {
     /// The node as vipd's overlay sees it.
     pub fn overlay_node(&self) -> Node {
         Node {
-            name: NodeName::new(self.name.clone()),
+            name: NodeName::new(&self.name).expect("a valid node name"),
             underlay: self.underlay,
             subnet: self.subnet().parse().expect("a /24"),
         }
