@@ -800,7 +800,7 @@ impl HostPorts for FailFor {
 async fn a_sandbox_gone_while_programmed_is_no_error_once_and_an_error_if_it_stays_gone() {
     let (engine, _, _) = two_tasks_and_a_client("gone").await;
     let client = SandboxKey::from("/run/docker/netns/claaaaaaaaaa");
-    let gone = ProgramError::Gone("network namespace cannot be opened".into());
+    let gone = ProgramError::from(crate::kernel::fake::absent(&client));
     let prog = Arc::new(FailFor::new(&client, gone));
     let mut agent = Agent::new(
         Arc::new(engine.clone()),
@@ -874,7 +874,7 @@ async fn lost_allocations_are_read_back_from_the_sandboxes() {
             .allocations()
             .services
             .iter()
-            .map(|(n, a)| (n.to_string(), a.vip, a.fwmark))
+            .map(|(n, a)| (n.to_string(), a.vip, a.fwmark.get()))
             .collect()
     };
     // A first vipd allocates (api, db, web: .1 .2 .3), then db goes and comes back
@@ -929,7 +929,7 @@ async fn status_lists_services_tasks_sandboxes_and_what_went_wrong() {
     ));
     engine.upsert_container(on_net("claaaaaaaaaa", "client", "10.1.0.9", &[]));
     let client = SandboxKey::from("/run/docker/netns/claaaaaaaaaa");
-    let prog = Arc::new(FailFor::new(&client, "this kernel has no IPVS".into()));
+    let prog = Arc::new(FailFor::new(&client, crate::kernel::fake::no_ipvs().into()));
     let dir = tempdir("status");
     let mut agent = Agent::new(Arc::new(engine.clone()), ports(prog), config(&dir), None).unwrap();
     let status = agent.status();
@@ -962,7 +962,8 @@ async fn status_lists_services_tasks_sandboxes_and_what_went_wrong() {
         .expect("client sandbox listed");
     assert_eq!(sb.container, "client");
     assert!(!sb.in_sync);
-    assert_eq!(sb.error.as_deref(), Some("this kernel has no IPVS"));
+    assert_eq!(sb.error, Some(crate::kernel::fake::no_ipvs().to_string()));
+    assert!(sb.error.as_deref().unwrap().contains("this kernel has no IPVS"));
     let w1 = s
         .sandboxes
         .iter()

@@ -27,19 +27,11 @@ fn first_fwmark() -> FwMark {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
     pub vip: Ipv4Addr,
-    /// The raw number, as saved on disk; [`Allocation::mark`] gives it as a [`FwMark`].
-    /// (A bare `u32` until the agent's own tests stop naming it as one.)
-    pub fwmark: u32,
+    /// Saved as its number; a file with mark 0 is refused when read.
+    pub fwmark: FwMark,
     /// When (unix seconds) the service last had no task; `None` while it has tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<u64>,
-}
-
-impl Allocation {
-    /// The service's mark; `None` only for a table written by hand with mark 0.
-    pub fn mark(&self) -> Option<FwMark> {
-        FwMark::new(self.fwmark)
-    }
 }
 
 /// Why a VIP could not be given.
@@ -125,7 +117,7 @@ impl Allocations {
                 service.clone(),
                 Allocation {
                     vip,
-                    fwmark: fwmark.get(),
+                    fwmark,
                     idle_since: None,
                 },
             );
@@ -159,7 +151,7 @@ impl Allocations {
     /// The VIP and fwmark of a service, if allocated.
     pub fn get(&self, service: &ServiceName) -> Option<(Vip, FwMark)> {
         let a = self.services.get(service)?;
-        Some((Vip::new(a.vip.into()), a.mark()?))
+        Some((Vip::new(a.vip.into()), a.fwmark))
     }
 
     /// Take the VIP and fwmark the kernel shows for `service` (its rules in a sandbox, when
@@ -178,10 +170,7 @@ impl Allocations {
             return false;
         };
         let (first, last) = pool_range(pool);
-        let taken = self
-            .services
-            .values()
-            .any(|a| a.vip == vip || a.mark() == Some(fwmark));
+        let taken = self.services.values().any(|a| a.vip == vip || a.fwmark == fwmark);
         if self.services.contains_key(service)
             || taken
             || !(first..=last).contains(&u32::from(vip))
@@ -193,7 +182,7 @@ impl Allocations {
             service.clone(),
             Allocation {
                 vip,
-                fwmark: fwmark.get(),
+                fwmark,
                 idle_since: None,
             },
         );
@@ -257,8 +246,8 @@ mod tests {
         let mut t = Allocations::default();
         let web = t.ensure(&name("web"), pool).unwrap().clone();
         let api = t.ensure(&name("api"), pool).unwrap().clone();
-        assert_eq!((web.vip, web.fwmark), ("10.253.0.1".parse().unwrap(), 256));
-        assert_eq!((api.vip, api.fwmark), ("10.253.0.2".parse().unwrap(), 257));
+        assert_eq!((web.vip, web.fwmark.get()), ("10.253.0.1".parse().unwrap(), 256));
+        assert_eq!((api.vip, api.fwmark.get()), ("10.253.0.2".parse().unwrap(), 257));
         assert_eq!(t.ensure(&name("web"), pool).unwrap(), &web);
     }
 
@@ -274,7 +263,7 @@ mod tests {
         t.idle(&name("web"), 2000);
         assert_eq!(t.expire(2061, 60), [name("web")]);
         // A new service never reuses the old mark.
-        assert_eq!(t.ensure(&name("web"), pool).unwrap().fwmark, 257);
+        assert_eq!(t.ensure(&name("web"), pool).unwrap().fwmark.get(), 257);
     }
 
     #[test]
@@ -320,7 +309,7 @@ mod tests {
         assert!(t.adopt(&name("db"), "10.9.0.1".parse().unwrap(), 256, pool));
         assert_eq!(t.next_fwmark, 301);
         let new = t.ensure(&name("api"), pool).unwrap();
-        assert_eq!((new.vip, new.fwmark), ("10.9.0.2".parse().unwrap(), 301));
+        assert_eq!((new.vip, new.fwmark.get()), ("10.9.0.2".parse().unwrap(), 301));
     }
 
     #[test]
@@ -360,7 +349,7 @@ mod tests {
             t.get(&name("web")),
             Some((Vip::new("10.253.0.1".parse().unwrap()), mark(256)))
         );
-        assert_eq!(t.services[&name("api")].mark(), Some(mark(257)));
+        assert_eq!(t.services[&name("api")].fwmark, mark(257));
         assert_eq!(t.services[&name("api")].idle_since, Some(1_700_000_000));
         assert_eq!(t.next_fwmark, 258);
         assert_eq!(serde_json::to_string_pretty(&t).unwrap(), saved);

@@ -112,7 +112,7 @@ pub fn services(
     defs.values()
         .map(|def| {
             let (vip, fwmark) = match (def.mode, allocs.services.get(&def.name)) {
-                (EndpointMode::Vip, Some(a)) => (Some(a.vip), Some(a.fwmark)),
+                (EndpointMode::Vip, Some(a)) => (Some(a.vip), Some(a.fwmark.get())),
                 _ => (None, None),
             };
             let tasks = def

@@ -92,6 +92,19 @@ impl FakeOpener {
     }
 }
 
+/// What the kernel says of a namespace that is gone: its file cannot be found.
+pub fn absent(key: &SandboxKey) -> ReconcileError {
+    ReconcileError::Netns(NetnsError::Open {
+        path: NetnsPath::from_arg(&key.to_string()),
+        source: std::io::ErrorKind::NotFound.into(),
+    })
+}
+
+/// A kernel error that does not mean the namespace is gone (this kernel has no IPVS).
+pub fn no_ipvs() -> ReconcileError {
+    ReconcileError::Ipvs(crate::ipvs::IpvsError::Unavailable)
+}
+
 impl SandboxOpener for FakeOpener {
     fn with_sandbox<R: Send>(
         &self,
@@ -100,10 +113,7 @@ impl SandboxOpener for FakeOpener {
         work: impl FnOnce(&mut Sandbox<'_>) -> Result<R, ReconcileError> + Send,
     ) -> Result<R, ReconcileError> {
         if self.gone.lock().unwrap_or_else(|e| e.into_inner()).contains(key) {
-            return Err(ReconcileError::Netns(NetnsError::Open {
-                path: NetnsPath::from_arg(&key.to_string()),
-                source: std::io::ErrorKind::NotFound.into(),
-            }));
+            return Err(absent(key));
         }
         self.inspect(key, |k| {
             let mut known = addrs.map(FakeAddrs);

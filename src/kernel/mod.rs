@@ -88,30 +88,31 @@ impl SandboxOpener for NetnsOpener {
     }
 }
 
-/// Why a sandbox was not programmed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a sandbox was not programmed: the kernel's own error, typed, and whether it means the
+/// namespace is gone. (Shared, so that a sandbox's record and the sync report can both keep
+/// it.)
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProgramError {
     /// Its namespace is gone, or going: no such file, or no longer a namespace (Docker
     /// tears a sandbox down when its container stops, maybe while vipd programs it).
     #[error("the namespace is gone: {0}")]
-    Gone(String),
-    #[error("{0}")]
-    Failed(String),
+    Gone(#[source] Arc<ReconcileError>),
+    #[error(transparent)]
+    Failed(Arc<ReconcileError>),
 }
 
-impl From<&str> for ProgramError {
-    fn from(e: &str) -> Self {
-        ProgramError::Failed(e.to_owned())
+impl ProgramError {
+    /// Whether the namespace is gone (see [`ProgramError::Gone`]).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, ProgramError::Gone(_))
     }
 }
 
 impl From<ReconcileError> for ProgramError {
     fn from(e: ReconcileError) -> Self {
         match &e {
-            ReconcileError::Netns(n) if n.is_absent() || n.is_not_netns() => {
-                ProgramError::Gone(e.to_string())
-            }
-            _ => ProgramError::Failed(e.to_string()),
+            ReconcileError::Netns(n) if n.is_absent() || n.is_not_netns() => ProgramError::Gone(Arc::new(e)),
+            _ => ProgramError::Failed(Arc::new(e)),
         }
     }
 }
@@ -317,7 +318,7 @@ mod tests {
             .program(&other, &spec_of(1, 1), &SysctlSettings::default(), None)
             .unwrap_err();
         assert!(
-            matches!(&err, ProgramError::Failed(e) if e.contains("errno 12")),
+            matches!(&err, ProgramError::Failed(e) if matches!(**e, ReconcileError::Partial { .. } | ReconcileError::Ipvs(_)) && e.to_string().contains("errno 12")),
             "{err}"
         );
     }
