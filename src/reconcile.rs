@@ -233,7 +233,7 @@ pub fn reconcile_netns(
 /// others are never touched. Returns the operations applied.
 pub fn host_firewall(
     fw: &mut dyn Firewall,
-    want: &[firewall::Rule],
+    want: &[crate::core::rules::Intent],
 ) -> Result<Vec<firewall::FwOp>, ReconcileError> {
     let seen = firewall::parse_save(&fw.save()?);
     let ops = firewall::plan_chains(&firewall::HOST_CHAINS, want, &seen);

@@ -28,7 +28,6 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::core::alloc::Allocations;
 use crate::core::containers::{Attachment, Container, ContainerId, Drain, Health};
-use crate::core::firewall::Rule;
 use crate::core::ipvs::Timeouts;
 use crate::core::labels;
 use crate::core::mesh::IngressLink;
@@ -36,6 +35,7 @@ use crate::core::model::EndpointMode;
 use crate::core::model::PortKey;
 use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
 use crate::core::plan::SysctlSettings;
+use crate::core::rules::Intent;
 use crate::core::status::{EngineState, Status};
 use crate::dns::server::CatalogHandle;
 use crate::docker::{ContainerInfo, Engine, EngineAction, EngineError, EngineEvent, NetworkInfo};
@@ -152,7 +152,7 @@ pub struct Agent {
     /// Which service holds each published port.
     holders: BTreeMap<PortKey, ServiceName>,
     /// The host rules last applied; `None` until they are (or after an error).
-    host_applied: Option<Vec<Rule>>,
+    host_applied: Option<Vec<Intent>>,
     /// Tasks on their way out (see [`AgentConfig::drain_grace`]).
     drains: Drains,
     /// The saved allocations were missing or unreadable: the first full sync takes the
@@ -838,7 +838,7 @@ impl Agent {
     }
 
     /// Bring the host's chains to `rules`.
-    async fn program_host(&mut self, rules: Vec<Rule>, report: &mut SyncReport) {
+    async fn program_host(&mut self, rules: Vec<Intent>, report: &mut SyncReport) {
         let firewall = Arc::clone(&self.kernel.host_firewall);
         let span = info_span!("program_host");
         let wanted = rules.clone();

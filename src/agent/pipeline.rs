@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use crate::core::alloc::Allocations;
 use crate::core::containers::{Attachment, Container};
-use crate::core::firewall::Rule;
 use crate::core::ipvs::Timeouts;
 use crate::core::labels::{self, LabelError, ServiceDef};
 use crate::core::mesh::{self, IngressLink};
 use crate::core::model::EndpointMode;
 use crate::core::model::PortKey;
 use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
+use crate::core::rules::Intent;
 use crate::core::spec::SandboxSpec;
 use crate::core::status::{self, EngineState, Status};
 
@@ -93,7 +93,7 @@ pub fn claims_new_port(
 pub struct Mesh {
     /// The ingress namespace's spec.
     pub ingress: SandboxSpec,
-    pub host_rules: Vec<Rule>,
+    pub host_rules: Vec<Intent>,
     /// Which service holds each published port now.
     pub holders: BTreeMap<PortKey, ServiceName>,
     /// Ports published since the last pass, and no longer published.

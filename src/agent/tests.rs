@@ -16,7 +16,7 @@ struct Recorder(
     Mutex<usize>,
     Mutex<BTreeMap<SandboxKey, bool>>,
     /// The host rules last programmed.
-    Mutex<Option<Vec<Rule>>>,
+    Mutex<Option<Vec<Intent>>>,
     /// The ports it says are bound on the host.
     Mutex<BTreeSet<PortKey>>,
 );
@@ -61,7 +61,7 @@ impl SandboxProgrammer for Recorder {
 }
 
 impl HostFirewall for Recorder {
-    fn program(&self, rules: &[Rule]) -> Result<usize, HostError> {
+    fn program(&self, rules: &[Intent]) -> Result<usize, HostError> {
         *self.3.lock().unwrap() = Some(rules.to_vec());
         Ok(rules.len())
     }
@@ -785,7 +785,7 @@ impl SandboxProgrammer for FailFor {
 }
 
 impl HostFirewall for FailFor {
-    fn program(&self, rules: &[Rule]) -> Result<usize, HostError> {
+    fn program(&self, rules: &[Intent]) -> Result<usize, HostError> {
         HostFirewall::program(&self.1, rules)
     }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use tracing::info;
 
-use crate::core::firewall::Rule;
 use crate::core::model::PortKey;
+use crate::core::rules::Intent;
 use crate::ingress::IngressError;
 use crate::reconcile::{self, ReconcileError};
 
@@ -26,7 +26,7 @@ pub enum HostError {
 /// vipd's chains in the host's namespace.
 pub trait HostFirewall: Send + Sync {
     /// Bring them to `rules`; returns how many operations were applied.
-    fn program(&self, rules: &[Rule]) -> Result<usize, HostError>;
+    fn program(&self, rules: &[Intent]) -> Result<usize, HostError>;
 }
 
 /// The host's bound ports.
@@ -40,7 +40,7 @@ pub trait HostPorts: Send + Sync {
 pub struct IptablesHostFirewall;
 
 impl HostFirewall for IptablesHostFirewall {
-    fn program(&self, rules: &[Rule]) -> Result<usize, HostError> {
+    fn program(&self, rules: &[Intent]) -> Result<usize, HostError> {
         let ops = reconcile::host_firewall(&mut crate::firewall::Iptables::default(), rules)?;
         for op in &ops {
             info!(op = %op, "host rule changed");
@@ -63,12 +63,12 @@ impl HostPorts for ProcHostPorts {
 /// are bound.
 #[derive(Debug, Default)]
 pub struct FakeHost {
-    pub rules: std::sync::Mutex<Option<Vec<Rule>>>,
+    pub rules: std::sync::Mutex<Option<Vec<Intent>>>,
     pub bound: std::sync::Mutex<BTreeSet<PortKey>>,
 }
 
 impl HostFirewall for FakeHost {
-    fn program(&self, rules: &[Rule]) -> Result<usize, HostError> {
+    fn program(&self, rules: &[Intent]) -> Result<usize, HostError> {
         let mut kept = self.rules.lock().unwrap_or_else(|e| e.into_inner());
         let ops = if kept.as_deref() == Some(rules) {
             0

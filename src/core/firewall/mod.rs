@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::model::{FwMark, ServiceName, Vip};
+use super::rules::Intent;
 pub use render::render;
 
 /// The prefix of every comment vipd puts on its rules.
@@ -155,10 +156,6 @@ pub struct ChainRule {
     pub chain: OwnedChain,
     pub spec: String,
 }
-
-/// What callers hand this backend: a rule as its intent. (The name `Rule` is kept for
-/// the code that passes the routing mesh's host rules along.)
-pub use super::rules::Intent as Rule;
 
 /// A vipd service as its mark rule describes it: the VIP and mark from the rule's match
 /// and target, the name from its comment (the one record of the name in the kernel,
@@ -316,14 +313,14 @@ impl fmt::Display for FwOp {
 
 /// The operations that turn `seen` into `want` in a sandbox's chains
 /// ([`SANDBOX_CHAINS`]).
-pub fn plan(want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
+pub fn plan(want: &[Intent], seen: &ObservedFirewall) -> Vec<FwOp> {
     plan_chains(&SANDBOX_CHAINS, want, seen)
 }
 
 /// The operations that turn `seen` into `want` in `chains` (rules in those chains only).
 ///
 /// A chain exists exactly when it has rules; its hook then has exactly one jump to it.
-pub fn plan_chains(chains: &[OwnedChain], want: &[Rule], seen: &ObservedFirewall) -> Vec<FwOp> {
+pub fn plan_chains(chains: &[OwnedChain], want: &[Intent], seen: &ObservedFirewall) -> Vec<FwOp> {
     plan_lines(chains, &render::render_all(want), seen)
 }
 
@@ -430,16 +427,16 @@ mod tests {
     use super::render::tests::{name, vip};
     use super::*;
 
-    fn mark_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
-        Rule::MarkVip {
+    fn mark_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Intent {
+        Intent::MarkVip {
             service: name.clone(),
             vip,
             mark,
         }
     }
 
-    fn ping_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Rule {
-        Rule::PingVip {
+    fn ping_rule(name: &ServiceName, vip: Vip, mark: FwMark) -> Intent {
+        Intent::PingVip {
             service: name.clone(),
             vip,
             mark,
