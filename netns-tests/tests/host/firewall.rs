@@ -74,7 +74,7 @@ fn rendered_rules_are_exactly_what_iptables_save_prints() {
         .services
         .iter()
         .map(|s| {
-            fw::render(&fw::Rule::MarkVip {
+            fw::render(&vipd::core::rules::Intent::MarkVip {
                 service: s.name.clone(),
                 vip: s.vip,
                 mark: s.fwmark,
