@@ -776,6 +776,88 @@ COMMIT
         );
     }
 
+    const DOCKER_HOST: &str = "\
+*nat
+:POSTROUTING ACCEPT [0:0]
+:VIPD-OVERLAY-NAT - [0:0]
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A POSTROUTING -j VIPD-OVERLAY-NAT
+-A VIPD-OVERLAY-NAT -s 10.230.1.0/24 ! -o vipd0 -m comment --comment \"vipd:overlay\" -j MASQUERADE
+-A VIPD-OVERLAY-NAT -s 10.230.0.0/16 -d 10.230.0.0/16 -m comment --comment \"vipd:overlay\" -j RETURN
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:DOCKER-USER - [0:0]
+:VIPD-OVERLAY - [0:0]
+-A INPUT -j VIPD-VXLAN-IN
+-A FORWARD -j DOCKER-USER
+-A DOCKER-USER -s 192.0.2.9/32 -j DROP
+-A DOCKER-USER -j VIPD-OVERLAY
+-A VIPD-OVERLAY -i vipd-vx -o vipd0 -m comment --comment \"vipd:overlay\" -j ACCEPT
+COMMIT
+";
+
+    #[test]
+    fn a_jump_pushed_down_by_another_rule_is_displaced_and_put_first_again() {
+        let seen = parse_save(DOCKER_HOST);
+        assert_eq!(seen.displaced, [HOST_OVERLAY_NAT].into());
+        // DOCKER-USER's position is the operator's business: present is enough.
+        assert_eq!(seen.jumps[&HOST_OVERLAY_FORWARD], 1);
+        assert_eq!(
+            seen.docker_user,
+            DockerUser {
+                exists: true,
+                jumped: true
+            }
+        );
+        // A jump to a chain that is gone is not missing; a chain nothing jumps to is.
+        assert_eq!(seen.needs_reassert(), [Reassert::Displaced(HOST_OVERLAY_NAT)]);
+        let nat = [
+            Rule::KeepClusterSource {
+                range: "10.230.0.0/16".parse().unwrap(),
+            },
+            Rule::MasqueradeNodeSubnet {
+                subnet: "10.230.1.0/24".parse().unwrap(),
+                bridge: "vipd0".into(),
+            },
+        ];
+        let ops = plan_chains(&[HOST_OVERLAY_NAT], &nat, &seen);
+        // Out of order: rewritten whole, RETURN first; the jump moved back to the top.
+        assert_eq!(
+            render_restore(&ops),
+            "*nat\n\
+             -D VIPD-OVERLAY-NAT -s 10.230.1.0/24 ! -o vipd0 -m comment --comment vipd:overlay -j MASQUERADE\n\
+             -D VIPD-OVERLAY-NAT -s 10.230.0.0/16 -d 10.230.0.0/16 -m comment --comment vipd:overlay -j RETURN\n\
+             -A VIPD-OVERLAY-NAT -s 10.230.0.0/16 -d 10.230.0.0/16 -m comment --comment vipd:overlay -j RETURN\n\
+             -A VIPD-OVERLAY-NAT -s 10.230.1.0/24 ! -o vipd0 -m comment --comment vipd:overlay -j MASQUERADE\n\
+             -D POSTROUTING -j VIPD-OVERLAY-NAT\n\
+             -I POSTROUTING 1 -j VIPD-OVERLAY-NAT\n\
+             COMMIT\n"
+        );
+    }
+
+    #[test]
+    fn a_missing_jump_or_docker_user_chain_needs_reasserting() {
+        let seen = parse_save("*filter\n:INPUT ACCEPT [0:0]\n:VIPD-OVERLAY - [0:0]\n:VIPD-VXLAN-IN - [0:0]\n-A INPUT -j VIPD-VXLAN-IN\nCOMMIT\n");
+        assert!(seen.displaced.is_empty());
+        assert_eq!(
+            seen.needs_reassert(),
+            [
+                Reassert::MissingJump(HOST_OVERLAY_FORWARD),
+                Reassert::MissingJump(DOCKER_USER)
+            ]
+        );
+        assert_eq!(
+            Reassert::MissingJump(DOCKER_USER).to_string(),
+            "filter FORWARD: the jump to DOCKER-USER is missing"
+        );
+        // vipd's own jumps ahead of it do not displace a jump.
+        let two = parse_save("*nat\n:VIPD-INGRESS-POST - [0:0]\n:VIPD-OVERLAY-NAT - [0:0]\n-A POSTROUTING -j VIPD-INGRESS-POST\n-A POSTROUTING -j VIPD-OVERLAY-NAT\nCOMMIT\n");
+        assert!(two.needs_reassert().is_empty(), "{:?}", two.needs_reassert());
+        assert!(ObservedFirewall::default().needs_reassert().is_empty());
+    }
+
     #[test]
     fn ops_print_as_iptables_commands() {
         let r = render(&mark_rule(
