@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::LinkAttribute;
 
 /// The default DNS address: link-local (never routed off the link), easy to read.
@@ -33,8 +33,8 @@ pub enum DnsAddressError {
 pub fn ensure(bridge: &str, address: Ipv4Addr) -> Result<bool, DnsAddressError> {
     let span = tracing::info_span!("dns_address", bridge, %address);
     let _entered = span.enter();
-    on_bridge(bridge, address, |handle, index, present| async move {
-        if present {
+    on_bridge(bridge, address, |handle, index, found| async move {
+        if !found.is_empty() {
             return Ok(false);
         }
         handle
@@ -56,32 +56,20 @@ pub fn ensure(bridge: &str, address: Ipv4Addr) -> Result<bool, DnsAddressError> 
 pub fn remove(bridge: &str, address: Ipv4Addr) -> Result<bool, DnsAddressError> {
     let span = tracing::info_span!("dns_address_remove", bridge, %address);
     let _entered = span.enter();
-    let result = on_bridge(bridge, address, |handle, index, present| async move {
-        if !present {
-            return Ok(false);
+    let result = on_bridge(bridge, address, |handle, _, found| async move {
+        let present = !found.is_empty();
+        for msg in found {
+            handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|source| DnsAddressError::Netlink {
+                    action: format!("remove {address} from {bridge}"),
+                    source,
+                })?;
         }
-        let mut found = handle.address().get().set_link_index_filter(index).execute();
-        while let Some(msg) = found
-            .try_next()
-            .await
-            .map_err(|source| DnsAddressError::Netlink {
-                action: format!("list the addresses of {bridge}"),
-                source,
-            })?
-        {
-            if has_local(&msg.attributes, address) {
-                handle
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|source| DnsAddressError::Netlink {
-                        action: format!("remove {address} from {bridge}"),
-                        source,
-                    })?;
-            }
-        }
-        Ok(true)
+        Ok(present)
     });
     match result {
         Err(DnsAddressError::NoBridge(_)) => Ok(false),
@@ -91,7 +79,11 @@ pub fn remove(bridge: &str, address: Ipv4Addr) -> Result<bool, DnsAddressError> 
 
 /// Whether the address is on the bridge.
 pub fn present(bridge: &str, address: Ipv4Addr) -> Result<bool, DnsAddressError> {
-    on_bridge(bridge, address, |_, _, present| async move { Ok(present) })
+    on_bridge(
+        bridge,
+        address,
+        |_, _, found| async move { Ok(!found.is_empty()) },
+    )
 }
 
 fn has_local(attributes: &[AddressAttribute], address: Ipv4Addr) -> bool {
@@ -101,10 +93,11 @@ fn has_local(attributes: &[AddressAttribute], address: Ipv4Addr) -> bool {
 }
 
 /// Run `work` with a netlink handle on the calling thread (the socket must belong to
-/// the thread's namespace), the bridge's index and whether `address` is on it.
+/// the thread's namespace), the bridge's index and the bridge's addresses that are
+/// `address` (none when it is not on it).
 fn on_bridge<R, F, Fut>(bridge: &str, address: Ipv4Addr, work: F) -> Result<R, DnsAddressError>
 where
-    F: FnOnce(rtnetlink::Handle, u32, bool) -> Fut,
+    F: FnOnce(rtnetlink::Handle, u32, Vec<AddressMessage>) -> Fut,
     Fut: std::future::Future<Output = Result<R, DnsAddressError>>,
 {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -117,7 +110,7 @@ where
         let result = async {
             let index = bridge_index(&handle, bridge).await?;
             let mut addrs = handle.address().get().set_link_index_filter(index).execute();
-            let mut present = false;
+            let mut found = Vec::new();
             while let Some(msg) = addrs
                 .try_next()
                 .await
@@ -126,9 +119,11 @@ where
                     source,
                 })?
             {
-                present |= has_local(&msg.attributes, address);
+                if has_local(&msg.attributes, address) {
+                    found.push(msg);
+                }
             }
-            work(handle.clone(), index, present).await
+            work(handle.clone(), index, found).await
         }
         .await;
         task.abort();
