@@ -28,10 +28,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::models::{
-    ContainerInspectResponse, EndpointSettings, EventMessage, EventMessageTypeEnum, HealthStatusEnum, Network,
+    ContainerInspectResponse, EndpointSettings, EventMessage, EventMessageTypeEnum, HealthStatusEnum, Ipam,
+    IpamConfig, Network, NetworkCreateRequest, NetworkInspect,
 };
 use bollard::query_parameters::{
-    EventsOptions, InspectContainerOptions, ListContainersOptions, ListNetworksOptions,
+    EventsOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
 };
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -104,6 +105,37 @@ pub struct NetworkInfo {
     /// The IPv4 gateways of its IPAM configuration. Docker 20.10 records none for the
     /// default `bridge` network; its containers' endpoints carry the gateway.
     pub gateways: Vec<Ipv4Addr>,
+}
+
+/// A network as `docker network inspect` shows it: what vipd compares when it adopts
+/// the cluster network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkDetail {
+    pub id: NetworkId,
+    pub name: String,
+    pub driver: String,
+    pub labels: BTreeMap<String, String>,
+    /// The driver options (`com.docker.network.bridge.name`, ...).
+    pub options: BTreeMap<String, String>,
+    /// The IPv4 subnets of its IPAM configuration, as (network address, prefix length).
+    pub subnets: Vec<(Ipv4Addr, u8)>,
+    pub gateways: Vec<Ipv4Addr>,
+    /// The IPAM's reserved (aux) addresses, by name.
+    pub aux_addresses: BTreeMap<String, Ipv4Addr>,
+    /// How many containers are attached.
+    pub containers: usize,
+}
+
+/// A bridge network to create: one IPv4 subnet, its gateway, reserved addresses, driver
+/// options and labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkCreate {
+    pub name: String,
+    pub subnet: (Ipv4Addr, u8),
+    pub gateway: Ipv4Addr,
+    pub aux_addresses: BTreeMap<String, Ipv4Addr>,
+    pub options: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Something that happened in the engine.
@@ -195,6 +227,35 @@ pub trait Engine: Send + Sync {
     /// Container and network events from now on. The stream ends, or yields an error,
     /// when the engine goes away.
     fn events(&self) -> BoxStream<'static, Result<EngineEvent, EngineError>>;
+
+    /// One network by name or id, or `None` if there is none. (Engines that only watch
+    /// answer that they cannot.)
+    fn network<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<NetworkDetail>, EngineError>> {
+        async move { Err(unsupported(&format!("inspect network {name}"))) }.boxed()
+    }
+
+    /// Create a bridge network; returns its id.
+    fn create_network<'a>(
+        &'a self,
+        spec: &'a NetworkCreate,
+    ) -> BoxFuture<'a, Result<NetworkId, EngineError>> {
+        async move { Err(unsupported(&format!("create network {}", spec.name))) }.boxed()
+    }
+
+    /// Remove a network by name or id.
+    fn remove_network<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        async move { Err(unsupported(&format!("remove network {name}"))) }.boxed()
+    }
+}
+
+/// The answer of an engine without network management to a call for it.
+fn unsupported(operation: &str) -> EngineError {
+    EngineError::Api {
+        endpoint: String::new(),
+        operation: operation.to_owned(),
+        status: None,
+        message: "this engine does not manage networks".into(),
+    }
 }
 
 /// The real engine, over the Docker API.
@@ -362,6 +423,72 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Engine for DockerEngine {
+    fn network<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<NetworkDetail>, EngineError>> {
+        async move {
+            let res = self
+                .call(
+                    format!("inspect network {name}"),
+                    self.docker.inspect_network(name, None::<InspectNetworkOptions>),
+                )
+                .await;
+            match res {
+                Ok(n) => Ok(detail_from(n)),
+                Err(EngineError::Api {
+                    status: Some(404), ..
+                }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
+    fn create_network<'a>(
+        &'a self,
+        spec: &'a NetworkCreate,
+    ) -> BoxFuture<'a, Result<NetworkId, EngineError>> {
+        async move {
+            let (addr, prefix) = spec.subnet;
+            let ipam = Ipam {
+                config: Some(vec![IpamConfig {
+                    subnet: Some(format!("{addr}/{prefix}")),
+                    gateway: Some(spec.gateway.to_string()),
+                    auxiliary_addresses: Some(
+                        spec.aux_addresses
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.to_string()))
+                            .collect(),
+                    ),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            };
+            let request = NetworkCreateRequest {
+                name: spec.name.clone(),
+                driver: Some("bridge".into()),
+                ipam: Some(ipam),
+                options: Some(spec.options.clone().into_iter().collect()),
+                labels: Some(spec.labels.clone().into_iter().collect()),
+                ..Default::default()
+            };
+            let created = self
+                .call(
+                    format!("create network {}", spec.name),
+                    self.docker.create_network(request),
+                )
+                .await?;
+            Ok(NetworkId(created.id))
+        }
+        .boxed()
+    }
+
+    fn remove_network<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        async move {
+            self.call(format!("remove network {name}"), self.docker.remove_network(name))
+                .await
+        }
+        .boxed()
+    }
+
     fn containers(&self) -> BoxFuture<'_, Result<Vec<ContainerInfo>, EngineError>> {
         async move {
             let options = ListContainersOptions {
@@ -521,6 +648,34 @@ fn network_from(n: Network) -> Option<NetworkInfo> {
     })
 }
 
+/// A network from an inspection; `None` without an id.
+fn detail_from(n: NetworkInspect) -> Option<NetworkDetail> {
+    let id = NetworkId(n.id.filter(|s| !s.is_empty())?);
+    let mut detail = NetworkDetail {
+        id,
+        name: n.name.unwrap_or_default(),
+        driver: n.driver.unwrap_or_default(),
+        labels: n.labels.unwrap_or_default().into_iter().collect(),
+        options: n.options.unwrap_or_default().into_iter().collect(),
+        containers: n.containers.map_or(0, |c| c.len()),
+        subnets: Vec::new(),
+        gateways: Vec::new(),
+        aux_addresses: BTreeMap::new(),
+    };
+    for cfg in n.ipam.and_then(|i| i.config).unwrap_or_default() {
+        if let Some(subnet) = cfg.subnet.as_deref().and_then(parse_ipv4_cidr) {
+            detail.subnets.push(subnet);
+        }
+        detail.gateways.extend(parse_ipv4(cfg.gateway.as_deref()));
+        for (name, addr) in cfg.auxiliary_addresses.unwrap_or_default() {
+            if let Some(addr) = parse_ipv4(Some(&addr)) {
+                detail.aux_addresses.insert(name, addr);
+            }
+        }
+    }
+    Some(detail)
+}
+
 /// What an engine event says happened: Docker's action text, parsed once at this edge so
 /// that nothing further in compares strings. Displays as Docker's text again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -672,12 +827,18 @@ pub mod fake {
     use futures::stream::BoxStream;
     use futures::{FutureExt, StreamExt};
 
-    use super::{ContainerId, ContainerInfo, Engine, EngineError, EngineEvent, NetworkInfo};
+    use super::{
+        ContainerId, ContainerInfo, Engine, EngineError, EngineEvent, NetworkCreate, NetworkDetail,
+        NetworkId, NetworkInfo,
+    };
 
     #[derive(Default)]
     struct State {
         containers: BTreeMap<ContainerId, ContainerInfo>,
         networks: Vec<NetworkInfo>,
+        /// Networks as inspected, by name: what `network`, `create_network` and
+        /// `remove_network` work on.
+        details: BTreeMap<String, NetworkDetail>,
         subscribers: Vec<mpsc::UnboundedSender<Result<EngineEvent, EngineError>>>,
         failure: Option<EngineError>,
         calls: usize,
@@ -714,6 +875,11 @@ pub mod fake {
         /// Replace the list of networks.
         pub fn set_networks(&self, networks: Vec<NetworkInfo>) {
             self.lock().networks = networks;
+        }
+
+        /// Add a network as inspected, or replace the one with the same name.
+        pub fn put_network(&self, detail: NetworkDetail) {
+            self.lock().details.insert(detail.name.clone(), detail);
         }
 
         /// Send an event to every open event stream.
@@ -795,6 +961,79 @@ pub mod fake {
                 state.subscribers.push(tx);
             }
             rx.boxed()
+        }
+
+        fn network<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<NetworkDetail>, EngineError>> {
+            let result = self.answer(|s| {
+                s.details
+                    .values()
+                    .find(|d| d.name == name || d.id.0 == name)
+                    .cloned()
+            });
+            async move { result }.boxed()
+        }
+
+        fn create_network<'a>(
+            &'a self,
+            spec: &'a NetworkCreate,
+        ) -> BoxFuture<'a, Result<NetworkId, EngineError>> {
+            let result = self.answer(|_| ()).and_then(|()| {
+                let mut state = self.lock();
+                if state.details.contains_key(&spec.name) {
+                    return Err(conflict(
+                        &format!("create network {}", spec.name),
+                        "network already exists",
+                    ));
+                }
+                let id = NetworkId(format!("fake-network-{}", state.details.len() + 1));
+                let detail = NetworkDetail {
+                    id: id.clone(),
+                    name: spec.name.clone(),
+                    driver: "bridge".into(),
+                    labels: spec.labels.clone(),
+                    options: spec.options.clone(),
+                    subnets: vec![spec.subnet],
+                    gateways: vec![spec.gateway],
+                    aux_addresses: spec.aux_addresses.clone(),
+                    containers: 0,
+                };
+                state.details.insert(spec.name.clone(), detail);
+                Ok(id)
+            });
+            async move { result }.boxed()
+        }
+
+        fn remove_network<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+            let result = self.answer(|_| ()).and_then(|()| {
+                let mut state = self.lock();
+                let Some(key) = state
+                    .details
+                    .values()
+                    .find(|d| d.name == name || d.id.0 == name)
+                    .map(|d| d.name.clone())
+                else {
+                    return Err(conflict(&format!("remove network {name}"), "no such network"));
+                };
+                if state.details[&key].containers > 0 {
+                    return Err(conflict(
+                        &format!("remove network {name}"),
+                        "network has active endpoints",
+                    ));
+                }
+                state.details.remove(&key);
+                Ok(())
+            });
+            async move { result }.boxed()
+        }
+    }
+
+    /// The error the real engine gives for a request it refuses.
+    fn conflict(operation: &str, message: &str) -> EngineError {
+        EngineError::Api {
+            endpoint: "fake".into(),
+            operation: operation.to_owned(),
+            status: Some(409),
+            message: message.to_owned(),
         }
     }
 

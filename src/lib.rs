@@ -25,6 +25,7 @@
 pub mod addrs;
 pub mod admin;
 pub mod agent;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod dns;

@@ -91,6 +91,28 @@ pub enum Intent {
         direction: Direction,
         family: IpFamily,
     },
+    /// On the host, for the cluster overlay: traffic between the VXLAN device `vxlan` and
+    /// the cluster bridge `bridge` is forwarded (`In`: arriving from peers, towards the
+    /// bridge; `Out`: from the bridge towards peers), whatever Docker's FORWARD drops.
+    ForwardOverlay {
+        vxlan: String,
+        bridge: String,
+        direction: Direction,
+        family: IpFamily,
+    },
+    /// On the host, for the cluster overlay: traffic from the cluster range to the cluster
+    /// range is not masqueraded (a task sees its client's own address).
+    KeepClusterSource { range: Ipv4Net },
+    /// On the host, for the cluster overlay: traffic from the node's own slice `subnet`
+    /// leaving anywhere but through `bridge` (and not to the cluster range, which
+    /// [`Intent::KeepClusterSource`] keeps) is masqueraded, as Docker would do for it.
+    MasqueradeNodeSubnet { subnet: Ipv4Net, bridge: String },
+    /// On the host: VXLAN packets (UDP to `port`) from a peer's underlay address `peer`
+    /// are accepted.
+    AcceptVxlanPeer { peer: IpAddr, port: u16 },
+    /// On the host: every other VXLAN packet (UDP to `port`) is dropped; VXLAN carries no
+    /// authentication, so only peers may inject frames onto the cluster bridge.
+    DropVxlan { port: u16, family: IpFamily },
 }
 
 /// Where the packets a host rule takes come from.
@@ -122,7 +144,12 @@ impl Intent {
             Intent::SnatIpvs { .. } | Intent::SnatAllIpvs { .. } | Intent::DnatToIngress { .. } => {
                 IpFamily::V4
             }
-            Intent::MasqueradeToIngress { family, .. } | Intent::ForwardIngress { family, .. } => *family,
+            Intent::MasqueradeToIngress { family, .. }
+            | Intent::ForwardIngress { family, .. }
+            | Intent::ForwardOverlay { family, .. }
+            | Intent::DropVxlan { family, .. } => *family,
+            Intent::KeepClusterSource { .. } | Intent::MasqueradeNodeSubnet { .. } => IpFamily::V4,
+            Intent::AcceptVxlanPeer { peer, .. } => IpFamily::of(*peer),
         }
     }
 }
@@ -154,6 +181,16 @@ mod tests {
             family: IpFamily::V6,
         };
         assert_eq!(fwd.family(), IpFamily::V6);
+        let peer = |addr: &str| Intent::AcceptVxlanPeer {
+            peer: addr.parse().unwrap(),
+            port: 4799,
+        };
+        assert_eq!(peer("192.168.1.2").family(), IpFamily::V4);
+        assert_eq!(peer("fd00::2").family(), IpFamily::V6);
+        let keep = Intent::KeepClusterSource {
+            range: "10.230.0.0/16".parse().unwrap(),
+        };
+        assert_eq!(keep.family(), IpFamily::V4);
         assert_eq!(
             (IpFamily::V4.host_prefix(), IpFamily::V6.host_prefix()),
             (32, 128)

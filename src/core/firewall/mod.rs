@@ -129,16 +129,65 @@ pub const HOST_FILTER_FORWARD: OwnedChain = OwnedChain {
     jump_match: "",
 };
 
-/// Every chain vipd owns in the host's namespace.
-pub const HOST_CHAINS: [OwnedChain; 4] = [
+/// Host, filter, cluster mode: lets traffic between the VXLAN device and the cluster
+/// bridge through FORWARD. Jumped from `DOCKER-USER`, the one chain of Docker's that
+/// Docker never edits and that FORWARD passes first, so Docker's drops come after it.
+pub const HOST_OVERLAY_FORWARD: OwnedChain = OwnedChain {
+    table: Table::Filter,
+    name: "VIPD-OVERLAY",
+    hook: "DOCKER-USER",
+    jump_match: "",
+};
+/// Host, nat, cluster mode: no masquerade inside the cluster range, masquerade from the
+/// node's slice to the world (the cluster network has Docker's own masquerade off).
+pub const HOST_OVERLAY_NAT: OwnedChain = OwnedChain {
+    table: Table::Nat,
+    name: "VIPD-OVERLAY-NAT",
+    hook: "POSTROUTING",
+    jump_match: "",
+};
+/// Host, filter, cluster mode: VXLAN packets accepted from peers only.
+pub const HOST_VXLAN_INPUT: OwnedChain = OwnedChain {
+    table: Table::Filter,
+    name: "VIPD-VXLAN-IN",
+    hook: "INPUT",
+    jump_match: "",
+};
+
+/// Docker's `DOCKER-USER` chain, as a chain vipd jumps from: vipd creates it (and
+/// FORWARD's jump to it) when it is absent, as Docker does at start, and never flushes
+/// or deletes it, since its rules are the operator's.
+pub const DOCKER_USER: OwnedChain = OwnedChain {
+    table: Table::Filter,
+    name: "DOCKER-USER",
+    hook: "FORWARD",
+    jump_match: "",
+};
+
+/// Every chain vipd owns in the host's namespace: the routing mesh's, then the cluster
+/// overlay's. One set, programmed in one call, so a second run changes nothing.
+pub const HOST_CHAINS: [OwnedChain; 7] = [
     HOST_NAT_PREROUTING,
     HOST_NAT_OUTPUT,
     HOST_NAT_POSTROUTING,
     HOST_FILTER_FORWARD,
+    HOST_OVERLAY_FORWARD,
+    HOST_OVERLAY_NAT,
+    HOST_VXLAN_INPUT,
 ];
 
+/// Chains whose rules act in order (an ACCEPT or RETURN before a catch-all DROP or
+/// MASQUERADE): they are kept exactly in the rendered order, rewritten whole when not.
+pub const ORDERED_CHAINS: [OwnedChain; 2] = [HOST_OVERLAY_NAT, HOST_VXLAN_INPUT];
+
+/// Chains whose jump must come before any rule of others in its hook: a foreign ACCEPT
+/// before the VXLAN drop, or a foreign MASQUERADE before the cluster's RETURN, would
+/// defeat them. Docker inserts its own rules at the top (`-I`) on restart and on network
+/// create; [`ObservedFirewall::displaced`] says when that happened.
+pub const FIRST_JUMPS: [OwnedChain; 2] = [HOST_OVERLAY_NAT, HOST_VXLAN_INPUT];
+
 /// Every chain vipd owns anywhere: what is read back from `iptables-save`.
-pub const OWNED_CHAINS: [OwnedChain; 8] = [
+pub const OWNED_CHAINS: [OwnedChain; 11] = [
     NAT_OUTPUT,
     NAT_POSTROUTING,
     MANGLE_OUTPUT,
@@ -147,6 +196,9 @@ pub const OWNED_CHAINS: [OwnedChain; 8] = [
     HOST_NAT_OUTPUT,
     HOST_NAT_POSTROUTING,
     HOST_FILTER_FORWARD,
+    HOST_OVERLAY_FORWARD,
+    HOST_OVERLAY_NAT,
+    HOST_VXLAN_INPUT,
 ];
 
 /// One line in an owned chain: the text after `-A CHAIN `, exactly as `iptables-save`
@@ -174,6 +226,18 @@ pub struct ObservedFirewall {
     pub chains: BTreeMap<OwnedChain, Vec<String>>,
     /// How many jumps to each owned chain its hook has.
     pub jumps: BTreeMap<OwnedChain, usize>,
+    /// Chains of [`FIRST_JUMPS`] whose jump is there but behind a rule that is not one of
+    /// vipd's jumps.
+    pub displaced: BTreeSet<OwnedChain>,
+    /// What the filter table has of [`DOCKER_USER`].
+    pub docker_user: DockerUser,
+}
+
+/// Whether `DOCKER-USER` exists and FORWARD jumps to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DockerUser {
+    pub exists: bool,
+    pub jumped: bool,
 }
 
 impl ObservedFirewall {
@@ -224,16 +288,76 @@ impl ObservedFirewall {
         by_mark.into_values().collect()
     }
 
+    /// What keeps vipd's host rules from working as planned, though every rule is in
+    /// place: a jump of [`FIRST_JUMPS`] pushed down by another's rule, a jump missing, or
+    /// `DOCKER-USER` (or FORWARD's jump to it) gone while vipd has a chain jumped from it.
+    /// Empty when nothing needs re-asserting; what the agent checks after Docker's
+    /// network events and on a timer.
+    pub fn needs_reassert(&self) -> Vec<Reassert> {
+        let mut out: Vec<Reassert> = self.displaced.iter().map(|c| Reassert::Displaced(*c)).collect();
+        for chain in self.chains.keys() {
+            if self.jumps.get(chain).copied().unwrap_or(0) == 0 {
+                out.push(Reassert::MissingJump(*chain));
+            }
+        }
+        if self.chains.contains_key(&HOST_OVERLAY_FORWARD)
+            && !(self.docker_user.exists && self.docker_user.jumped)
+        {
+            out.push(Reassert::MissingJump(DOCKER_USER));
+        }
+        out
+    }
+
     /// True when vipd has nothing at all in this namespace's firewall.
     pub fn is_clean(&self) -> bool {
         self.chains.is_empty() && self.jumps.values().all(|n| *n == 0)
     }
 }
 
+/// Why vipd's host rules need programming again though every rule is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", content = "chain", rename_all = "snake_case")]
+pub enum Reassert {
+    /// The jump to the chain is no longer first in its hook.
+    Displaced(OwnedChain),
+    /// The chain is there, nothing jumps to it.
+    MissingJump(OwnedChain),
+}
+
+impl fmt::Display for Reassert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reassert::Displaced(c) => write!(
+                f,
+                "{} {}: the jump to {} is no longer first",
+                c.table.name(),
+                c.hook,
+                c.name
+            ),
+            Reassert::MissingJump(c) => write!(
+                f,
+                "{} {}: the jump to {} is missing",
+                c.table.name(),
+                c.hook,
+                c.name
+            ),
+        }
+    }
+}
+
+/// Whether `spec`, a rule of the built-in (or Docker's) chain `hook`, is a jump of vipd's.
+fn is_owned_jump(table: Table, hook: &str, spec: &str) -> bool {
+    OWNED_CHAINS
+        .iter()
+        .any(|c| c.table == table && c.hook == hook && spec == c.jump())
+}
+
 /// Parse `iptables-save` output, keeping only what concerns vipd's chains.
 pub fn parse_save(text: &str) -> ObservedFirewall {
     let mut seen = ObservedFirewall::default();
     let mut table: Option<Table> = None;
+    // Hooks (by table and name) where a rule that is not vipd's jump was already seen.
+    let mut foreign_before: BTreeSet<(Table, &str)> = BTreeSet::new();
     for line in text.lines() {
         let line = line.trim_end();
         if let Some(t) = line.strip_prefix('*') {
@@ -248,17 +372,29 @@ pub fn parse_save(text: &str) -> ObservedFirewall {
         let Some(table) = table else { continue };
         if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split_whitespace().next().unwrap_or("");
+            if table == DOCKER_USER.table && name == DOCKER_USER.name {
+                seen.docker_user.exists = true;
+            }
             for c in OWNED_CHAINS.iter().filter(|c| c.table == table && c.name == name) {
                 seen.chains.entry(*c).or_default();
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+            if table == DOCKER_USER.table && chain == DOCKER_USER.hook && spec == DOCKER_USER.jump() {
+                seen.docker_user.jumped = true;
+            }
             for c in OWNED_CHAINS.iter().filter(|c| c.table == table) {
                 if chain == c.name {
                     seen.chains.entry(*c).or_default().push(unquote_comment(spec));
                 } else if chain == c.hook && spec == c.jump() {
                     *seen.jumps.entry(*c).or_default() += 1;
+                    if FIRST_JUMPS.contains(c) && foreign_before.contains(&(table, chain)) {
+                        seen.displaced.insert(*c);
+                    }
                 }
+            }
+            if !is_owned_jump(table, chain, spec) {
+                foreign_before.insert((table, chain));
             }
         }
     }
@@ -321,21 +457,24 @@ pub fn plan(want: &[Intent], seen: &ObservedFirewall) -> Vec<FwOp> {
 ///
 /// A chain exists exactly when it has rules; its hook then has exactly one jump to it.
 pub fn plan_chains(chains: &[OwnedChain], want: &[Intent], seen: &ObservedFirewall) -> Vec<FwOp> {
-    plan_lines(chains, &render::render_all(want), seen)
+    let ranked: Vec<(u8, ChainRule)> = want.iter().map(|i| (render::rank(i), render(i))).collect();
+    plan_lines(chains, &ranked, seen)
 }
 
-/// [`plan_chains`] for rendered lines: compared as text with what `iptables-save`
-/// printed, so a rule changed by hand in any way is put back.
-fn plan_lines(chains: &[OwnedChain], want: &[ChainRule], seen: &ObservedFirewall) -> Vec<FwOp> {
+/// [`plan_chains`] for rendered lines (with their rank in an ordered chain): compared as
+/// text with what `iptables-save` printed, so a rule changed by hand in any way is put
+/// back.
+fn plan_lines(chains: &[OwnedChain], want: &[(u8, ChainRule)], seen: &ObservedFirewall) -> Vec<FwOp> {
     let mut ops = Vec::new();
     for &chain in chains {
-        let mut wanted: Vec<&str> = want
+        let mut wanted: Vec<(u8, &str)> = want
             .iter()
-            .filter(|r| r.chain == chain)
-            .map(|r| r.spec.as_str())
+            .filter(|(_, r)| r.chain == chain)
+            .map(|(rank, r)| (*rank, r.spec.as_str()))
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
+        let wanted: Vec<&str> = wanted.into_iter().map(|(_, spec)| spec).collect();
         let have = seen.chains.get(&chain);
         let jumps = seen.jumps.get(&chain).copied().unwrap_or(0);
         if wanted.is_empty() {
@@ -347,38 +486,80 @@ fn plan_lines(chains: &[OwnedChain], want: &[ChainRule], seen: &ObservedFirewall
             }
             continue;
         }
+        if chain.hook == DOCKER_USER.name && chain.table == DOCKER_USER.table {
+            if !seen.docker_user.exists {
+                ops.push(FwOp::NewChain(DOCKER_USER));
+            }
+            if !seen.docker_user.jumped {
+                ops.push(FwOp::AddJump(DOCKER_USER));
+            }
+        }
         if have.is_none() {
             ops.push(FwOp::NewChain(chain));
         }
-        // Multiset difference: a duplicate of a wanted rule is removed too.
-        let mut pending: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in have.into_iter().flatten() {
-            *pending.entry(r.as_str()).or_default() += 1;
-        }
-        for spec in &wanted {
-            match pending.get_mut(spec) {
-                Some(n) if *n > 0 => *n -= 1,
-                _ => ops.push(FwOp::AddRule(ChainRule {
-                    chain,
-                    spec: (*spec).to_owned(),
-                })),
-            }
-        }
-        for (spec, n) in pending {
-            for _ in 0..n {
-                ops.push(FwOp::DelRule(ChainRule {
-                    chain,
-                    spec: spec.to_owned(),
-                }));
-            }
+        if ORDERED_CHAINS.contains(&chain) {
+            plan_ordered(
+                chain,
+                &wanted,
+                have.map(Vec::as_slice).unwrap_or_default(),
+                &mut ops,
+            );
+        } else {
+            plan_unordered(chain, &wanted, have, &mut ops);
         }
         match jumps {
             0 => ops.push(FwOp::AddJump(chain)),
+            1 if seen.displaced.contains(&chain) => {
+                ops.push(FwOp::DelJump(chain));
+                ops.push(FwOp::AddJump(chain));
+            }
             1 => {}
             n => ops.extend((1..n).map(|_| FwOp::DelJump(chain))),
         }
     }
     ops
+}
+
+/// An ordered chain's rules: kept when they are exactly `wanted` in order, else every
+/// rule is deleted and `wanted` appended in order (one `iptables-restore`, so no packet
+/// sees the chain half done).
+fn plan_ordered(chain: OwnedChain, wanted: &[&str], have: &[String], ops: &mut Vec<FwOp>) {
+    if have.iter().map(String::as_str).eq(wanted.iter().copied()) {
+        return;
+    }
+    let rule = |spec: &str| ChainRule {
+        chain,
+        spec: spec.to_owned(),
+    };
+    ops.extend(have.iter().map(|spec| FwOp::DelRule(rule(spec))));
+    ops.extend(wanted.iter().map(|spec| FwOp::AddRule(rule(spec))));
+}
+
+/// An unordered chain's rules: what is missing is appended, what is not wanted (or a
+/// duplicate) deleted.
+fn plan_unordered(chain: OwnedChain, wanted: &[&str], have: Option<&Vec<String>>, ops: &mut Vec<FwOp>) {
+    // Multiset difference: a duplicate of a wanted rule is removed too.
+    let mut pending: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in have.into_iter().flatten() {
+        *pending.entry(r.as_str()).or_default() += 1;
+    }
+    for spec in wanted {
+        match pending.get_mut(spec) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => ops.push(FwOp::AddRule(ChainRule {
+                chain,
+                spec: (*spec).to_owned(),
+            })),
+        }
+    }
+    for (spec, n) in pending {
+        for _ in 0..n {
+            ops.push(FwOp::DelRule(ChainRule {
+                chain,
+                spec: spec.to_owned(),
+            }));
+        }
+    }
 }
 
 /// The `iptables-restore --noflush` input that carries out `ops`, one `COMMIT` per table.
@@ -590,6 +771,88 @@ COMMIT
             render_restore(&ops),
             "*mangle\n:VIPD-OUTPUT - [0:0]\n-D OUTPUT -j VIPD-OUTPUT\n-D OUTPUT -j VIPD-OUTPUT\n-X VIPD-OUTPUT\nCOMMIT\n"
         );
+    }
+
+    const DOCKER_HOST: &str = "\
+*nat
+:POSTROUTING ACCEPT [0:0]
+:VIPD-OVERLAY-NAT - [0:0]
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A POSTROUTING -j VIPD-OVERLAY-NAT
+-A VIPD-OVERLAY-NAT -s 10.230.1.0/24 ! -o vipd0 -m comment --comment \"vipd:overlay\" -j MASQUERADE
+-A VIPD-OVERLAY-NAT -s 10.230.0.0/16 -d 10.230.0.0/16 -m comment --comment \"vipd:overlay\" -j RETURN
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:DOCKER-USER - [0:0]
+:VIPD-OVERLAY - [0:0]
+-A INPUT -j VIPD-VXLAN-IN
+-A FORWARD -j DOCKER-USER
+-A DOCKER-USER -s 192.0.2.9/32 -j DROP
+-A DOCKER-USER -j VIPD-OVERLAY
+-A VIPD-OVERLAY -i vipd-vx -o vipd0 -m comment --comment \"vipd:overlay\" -j ACCEPT
+COMMIT
+";
+
+    #[test]
+    fn a_jump_pushed_down_by_another_rule_is_displaced_and_put_first_again() {
+        let seen = parse_save(DOCKER_HOST);
+        assert_eq!(seen.displaced, [HOST_OVERLAY_NAT].into());
+        // DOCKER-USER's position is the operator's business: present is enough.
+        assert_eq!(seen.jumps[&HOST_OVERLAY_FORWARD], 1);
+        assert_eq!(
+            seen.docker_user,
+            DockerUser {
+                exists: true,
+                jumped: true
+            }
+        );
+        // A jump to a chain that is gone is not missing; a chain nothing jumps to is.
+        assert_eq!(seen.needs_reassert(), [Reassert::Displaced(HOST_OVERLAY_NAT)]);
+        let nat = [
+            Intent::KeepClusterSource {
+                range: "10.230.0.0/16".parse().unwrap(),
+            },
+            Intent::MasqueradeNodeSubnet {
+                subnet: "10.230.1.0/24".parse().unwrap(),
+                bridge: "vipd0".into(),
+            },
+        ];
+        let ops = plan_chains(&[HOST_OVERLAY_NAT], &nat, &seen);
+        // Out of order: rewritten whole, RETURN first; the jump moved back to the top.
+        assert_eq!(
+            render_restore(&ops),
+            "*nat\n\
+             -D VIPD-OVERLAY-NAT -s 10.230.1.0/24 ! -o vipd0 -m comment --comment vipd:overlay -j MASQUERADE\n\
+             -D VIPD-OVERLAY-NAT -s 10.230.0.0/16 -d 10.230.0.0/16 -m comment --comment vipd:overlay -j RETURN\n\
+             -A VIPD-OVERLAY-NAT -s 10.230.0.0/16 -d 10.230.0.0/16 -m comment --comment vipd:overlay -j RETURN\n\
+             -A VIPD-OVERLAY-NAT -s 10.230.1.0/24 ! -o vipd0 -m comment --comment vipd:overlay -j MASQUERADE\n\
+             -D POSTROUTING -j VIPD-OVERLAY-NAT\n\
+             -I POSTROUTING 1 -j VIPD-OVERLAY-NAT\n\
+             COMMIT\n"
+        );
+    }
+
+    #[test]
+    fn a_missing_jump_or_docker_user_chain_needs_reasserting() {
+        let seen = parse_save("*filter\n:INPUT ACCEPT [0:0]\n:VIPD-OVERLAY - [0:0]\n:VIPD-VXLAN-IN - [0:0]\n-A INPUT -j VIPD-VXLAN-IN\nCOMMIT\n");
+        assert!(seen.displaced.is_empty());
+        assert_eq!(
+            seen.needs_reassert(),
+            [
+                Reassert::MissingJump(HOST_OVERLAY_FORWARD),
+                Reassert::MissingJump(DOCKER_USER)
+            ]
+        );
+        assert_eq!(
+            Reassert::MissingJump(DOCKER_USER).to_string(),
+            "filter FORWARD: the jump to DOCKER-USER is missing"
+        );
+        // vipd's own jumps ahead of it do not displace a jump.
+        let two = parse_save("*nat\n:VIPD-INGRESS-POST - [0:0]\n:VIPD-OVERLAY-NAT - [0:0]\n-A POSTROUTING -j VIPD-INGRESS-POST\n-A POSTROUTING -j VIPD-OVERLAY-NAT\nCOMMIT\n");
+        assert!(two.needs_reassert().is_empty(), "{:?}", two.needs_reassert());
+        assert!(ObservedFirewall::default().needs_reassert().is_empty());
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::net::IpAddr;
 
 use super::{
     ChainRule, OwnedChain, COMMENT_PREFIX, HOST_FILTER_FORWARD, HOST_NAT_OUTPUT, HOST_NAT_POSTROUTING,
-    HOST_NAT_PREROUTING, MANGLE_OUTPUT, MANGLE_PREROUTING, NAT_OUTPUT, NAT_POSTROUTING,
+    HOST_NAT_PREROUTING, HOST_OVERLAY_FORWARD, HOST_OVERLAY_NAT, HOST_VXLAN_INPUT, MANGLE_OUTPUT,
+    MANGLE_PREROUTING, NAT_OUTPUT, NAT_POSTROUTING,
 };
 use crate::core::model::{FwMark, ServiceName, Vip};
 use crate::core::rules::{Direction, Intent, IpFamily, Origin};
@@ -98,6 +99,56 @@ pub fn render(intent: &Intent) -> ChainRule {
                 format!("{flag} {iface} -m comment --comment {COMMENT_PREFIX}mesh -j ACCEPT"),
             )
         }
+        Intent::ForwardOverlay {
+            vxlan,
+            bridge,
+            direction,
+            family: _,
+        } => {
+            let (from, to) = match direction {
+                Direction::In => (vxlan, bridge),
+                Direction::Out => (bridge, vxlan),
+            };
+            rule(
+                HOST_OVERLAY_FORWARD,
+                format!("-i {from} -o {to} -m comment --comment {COMMENT_PREFIX}overlay -j ACCEPT"),
+            )
+        }
+        Intent::KeepClusterSource { range } => rule(
+            HOST_OVERLAY_NAT,
+            format!(
+                "-s {range} -d {range} -m comment --comment {COMMENT_PREFIX}overlay -j RETURN",
+                range = range.trunc()
+            ),
+        ),
+        Intent::MasqueradeNodeSubnet { subnet, bridge } => rule(
+            HOST_OVERLAY_NAT,
+            format!(
+                "-s {} ! -o {bridge} -m comment --comment {COMMENT_PREFIX}overlay -j MASQUERADE",
+                subnet.trunc()
+            ),
+        ),
+        Intent::AcceptVxlanPeer { peer, port } => rule(
+            HOST_VXLAN_INPUT,
+            format!(
+                "-s {peer}/{} -p udp -m udp --dport {port} -m comment --comment {COMMENT_PREFIX}vxlan -j ACCEPT",
+                IpFamily::of(*peer).host_prefix()
+            ),
+        ),
+        Intent::DropVxlan { port, family: _ } => rule(
+            HOST_VXLAN_INPUT,
+            format!("-p udp -m udp --dport {port} -m comment --comment {COMMENT_PREFIX}vxlan -j DROP"),
+        ),
+    }
+}
+
+/// Where an intent's line goes in an ordered chain ([`super::ORDERED_CHAINS`]): the
+/// specific rules (a peer's ACCEPT, the cluster's RETURN) before the catch-alls they
+/// make exceptions to (the DROP of every other VXLAN packet, the masquerade of the rest).
+pub fn rank(intent: &Intent) -> u8 {
+    match intent {
+        Intent::DropVxlan { .. } | Intent::MasqueradeNodeSubnet { .. } => 1,
+        _ => 0,
     }
 }
 
@@ -319,6 +370,69 @@ pub(super) mod tests {
         assert_eq!(
             forward(Direction::In),
             "VIPD-FORWARD -i vipd-ingress -m comment --comment vipd:mesh -j ACCEPT"
+        );
+    }
+
+    #[test]
+    fn overlay_intents_render_in_iptables_save_form() {
+        let forward = |direction| {
+            line(Intent::ForwardOverlay {
+                vxlan: "vipd-vx".into(),
+                bridge: "vipd0".into(),
+                direction,
+                family: IpFamily::V4,
+            })
+        };
+        assert_eq!(
+            forward(Direction::In),
+            "VIPD-OVERLAY -i vipd-vx -o vipd0 -m comment --comment vipd:overlay -j ACCEPT"
+        );
+        assert_eq!(
+            forward(Direction::Out),
+            "VIPD-OVERLAY -i vipd0 -o vipd-vx -m comment --comment vipd:overlay -j ACCEPT"
+        );
+        // Networks print as their network address, whatever host they were given by.
+        assert_eq!(
+            line(Intent::KeepClusterSource {
+                range: Ipv4Net::new("10.230.7.1".parse().unwrap(), 16).unwrap()
+            }),
+            "VIPD-OVERLAY-NAT -s 10.230.0.0/16 -d 10.230.0.0/16 -m comment --comment vipd:overlay -j RETURN"
+        );
+        assert_eq!(
+            line(Intent::MasqueradeNodeSubnet {
+                subnet: Ipv4Net::new("10.230.1.1".parse().unwrap(), 24).unwrap(),
+                bridge: "vipd0".into()
+            }),
+            "VIPD-OVERLAY-NAT -s 10.230.1.0/24 ! -o vipd0 -m comment --comment vipd:overlay -j MASQUERADE"
+        );
+        assert_eq!(
+            line(Intent::AcceptVxlanPeer {
+                peer: "192.168.1.2".parse().unwrap(),
+                port: 4799
+            }),
+            "VIPD-VXLAN-IN -s 192.168.1.2/32 -p udp -m udp --dport 4799 -m comment --comment vipd:vxlan -j ACCEPT"
+        );
+        assert_eq!(
+            line(Intent::DropVxlan {
+                port: 4799,
+                family: IpFamily::V4
+            }),
+            "VIPD-VXLAN-IN -p udp -m udp --dport 4799 -m comment --comment vipd:vxlan -j DROP"
+        );
+        // The catch-alls rank after the exceptions; everything else ranks first.
+        assert_eq!(
+            rank(&Intent::DropVxlan {
+                port: 1,
+                family: IpFamily::V4
+            }),
+            1
+        );
+        assert_eq!(
+            rank(&Intent::AcceptVxlanPeer {
+                peer: "192.168.1.2".parse().unwrap(),
+                port: 1
+            }),
+            0
         );
     }
 
