@@ -10,7 +10,7 @@ use crate::core::alloc::Allocations;
 use crate::core::containers::{Attachment, Container};
 use crate::core::firewall::Rule;
 use crate::core::ipvs::Timeouts;
-use crate::core::labels::{self, LabelError, ServiceDef};
+use crate::core::labels::{self, Conflict, LabelError, ServiceDef, ServiceDefinition};
 use crate::core::mesh::{self, IngressLink};
 use crate::core::model::EndpointMode;
 use crate::core::model::PortKey;
@@ -26,6 +26,15 @@ pub type Services = (BTreeMap<ServiceName, ServiceDef>, Vec<LabelError>);
 /// Step 1: the services.
 pub fn services(containers: &[Container]) -> Services {
     labels::services(containers)
+}
+
+/// Step 1 with the stored definitions (`vipd service`): they win over the labels, and
+/// each label they overrule is a conflict.
+pub fn merged_services(
+    containers: &[Container],
+    stored: &BTreeMap<ServiceName, ServiceDefinition>,
+) -> labels::Merged {
+    labels::merge(containers, stored)
 }
 
 /// What allocating did.
@@ -193,6 +202,7 @@ pub struct StatusInput<'a> {
     pub containers: &'a [Container],
     pub defs: &'a BTreeMap<ServiceName, ServiceDef>,
     pub label_errors: &'a [LabelError],
+    pub conflicts: &'a [Conflict],
     pub allocs: &'a Allocations,
     pub holders: &'a BTreeMap<PortKey, ServiceName>,
     pub service_errors: &'a BTreeMap<ServiceName, Vec<String>>,
@@ -208,6 +218,7 @@ pub fn status(i: StatusInput<'_>) -> Status {
         services: status::services(i.containers, i.defs, i.allocs, i.holders, i.service_errors),
         sandboxes: i.records.statuses(),
         label_errors: status::label_problems(i.label_errors),
+        conflicts: i.conflicts.to_vec(),
     }
 }
 
@@ -363,6 +374,7 @@ mod tests {
             containers: &cs,
             defs: &defs,
             label_errors: &label_errors,
+            conflicts: &[],
             allocs: &allocs,
             holders: &BTreeMap::new(),
             service_errors: &BTreeMap::new(),
