@@ -384,4 +384,34 @@ mod tests {
         assert_eq!(s.services.len(), 1);
         assert_eq!(s.sandboxes.len(), 2);
     }
+
+    #[test]
+    fn a_defined_service_with_no_task_gets_a_vip_and_dns_and_no_backends() {
+        let mut web = ServiceDefinition::new(ServiceName::new("web").unwrap());
+        web.set_publish(&["8080:80"]).unwrap();
+        let stored = BTreeMap::from([(web.name.clone(), web)]);
+        let cs = vec![container("claaaaaaaaaa", &[], &[("front", "10.1.0.9")])];
+        let merged = merged_services(&cs, &stored);
+        let allocs = allocate(&Allocations::default(), &merged.defs, pool(), Duration::ZERO, 0).allocs;
+        let vip = allocs.services[&ServiceName::new("web").unwrap()].vip;
+        let (catalog, warnings) = dns_catalog(&cs, &merged.defs, &allocs, Some("vipd"), 5);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let q = crate::dns::catalog::Query {
+            name: "web.vipd.",
+            qtype: crate::dns::catalog::QueryType::A,
+            qclass: crate::dns::catalog::CLASS_IN,
+        };
+        match crate::dns::catalog::answer(&catalog, &q, 1) {
+            crate::dns::catalog::Answer::Records { answers, .. } => {
+                let got: Vec<_> = answers.iter().map(|r| r.data.clone()).collect();
+                assert_eq!(got, [crate::dns::catalog::RecordData::A(vip)]);
+            }
+            other => panic!("web.vipd: {other:?}"),
+        }
+        let web = &catalog.services()[0];
+        assert!(web.tasks.is_empty(), "no backends");
+        // No task: no sandbox shares a network with it, so none gets it.
+        let want = desired(&cs, &merged.defs, &allocs, None);
+        assert!(want.values().all(|s| s.services.is_empty()), "{want:?}");
+    }
 }

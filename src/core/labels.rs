@@ -736,4 +736,136 @@ mod tests {
             errors[1]
         );
     }
+
+    fn defined(
+        name: &str,
+        f: impl FnOnce(&mut ServiceDefinition),
+    ) -> BTreeMap<ServiceName, ServiceDefinition> {
+        let mut d = ServiceDefinition::new(ServiceName::new(name).unwrap());
+        f(&mut d);
+        BTreeMap::from([(d.name.clone(), d)])
+    }
+
+    #[test]
+    fn a_definition_alone_is_a_service_with_no_task() {
+        let stored = defined("web", |d| d.set_publish(&["8080:80"]).unwrap());
+        let m = merge(&[container("e", &[("unrelated", "x")])], &stored);
+        let web = &m.defs[&ServiceName::new("web").unwrap()];
+        assert!(web.tasks.is_empty());
+        assert_eq!(web.publish, parse_publish("8080:80").unwrap());
+        assert!(m.label_errors.is_empty() && m.conflicts.is_empty());
+    }
+
+    #[test]
+    fn labels_alone_behave_as_without_definitions() {
+        let cs = [
+            container("a", &[(SERVICE, "web"), (SCHEDULER, "wlc")]),
+            container("b", &[(SERVICE, "web"), (ENDPOINT_MODE, "dnsrr")]),
+        ];
+        let m = merge(&cs, &defined("other", |_| {}));
+        let (defs, errors) = services(&cs);
+        assert_eq!(
+            m.defs[&ServiceName::new("web").unwrap()],
+            defs[&ServiceName::new("web").unwrap()]
+        );
+        assert_eq!(m.label_errors, errors);
+        assert_eq!(m.defs.len(), 2, "web from labels, other from its definition");
+        assert!(m.conflicts.is_empty());
+    }
+
+    #[test]
+    fn labels_that_agree_with_the_definition_are_no_conflict() {
+        let stored = defined("web", |d| {
+            d.set_scheduler("wrr").unwrap();
+            d.set_ports(&["http=80/tcp"]).unwrap();
+        });
+        let cs = [
+            container(
+                "a",
+                &[(SERVICE, "web"), (SCHEDULER, "wrr"), ("vipd.port.http", "80")],
+            ),
+            // Unset labels are the defaults, not a disagreement.
+            container("b", &[(SERVICE, "web"), (WEIGHT, "3")]),
+        ];
+        let m = merge(&cs, &stored);
+        let web = &m.defs[&ServiceName::new("web").unwrap()];
+        assert_eq!(web.tasks.values().copied().collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(web.scheduler.name(), "wrr");
+        assert!(m.conflicts.is_empty() && m.label_errors.is_empty(), "{m:?}");
+    }
+
+    #[test]
+    fn the_definition_wins_over_disagreeing_labels_and_each_disagreement_is_listed_once() {
+        let stored = defined("web", |d| d.set_publish(&["8080:80"]).unwrap());
+        let cs = [
+            container("a", &[(SERVICE, "web"), (SCHEDULER, "wlc"), (PUBLISH, "9090:80")]),
+            container(
+                "b",
+                &[(SERVICE, "web"), (SCHEDULER, "wlc"), (ENDPOINT_MODE, "dnsrr")],
+            ),
+            container("c", &[(SERVICE, "web"), ("vipd.port.http", "80")]),
+        ];
+        let m = merge(&cs, &stored);
+        let web = &m.defs[&ServiceName::new("web").unwrap()];
+        assert_eq!((web.mode, web.scheduler.name()), (EndpointMode::Vip, "rr"));
+        assert_eq!(web.publish, parse_publish("8080:80").unwrap());
+        assert!(web.ports.is_empty());
+        assert_eq!(web.tasks.len(), 3, "every task is bound, none left out");
+        assert!(m.label_errors.is_empty());
+        let seen: Vec<(&str, &str, &str)> = m
+            .conflicts
+            .iter()
+            .map(|c| {
+                (
+                    c.setting.as_str(),
+                    c.label_value.as_str(),
+                    c.stored_value.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("endpoint-mode", "dnsrr", "vip"),
+                ("ports", "http=80/tcp", ""),
+                ("publish", "9090:80/tcp", "8080:80/tcp"),
+                ("scheduler", "wlc", "rr"),
+            ]
+        );
+        assert!(m.conflicts.iter().all(|c| c.service == "web"));
+    }
+
+    #[test]
+    fn a_definition_is_json_of_its_settings_and_is_checked_as_labels_are() {
+        let stored = defined("web", |d| {
+            d.set_endpoint_mode("dnsrr").unwrap();
+            d.set_ports(&["dns=53/udp", "http=80"]).unwrap();
+        });
+        let d = &stored[&ServiceName::new("web").unwrap()];
+        let text = serde_json::to_string(d).unwrap();
+        assert_eq!(
+            text,
+            r#"{"name":"web","endpoint_mode":"dnsrr","scheduler":"rr","publish":[],"ports":["dns=53/udp","http=80/tcp"]}"#
+        );
+        assert_eq!(&serde_json::from_str::<ServiceDefinition>(&text).unwrap(), d);
+        let bad = r#"{"name":"web","endpoint_mode":"vip","scheduler":"rr","ports":["http=80/quic"]}"#;
+        let e = serde_json::from_str::<ServiceDefinition>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--port \"http=80/quic\": the protocol must be tcp, udp or sctp"),
+            "{e}"
+        );
+        let mut d = d.clone();
+        assert!(d
+            .set_ports(&["http=80", "http=81"])
+            .unwrap_err()
+            .to_string()
+            .contains("given twice"));
+        assert!(d
+            .set_ports(&["http"])
+            .unwrap_err()
+            .to_string()
+            .contains("expected NAME=PORT"));
+    }
 }

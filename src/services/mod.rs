@@ -113,8 +113,8 @@ impl DefinitionStore for Cluster {
     }
 }
 
-/// The settings `vipd service create|update` was given; a `None` (or, for `create`, an
-/// empty list) keeps the definition's value.
+/// The settings `vipd service create|update` was given; a `None` keeps the definition's
+/// value (for `create`: the labels' default).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     pub endpoint_mode: Option<String>,
@@ -209,9 +209,9 @@ pub fn render(defs: &Definitions) -> String {
         let _ = writeln!(
             out,
             "{:<24} {:<6} {:<6} {:<24} {}",
-            d.name,
+            d.name.as_str(),
             crate::core::labels::endpoint_mode_name(d.mode),
-            d.scheduler,
+            d.scheduler.name(),
             list(d.publish.iter().map(ToString::to_string).collect()),
             list(d.ports.iter().map(ToString::to_string).collect()),
         );
