@@ -13,4 +13,5 @@ mod firewall;
 mod ingress;
 mod metrics;
 mod overlay;
+mod services;
 mod store;
