@@ -68,27 +68,28 @@ fn a_service_is_created_listed_updated_and_removed_and_bad_input_exits_2() {
         "service api is not defined",
     );
     refused(d, &["rm", "api"], "service api is not defined");
-    refused(
-        d,
-        &["update", "web", "--scheduler", "fast"],
-        "--scheduler \"fast\": unknown scheduler",
-    );
-    refused(
-        d,
-        &["create", "api", "--publish", "8080"],
-        "--publish \"8080\": \"8080\": expected PUBLISHED:TARGET",
-    );
-    refused(
-        d,
-        &["create", "api", "--port", "http=80/quic"],
-        "the protocol must be tcp, udp or sctp",
-    );
-    refused(
-        d,
-        &["create", "api", "--endpoint-mode", "anycast"],
-        "expected vip or dnsrr",
-    );
-    refused(d, &["create", "bad name"], "invalid service name");
+    let bad_values: [(&[&str], &str); 5] = [
+        (
+            &["update", "web", "--scheduler", "fast"],
+            "--scheduler \"fast\": unknown scheduler",
+        ),
+        (
+            &["create", "api", "--publish", "8080"],
+            "--publish \"8080\": \"8080\": expected PUBLISHED:TARGET",
+        ),
+        (
+            &["create", "api", "--port", "http=80/quic"],
+            "the protocol must be tcp, udp or sctp",
+        ),
+        (
+            &["create", "api", "--endpoint-mode", "anycast"],
+            "expected vip or dnsrr",
+        ),
+        (&["create", "bad name"], "invalid service name"),
+    ];
+    for (args, needle) in bad_values {
+        refused(d, args, needle);
+    }
 
     assert_eq!(ok(d, &["rm", "web"]), "removed service web\n");
     assert_eq!(ok(d, &["ls"]), "no services defined\n");
