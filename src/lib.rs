@@ -19,6 +19,8 @@
 //! - [`metrics`]: Prometheus metrics of `vipd run`: the registry, the scrape of the kernel's
 //!   counters through a port ([`ipvs::stats`] is the kernel side), the HTTP endpoint (hyper).
 //! - [`privileges`]: the capabilities `vipd run` keeps; it drops the others.
+//! - [`services`]: services defined with `vipd service`: kept in the state directory or
+//!   the cluster store, read by the agent through [`services::DefinitionSource`].
 //! - [`tools`]: the programs vipd runs (iptables), found once at start, run with an empty
 //!   environment.
 
@@ -39,6 +41,7 @@ pub mod netns;
 pub mod overlay;
 pub mod privileges;
 pub mod reconcile;
+pub mod services;
 pub mod show;
 pub mod state;
 pub mod store;

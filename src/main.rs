@@ -125,6 +125,12 @@ enum Command {
         #[arg(long, default_value = vipd::admin::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Define services on the command line (on this host, or cluster-wide with --etcd):
+    /// a definition wins over the labels of the service's tasks.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
     /// Show vipd's services in a namespace, the way `ipvsadm -Ln` does, with their VIPs.
     Show {
         /// The namespace: a path or a name under /run/netns.
@@ -134,6 +140,162 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Define a service; refused if it is defined already. A setting not given takes
+    /// the labels' default (vip, rr, nothing published, no named ports).
+    Create {
+        name: String,
+        #[command(flatten)]
+        settings: ServiceSettings,
+        #[command(flatten)]
+        store: DefinitionsAt,
+    },
+    /// Change the settings given of a defined service; refused if it is not defined.
+    Update {
+        name: String,
+        #[command(flatten)]
+        settings: ServiceSettings,
+        #[command(flatten)]
+        store: DefinitionsAt,
+    },
+    /// Delete a service's definition (its labelled tasks stay a service by their labels).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        store: DefinitionsAt,
+    },
+    /// List the defined services.
+    Ls {
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: DefinitionsAt,
+    },
+}
+
+/// The settings of `vipd service create|update`, as the labels take them.
+#[derive(clap::Args)]
+struct ServiceSettings {
+    /// `vip` (a VIP balanced by IPVS) or `dnsrr` (DNS answers every task).
+    #[arg(long, value_name = "vip|dnsrr")]
+    endpoint_mode: Option<String>,
+    /// Publish a port on every host's routing mesh: PUBLISHED:TARGET[/tcp|/udp].
+    /// Repeatable; replaces the ports published before.
+    #[arg(long, value_name = "PUBLISHED:TARGET[/PROTO]")]
+    publish: Vec<String>,
+    /// Publish nothing (drops the published ports).
+    #[arg(long, conflicts_with = "publish")]
+    no_publish: bool,
+    /// The IPVS scheduler: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, mh.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// A named port, for SRV records `_NAME._PROTO.SERVICE`: NAME=PORT[/tcp|/udp|/sctp].
+    /// Repeatable; replaces the ports named before.
+    #[arg(long = "port", value_name = "NAME=PORT[/PROTO]")]
+    ports: Vec<String>,
+    /// Name no ports (drops the named ports).
+    #[arg(long, conflicts_with = "ports")]
+    no_ports: bool,
+}
+
+impl ServiceSettings {
+    fn settings(self) -> vipd::services::Settings {
+        let list = |given: Vec<String>, none: bool| (none || !given.is_empty()).then_some(given);
+        vipd::services::Settings {
+            endpoint_mode: self.endpoint_mode,
+            scheduler: self.scheduler,
+            publish: list(self.publish, self.no_publish),
+            ports: list(self.ports, self.no_ports),
+        }
+    }
+}
+
+/// Where `vipd service` keeps the definitions.
+#[derive(clap::Args)]
+struct DefinitionsAt {
+    /// The state directory of this host's vipd (`vipd run --state-dir`), without --etcd.
+    #[arg(long, default_value = "/var/lib/vipd")]
+    state_dir: PathBuf,
+    /// The cluster's etcd (`vipd run --etcd`): the definition is the whole cluster's.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    etcd: Vec<String>,
+}
+
+/// `vipd service ...`: change or list the definitions, in the state directory's file or
+/// in the cluster store. A running `vipd run` takes a change on its next sync: the next
+/// Docker event or the periodic resync (--resync-interval), whichever comes first; every
+/// node of a cluster at once (it watches the store).
+fn service_command(action: ServiceAction) -> Result<()> {
+    use vipd::services::{self, DefinitionError, DefinitionStore};
+    let store_at = match &action {
+        ServiceAction::Create { store, .. }
+        | ServiceAction::Update { store, .. }
+        | ServiceAction::Rm { store, .. }
+        | ServiceAction::Ls { store, .. } => (store.state_dir.clone(), store.etcd.clone()),
+    };
+    let name = |n: &str| vipd::core::model::ServiceName::new(n).map_err(bad_input);
+    let input = |e: DefinitionError| {
+        if e.is_bad_input() {
+            bad_input(e)
+        } else {
+            e.into()
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let store: Box<dyn DefinitionStore> = match store_at {
+            (dir, etcd) if etcd.is_empty() => Box::new(services::FileDefinitions::new(&dir)),
+            (_, etcd) => {
+                let config = vipd::store::etcd::EtcdConfig::new(etcd);
+                let kv = vipd::store::etcd::EtcdKv::connect(&config)
+                    .await
+                    .with_context(|| format!("cannot reach etcd at {}", config.endpoints.join(",")))?;
+                Box::new(vipd::store::Cluster::new(
+                    Arc::new(kv),
+                    vipd::store::Keys::default(),
+                ))
+            }
+        };
+        match action {
+            ServiceAction::Create {
+                name: n, settings, ..
+            } => {
+                let def = services::create(&*store, name(&n)?, &settings.settings())
+                    .await
+                    .map_err(input)?;
+                println!("created service {}", def.name);
+            }
+            ServiceAction::Update {
+                name: n, settings, ..
+            } => {
+                let def = services::update(&*store, &name(&n)?, &settings.settings())
+                    .await
+                    .map_err(input)?;
+                println!("updated service {}", def.name);
+            }
+            ServiceAction::Rm { name: n, .. } => {
+                let n = name(&n)?;
+                services::remove(&*store, &n).await.map_err(input)?;
+                println!("removed service {n}");
+            }
+            ServiceAction::Ls { json, .. } => {
+                let defs = store.list().await.map_err(input)?;
+                if json {
+                    let list: Vec<_> = defs.values().collect();
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    print!("{}", services::render(&defs));
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 // `vipd run`'s settings, boxed in `Command::Run` (the other commands are small). Not a doc
@@ -656,6 +818,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Service { action } => service_command(action)?,
         Command::Show { netns: ns, json } => {
             let ns = NetnsPath::from_arg(&ns);
             netns::check(&ns).context("--netns").map_err(bad_input)?;

@@ -128,28 +128,30 @@ impl StateStore {
     /// Save the allocations atomically.
     pub fn save(&self, allocs: &Allocations) -> Result<(), StateError> {
         let file = self.file();
-        let tmp = self.dir.join(format!(".{ALLOCATIONS_FILE}.tmp"));
         let write_err = |source| StateError::Write {
             file: file.clone(),
             source,
         };
         let text = serde_json::to_vec_pretty(allocs).map_err(|e| write_err(std::io::Error::other(e)))?;
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(write_err)?;
-        out.write_all(&text).map_err(write_err)?;
-        out.sync_all().map_err(write_err)?;
-        drop(out);
-        fs::rename(&tmp, &file).map_err(write_err)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err)?;
-        Ok(())
+        write_atomically(&self.dir, ALLOCATIONS_FILE, &text).map_err(write_err)
     }
+}
+
+/// Write `dir/name` atomically (mode 0600): a temporary file beside it is written, synced
+/// and renamed over it, and the directory is synced.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    out.write_all(bytes)?;
+    out.sync_all()?;
+    drop(out);
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 #[cfg(test)]

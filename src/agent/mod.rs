@@ -41,6 +41,7 @@ use crate::dns::server::CatalogHandle;
 use crate::docker::{ContainerInfo, Engine, EngineAction, EngineError, EngineEvent, NetworkInfo};
 use crate::kernel::{HostError, HostFirewall, HostPorts, IptablesHostFirewall, ProcHostPorts};
 use crate::metrics::{ErrorKind, Metrics, ReconcileKind};
+use crate::services::{DefinitionSource, Definitions, FileDefinitions};
 use crate::state::{AllocationStore, StateError, StateStore};
 
 pub use crate::kernel::{KernelProgrammer, KernelView, ProgramError, Programmed, SandboxProgrammer};
@@ -158,6 +159,10 @@ pub struct Agent {
     /// The saved allocations were missing or unreadable: the first full sync takes the
     /// VIPs and fwmarks vipd's rules show in the sandboxes before allocating new ones.
     recover: bool,
+    /// Where the services defined with `vipd service` come from (read every sync).
+    definitions: Arc<dyn DefinitionSource>,
+    /// The definitions last read (kept while the source cannot be read).
+    stored_definitions: Arc<Definitions>,
 }
 
 fn now_secs() -> u64 {
@@ -307,8 +312,17 @@ impl Agent {
             host_applied: None,
             drains: Drains::new(cfg.drain_grace),
             recover,
+            definitions: Arc::new(FileDefinitions::new(&cfg.state_dir)),
+            stored_definitions: Arc::default(),
             cfg,
         })
+    }
+
+    /// Read the services defined with `vipd service` from `source` instead of the state
+    /// directory's file (the cluster store's snapshot in cluster mode).
+    pub fn with_definitions(mut self, source: Arc<dyn DefinitionSource>) -> Self {
+        self.definitions = source;
+        self
     }
 
     /// The current allocations.
@@ -641,10 +655,29 @@ impl Agent {
 
         // Services and allocations.
         let containers: Vec<Container> = self.containers_now();
-        let (defs, label_errors) = pipeline::services(&containers);
+        match self.definitions.definitions() {
+            Ok(defs) => self.stored_definitions = defs,
+            Err(e) => {
+                let e = format!("service definitions not read (the last ones read are used): {e}");
+                if self.problems.note(e.clone()) {
+                    warn!("{e}");
+                }
+                report.errors.push(e);
+            }
+        }
+        let labels::Merged {
+            defs,
+            label_errors,
+            conflicts,
+        } = pipeline::merged_services(&containers, &self.stored_definitions);
         for e in &label_errors {
             if self.problems.note(e.to_string()) {
                 warn!(error = %e, "label refused");
+            }
+        }
+        for c in &conflicts {
+            if self.problems.note(format!("{c:?}")) {
+                warn!(service = %c.service, setting = %c.setting, label = %c.label_value, stored = %c.stored_value, "a label disagrees with the stored definition, which is used");
             }
         }
         if full && self.recover {
@@ -765,6 +798,7 @@ impl Agent {
             containers: &containers,
             defs: &defs,
             label_errors: &label_errors,
+            conflicts: &conflicts,
             allocs: &self.allocs,
             holders: &self.holders,
             service_errors: &service_errors,

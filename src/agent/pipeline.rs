@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::core::alloc::Allocations;
 use crate::core::containers::{Attachment, Container};
 use crate::core::ipvs::Timeouts;
-use crate::core::labels::{self, LabelError, ServiceDef};
+use crate::core::labels::{self, Conflict, LabelError, ServiceDef, ServiceDefinition};
 use crate::core::mesh::{self, IngressLink};
 use crate::core::model::EndpointMode;
 use crate::core::model::PortKey;
@@ -26,6 +26,15 @@ pub type Services = (BTreeMap<ServiceName, ServiceDef>, Vec<LabelError>);
 /// Step 1: the services.
 pub fn services(containers: &[Container]) -> Services {
     labels::services(containers)
+}
+
+/// Step 1 with the stored definitions (`vipd service`): they win over the labels, and
+/// each label they overrule is a conflict.
+pub fn merged_services(
+    containers: &[Container],
+    stored: &BTreeMap<ServiceName, ServiceDefinition>,
+) -> labels::Merged {
+    labels::merge(containers, stored)
 }
 
 /// What allocating did.
@@ -193,6 +202,7 @@ pub struct StatusInput<'a> {
     pub containers: &'a [Container],
     pub defs: &'a BTreeMap<ServiceName, ServiceDef>,
     pub label_errors: &'a [LabelError],
+    pub conflicts: &'a [Conflict],
     pub allocs: &'a Allocations,
     pub holders: &'a BTreeMap<PortKey, ServiceName>,
     pub service_errors: &'a BTreeMap<ServiceName, Vec<String>>,
@@ -208,6 +218,7 @@ pub fn status(i: StatusInput<'_>) -> Status {
         services: status::services(i.containers, i.defs, i.allocs, i.holders, i.service_errors),
         sandboxes: i.records.statuses(),
         label_errors: status::label_problems(i.label_errors),
+        conflicts: i.conflicts.to_vec(),
     }
 }
 
@@ -363,6 +374,7 @@ mod tests {
             containers: &cs,
             defs: &defs,
             label_errors: &label_errors,
+            conflicts: &[],
             allocs: &allocs,
             holders: &BTreeMap::new(),
             service_errors: &BTreeMap::new(),
@@ -371,5 +383,35 @@ mod tests {
         assert_eq!((s.last_sync, s.last_resync, s.docker.connected), (7, 5, true));
         assert_eq!(s.services.len(), 1);
         assert_eq!(s.sandboxes.len(), 2);
+    }
+
+    #[test]
+    fn a_defined_service_with_no_task_gets_a_vip_and_dns_and_no_backends() {
+        let mut web = ServiceDefinition::new(ServiceName::new("web").unwrap());
+        web.set_publish(&["8080:80"]).unwrap();
+        let stored = BTreeMap::from([(web.name.clone(), web)]);
+        let cs = vec![container("claaaaaaaaaa", &[], &[("front", "10.1.0.9")])];
+        let merged = merged_services(&cs, &stored);
+        let allocs = allocate(&Allocations::default(), &merged.defs, pool(), Duration::ZERO, 0).allocs;
+        let vip = allocs.services[&ServiceName::new("web").unwrap()].vip;
+        let (catalog, warnings) = dns_catalog(&cs, &merged.defs, &allocs, Some("vipd"), 5);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let q = crate::dns::catalog::Query {
+            name: "web.vipd.",
+            qtype: crate::dns::catalog::QueryType::A,
+            qclass: crate::dns::catalog::CLASS_IN,
+        };
+        match crate::dns::catalog::answer(&catalog, &q, 1) {
+            crate::dns::catalog::Answer::Records { answers, .. } => {
+                let got: Vec<_> = answers.iter().map(|r| r.data.clone()).collect();
+                assert_eq!(got, [crate::dns::catalog::RecordData::A(vip)]);
+            }
+            other => panic!("web.vipd: {other:?}"),
+        }
+        let web = &catalog.services()[0];
+        assert!(web.tasks.is_empty(), "no backends");
+        // No task: no sandbox shares a network with it, so none gets it.
+        let want = desired(&cs, &merged.defs, &allocs, None);
+        assert!(want.values().all(|s| s.services.is_empty()), "{want:?}");
     }
 }

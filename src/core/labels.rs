@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::containers::{Container, ContainerId};
 use super::model::{EndpointMode, PortKey, Protocol, Scheduler, ServiceName};
@@ -36,6 +36,13 @@ pub struct NamedPort {
     pub name: String,
     pub protocol: Protocol,
     pub port: u16,
+}
+
+impl fmt::Display for NamedPort {
+    /// As `--port` takes it: `http=80/tcp`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}/{}", self.name, self.port, self.protocol)
+    }
 }
 
 impl NamedPort {
@@ -107,6 +114,53 @@ pub fn parse_publish(value: &str) -> Result<Vec<Publish>, String> {
     Ok(out)
 }
 
+/// Parse an endpoint mode (`vipd.endpoint-mode`, `--endpoint-mode`): `vip` or `dnsrr`.
+pub fn parse_endpoint_mode(value: &str) -> Result<EndpointMode, String> {
+    match value {
+        "vip" => Ok(EndpointMode::Vip),
+        "dnsrr" => Ok(EndpointMode::Dnsrr),
+        _ => Err("expected vip or dnsrr".into()),
+    }
+}
+
+/// An endpoint mode as labels and flags spell it.
+pub fn endpoint_mode_name(mode: EndpointMode) -> &'static str {
+    match mode {
+        EndpointMode::Vip => "vip",
+        EndpointMode::Dnsrr => "dnsrr",
+    }
+}
+
+/// Parse a scheduler (`vipd.scheduler`, `--scheduler`): one vipd knows.
+pub fn parse_scheduler(value: &str) -> Result<Scheduler, String> {
+    value
+        .parse()
+        .map_err(|e: super::model::UnknownScheduler| e.to_string())
+}
+
+/// Parse a named port: its name (of `vipd.port.NAME`, or before `=` in `--port`) and
+/// its value `PORT[/tcp|/udp|/sctp]`. The name is kept in lower case.
+pub fn parse_port(name: &str, value: &str) -> Result<NamedPort, String> {
+    let valid_name =
+        !name.is_empty() && name.len() <= 15 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !valid_name {
+        return Err("a port name is 1-15 letters, digits or '-'".into());
+    }
+    let (port, proto) = value.split_once('/').unwrap_or((value, "tcp"));
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or("expected PORT[/tcp|/udp|/sctp] with PORT 1-65535")?;
+    let protocol = match proto {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "sctp" => Protocol::Sctp,
+        _ => return Err("the protocol must be tcp, udp or sctp".into()),
+    };
+    Ok(NamedPort::new(&name.to_ascii_lowercase(), protocol, port))
+}
+
 /// What a task's labels say about its service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TaskLabels {
@@ -156,16 +210,13 @@ pub fn task_labels(c: &Container) -> Result<Option<TaskLabels>, LabelError> {
         ),
         (None, None) => return Ok(None),
     };
-    let mode = match c.labels.get(ENDPOINT_MODE).map(String::as_str) {
-        None | Some("vip") => EndpointMode::Vip,
-        Some("dnsrr") => EndpointMode::Dnsrr,
-        Some(_) => return Err(err(ENDPOINT_MODE, "expected vip or dnsrr".into())),
+    let mode = match c.labels.get(ENDPOINT_MODE) {
+        None => EndpointMode::Vip,
+        Some(m) => parse_endpoint_mode(m).map_err(|reason| err(ENDPOINT_MODE, reason))?,
     };
     let scheduler = match c.labels.get(SCHEDULER) {
         None => Scheduler::default(),
-        Some(s) => s
-            .parse()
-            .map_err(|e: super::model::UnknownScheduler| err(SCHEDULER, e.to_string()))?,
+        Some(s) => parse_scheduler(s).map_err(|reason| err(SCHEDULER, reason))?,
     };
     let weight = match c.labels.get(WEIGHT) {
         None => DEFAULT_WEIGHT,
@@ -180,25 +231,7 @@ pub fn task_labels(c: &Container) -> Result<Option<TaskLabels>, LabelError> {
         let Some(name) = label.strip_prefix(PORT_PREFIX) else {
             break;
         };
-        let valid_name = !name.is_empty()
-            && name.len() <= 15
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if !valid_name {
-            return Err(err(label, "a port name is 1-15 letters, digits or '-'".into()));
-        }
-        let (port, proto) = value.split_once('/').unwrap_or((value, "tcp"));
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| err(label, "expected PORT[/tcp|/udp|/sctp] with PORT 1-65535".into()))?;
-        let protocol = match proto {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            "sctp" => Protocol::Sctp,
-            _ => return Err(err(label, "the protocol must be tcp, udp or sctp".into())),
-        };
-        ports.push(NamedPort::new(&name.to_ascii_lowercase(), protocol, port));
+        ports.push(parse_port(name, value).map_err(|reason| err(label, reason))?);
     }
     let publish = match c.labels.get(PUBLISH) {
         None => Vec::new(),
@@ -228,14 +261,242 @@ pub struct ServiceDef {
     pub tasks: BTreeMap<ContainerId, u32>,
 }
 
+/// A service as `vipd service create` stored it: every setting has a value (a flag not
+/// given takes the label's default), and each one wins over the labels of its tasks.
+/// Stored as JSON of the settings' text, parsed exactly as the labels are, so a file or
+/// key edited by hand is checked the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "DefinitionText", into = "DefinitionText")]
+pub struct ServiceDefinition {
+    pub name: ServiceName,
+    pub mode: EndpointMode,
+    pub scheduler: Scheduler,
+    /// Sorted, each published port once per protocol.
+    pub publish: Vec<Publish>,
+    /// Sorted by name, each name once.
+    pub ports: Vec<NamedPort>,
+}
+
+/// A [`ServiceDefinition`]'s JSON: its settings as the labels and flags write them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefinitionText {
+    name: String,
+    endpoint_mode: String,
+    scheduler: String,
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    ports: Vec<String>,
+}
+
+/// A setting of a definition vipd could not accept: the setting (as its flag names it),
+/// the value, the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting} {value:?}: {reason}")]
+pub struct BadSetting {
+    pub setting: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl BadSetting {
+    fn new(setting: &str, value: &str, reason: impl Into<String>) -> Self {
+        BadSetting {
+            setting: setting.to_owned(),
+            value: value.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl ServiceDefinition {
+    /// A definition with the labels' defaults: `vip`, `rr`, nothing published, no ports.
+    pub fn new(name: ServiceName) -> Self {
+        ServiceDefinition {
+            name,
+            mode: EndpointMode::Vip,
+            scheduler: Scheduler::default(),
+            publish: Vec::new(),
+            ports: Vec::new(),
+        }
+    }
+
+    pub fn set_endpoint_mode(&mut self, value: &str) -> Result<(), BadSetting> {
+        self.mode = parse_endpoint_mode(value).map_err(|r| BadSetting::new("--endpoint-mode", value, r))?;
+        Ok(())
+    }
+
+    pub fn set_scheduler(&mut self, value: &str) -> Result<(), BadSetting> {
+        self.scheduler = parse_scheduler(value).map_err(|r| BadSetting::new("--scheduler", value, r))?;
+        Ok(())
+    }
+
+    /// Replace the published ports with `values`, each `PUBLISHED:TARGET[/tcp|/udp]` or a
+    /// comma-separated list of them, as `vipd.publish` takes.
+    pub fn set_publish<S: AsRef<str>>(&mut self, values: &[S]) -> Result<(), BadSetting> {
+        let joined = values.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(",");
+        self.publish = if values.is_empty() {
+            Vec::new()
+        } else {
+            parse_publish(&joined).map_err(|r| BadSetting::new("--publish", &joined, r))?
+        };
+        Ok(())
+    }
+
+    /// Replace the named ports with `values`, each `NAME=PORT[/tcp|/udp|/sctp]`.
+    pub fn set_ports<S: AsRef<str>>(&mut self, values: &[S]) -> Result<(), BadSetting> {
+        let mut ports: Vec<NamedPort> = Vec::new();
+        for value in values.iter().map(AsRef::as_ref) {
+            let bad = |r: &str| BadSetting::new("--port", value, r);
+            let (name, port) = value
+                .split_once('=')
+                .ok_or_else(|| bad("expected NAME=PORT[/tcp|/udp|/sctp], e.g. http=80/tcp"))?;
+            let port = parse_port(name, port).map_err(|r| bad(&r))?;
+            if ports.iter().any(|p| p.name == port.name) {
+                return Err(bad("the port name is given twice"));
+            }
+            ports.push(port);
+        }
+        ports.sort();
+        self.ports = ports;
+        Ok(())
+    }
+
+    /// The service it defines, with no task yet.
+    fn service(&self) -> ServiceDef {
+        ServiceDef {
+            name: self.name.clone(),
+            mode: self.mode,
+            scheduler: self.scheduler.clone(),
+            ports: self.ports.clone(),
+            publish: self.publish.clone(),
+            tasks: BTreeMap::new(),
+        }
+    }
+}
+
+fn joined<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl TryFrom<DefinitionText> for ServiceDefinition {
+    type Error = BadSetting;
+
+    fn try_from(t: DefinitionText) -> Result<Self, BadSetting> {
+        let name = ServiceName::new(&t.name).map_err(|e| BadSetting::new("name", &t.name, e.to_string()))?;
+        let mut def = ServiceDefinition::new(name);
+        def.set_endpoint_mode(&t.endpoint_mode)?;
+        def.set_scheduler(&t.scheduler)?;
+        def.set_publish(&t.publish)?;
+        def.set_ports(&t.ports)?;
+        Ok(def)
+    }
+}
+
+impl From<ServiceDefinition> for DefinitionText {
+    fn from(d: ServiceDefinition) -> Self {
+        DefinitionText {
+            name: d.name.to_string(),
+            endpoint_mode: endpoint_mode_name(d.mode).to_owned(),
+            scheduler: d.scheduler.to_string(),
+            publish: d.publish.iter().map(ToString::to_string).collect(),
+            ports: d.ports.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+/// A setting where a task's label and the service's stored definition disagree: the
+/// stored one is used.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Conflict {
+    pub service: String,
+    /// `endpoint-mode`, `scheduler`, `publish` or `ports` (as `vipd service` names them).
+    pub setting: String,
+    /// What the label says, as written in it (`ports`: every `vipd.port.*` label, as
+    /// `NAME=PORT/PROTO`, comma separated).
+    pub label_value: String,
+    /// What the definition says, which is used.
+    pub stored_value: String,
+}
+
+/// The settings where a task's labels (those it sets, not the defaults) disagree with
+/// its service's definition.
+fn conflicts(c: &Container, labels: &TaskLabels, def: &ServiceDefinition) -> Vec<Conflict> {
+    let has_ports = c.labels.keys().any(|k| k.starts_with(PORT_PREFIX));
+    let settings = [
+        (
+            c.labels.contains_key(ENDPOINT_MODE) && labels.mode != def.mode,
+            "endpoint-mode",
+            endpoint_mode_name(labels.mode).to_owned(),
+            endpoint_mode_name(def.mode).to_owned(),
+        ),
+        (
+            c.labels.contains_key(SCHEDULER) && labels.scheduler != def.scheduler,
+            "scheduler",
+            labels.scheduler.to_string(),
+            def.scheduler.to_string(),
+        ),
+        (
+            c.labels.contains_key(PUBLISH) && labels.publish != def.publish,
+            "publish",
+            joined(&labels.publish),
+            joined(&def.publish),
+        ),
+        (
+            has_ports && labels.ports != def.ports,
+            "ports",
+            joined(&labels.ports),
+            joined(&def.ports),
+        ),
+    ];
+    settings
+        .into_iter()
+        .filter(|(differs, ..)| *differs)
+        .map(|(_, setting, label_value, stored_value)| Conflict {
+            service: def.name.to_string(),
+            setting: setting.to_owned(),
+            label_value,
+            stored_value,
+        })
+        .collect()
+}
+
+/// The services of a pass: from the containers' labels and the stored definitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Merged {
+    pub defs: BTreeMap<ServiceName, ServiceDef>,
+    pub label_errors: Vec<LabelError>,
+    /// Labels the stored definitions overrule, each once.
+    pub conflicts: Vec<Conflict>,
+}
+
 /// Services from containers: each service with its tasks, and every label problem.
 ///
 /// Tasks of one service must agree on mode, scheduler and ports; the oldest-named task
 /// (the smallest container id, so the choice is stable) decides, and a task that
 /// disagrees is reported and left out.
 pub fn services(containers: &[Container]) -> (BTreeMap<ServiceName, ServiceDef>, Vec<LabelError>) {
-    let mut defs: BTreeMap<ServiceName, ServiceDef> = BTreeMap::new();
+    let m = merge(containers, &BTreeMap::new());
+    (m.defs, m.label_errors)
+}
+
+/// Services from containers and stored definitions. A service exists if it has a
+/// definition or a task; containers bind to it by their labels as in [`services`]. A
+/// defined service's settings are its definition's: every task with its labels is a
+/// task of it, and each label that says otherwise is a [`Conflict`]. An undefined
+/// service is what its tasks' labels say (see [`services`]).
+pub fn merge(containers: &[Container], stored: &BTreeMap<ServiceName, ServiceDefinition>) -> Merged {
+    let mut defs: BTreeMap<ServiceName, ServiceDef> = stored
+        .iter()
+        .map(|(name, d)| (name.clone(), d.service()))
+        .collect();
     let mut errors = Vec::new();
+    let mut found = Vec::new();
     let mut sorted: Vec<&Container> = containers.iter().collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
     for c in sorted {
@@ -247,6 +508,13 @@ pub fn services(containers: &[Container]) -> (BTreeMap<ServiceName, ServiceDef>,
                 continue;
             }
         };
+        if let Some(definition) = stored.get(&labels.service) {
+            found.extend(conflicts(c, &labels, definition));
+            if let Some(def) = defs.get_mut(&labels.service) {
+                def.tasks.insert(c.id.clone(), labels.weight);
+            }
+            continue;
+        }
         match defs.get_mut(&labels.service) {
             None => {
                 defs.insert(
@@ -301,7 +569,13 @@ pub fn services(containers: &[Container]) -> (BTreeMap<ServiceName, ServiceDef>,
             }
         }
     }
-    (defs, errors)
+    found.sort();
+    found.dedup();
+    Merged {
+        defs,
+        label_errors: errors,
+        conflicts: found,
+    }
 }
 
 #[cfg(test)]
@@ -461,5 +735,137 @@ mod tests {
             "{}",
             errors[1]
         );
+    }
+
+    fn defined(
+        name: &str,
+        f: impl FnOnce(&mut ServiceDefinition),
+    ) -> BTreeMap<ServiceName, ServiceDefinition> {
+        let mut d = ServiceDefinition::new(ServiceName::new(name).unwrap());
+        f(&mut d);
+        BTreeMap::from([(d.name.clone(), d)])
+    }
+
+    #[test]
+    fn a_definition_alone_is_a_service_with_no_task() {
+        let stored = defined("web", |d| d.set_publish(&["8080:80"]).unwrap());
+        let m = merge(&[container("e", &[("unrelated", "x")])], &stored);
+        let web = &m.defs[&ServiceName::new("web").unwrap()];
+        assert!(web.tasks.is_empty());
+        assert_eq!(web.publish, parse_publish("8080:80").unwrap());
+        assert!(m.label_errors.is_empty() && m.conflicts.is_empty());
+    }
+
+    #[test]
+    fn labels_alone_behave_as_without_definitions() {
+        let cs = [
+            container("a", &[(SERVICE, "web"), (SCHEDULER, "wlc")]),
+            container("b", &[(SERVICE, "web"), (ENDPOINT_MODE, "dnsrr")]),
+        ];
+        let m = merge(&cs, &defined("other", |_| {}));
+        let (defs, errors) = services(&cs);
+        assert_eq!(
+            m.defs[&ServiceName::new("web").unwrap()],
+            defs[&ServiceName::new("web").unwrap()]
+        );
+        assert_eq!(m.label_errors, errors);
+        assert_eq!(m.defs.len(), 2, "web from labels, other from its definition");
+        assert!(m.conflicts.is_empty());
+    }
+
+    #[test]
+    fn labels_that_agree_with_the_definition_are_no_conflict() {
+        let stored = defined("web", |d| {
+            d.set_scheduler("wrr").unwrap();
+            d.set_ports(&["http=80/tcp"]).unwrap();
+        });
+        let cs = [
+            container(
+                "a",
+                &[(SERVICE, "web"), (SCHEDULER, "wrr"), ("vipd.port.http", "80")],
+            ),
+            // Unset labels are the defaults, not a disagreement.
+            container("b", &[(SERVICE, "web"), (WEIGHT, "3")]),
+        ];
+        let m = merge(&cs, &stored);
+        let web = &m.defs[&ServiceName::new("web").unwrap()];
+        assert_eq!(web.tasks.values().copied().collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(web.scheduler.name(), "wrr");
+        assert!(m.conflicts.is_empty() && m.label_errors.is_empty(), "{m:?}");
+    }
+
+    #[test]
+    fn the_definition_wins_over_disagreeing_labels_and_each_disagreement_is_listed_once() {
+        let stored = defined("web", |d| d.set_publish(&["8080:80"]).unwrap());
+        let cs = [
+            container("a", &[(SERVICE, "web"), (SCHEDULER, "wlc"), (PUBLISH, "9090:80")]),
+            container(
+                "b",
+                &[(SERVICE, "web"), (SCHEDULER, "wlc"), (ENDPOINT_MODE, "dnsrr")],
+            ),
+            container("c", &[(SERVICE, "web"), ("vipd.port.http", "80")]),
+        ];
+        let m = merge(&cs, &stored);
+        let web = &m.defs[&ServiceName::new("web").unwrap()];
+        assert_eq!((web.mode, web.scheduler.name()), (EndpointMode::Vip, "rr"));
+        assert_eq!(web.publish, parse_publish("8080:80").unwrap());
+        assert!(web.ports.is_empty());
+        assert_eq!(web.tasks.len(), 3, "every task is bound, none left out");
+        assert!(m.label_errors.is_empty());
+        let seen: Vec<(&str, &str, &str)> = m
+            .conflicts
+            .iter()
+            .map(|c| {
+                (
+                    c.setting.as_str(),
+                    c.label_value.as_str(),
+                    c.stored_value.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("endpoint-mode", "dnsrr", "vip"),
+                ("ports", "http=80/tcp", ""),
+                ("publish", "9090:80/tcp", "8080:80/tcp"),
+                ("scheduler", "wlc", "rr"),
+            ]
+        );
+        assert!(m.conflicts.iter().all(|c| c.service == "web"));
+    }
+
+    #[test]
+    fn a_definition_is_json_of_its_settings_and_is_checked_as_labels_are() {
+        let stored = defined("web", |d| {
+            d.set_endpoint_mode("dnsrr").unwrap();
+            d.set_ports(&["dns=53/udp", "http=80"]).unwrap();
+        });
+        let d = &stored[&ServiceName::new("web").unwrap()];
+        let text = serde_json::to_string(d).unwrap();
+        assert_eq!(
+            text,
+            r#"{"name":"web","endpoint_mode":"dnsrr","scheduler":"rr","publish":[],"ports":["dns=53/udp","http=80/tcp"]}"#
+        );
+        assert_eq!(&serde_json::from_str::<ServiceDefinition>(&text).unwrap(), d);
+        let bad = r#"{"name":"web","endpoint_mode":"vip","scheduler":"rr","ports":["http=80/quic"]}"#;
+        let e = serde_json::from_str::<ServiceDefinition>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--port \"http=80/quic\": the protocol must be tcp, udp or sctp"),
+            "{e}"
+        );
+        let mut d = d.clone();
+        assert!(d
+            .set_ports(&["http=80", "http=81"])
+            .unwrap_err()
+            .to_string()
+            .contains("given twice"));
+        assert!(d
+            .set_ports(&["http"])
+            .unwrap_err()
+            .to_string()
+            .contains("expected NAME=PORT"));
     }
 }

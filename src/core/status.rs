@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::alloc::Allocations;
 use crate::core::containers::{Container, ContainerId, Drain, Health};
+pub use crate::core::labels::Conflict;
 use crate::core::labels::{LabelError, ServiceDef};
 use crate::core::model::EndpointMode;
 use crate::core::model::PortKey;
@@ -29,6 +30,10 @@ pub struct Status {
     pub sandboxes: Vec<SandboxStatus>,
     /// Labels vipd refused, each with its container and reason.
     pub label_errors: Vec<LabelProblem>,
+    /// Labels that disagree with their service's stored definition (`vipd service`),
+    /// which is used instead.
+    #[serde(default)]
+    pub conflicts: Vec<Conflict>,
 }
 
 /// The Docker engine as vipd last saw it.
@@ -242,6 +247,13 @@ pub fn render_services(s: &Status) -> String {
             p.container, p.label, p.value, p.reason
         );
     }
+    for c in &s.conflicts {
+        let _ = writeln!(
+            out,
+            "conflict: service {} {}: a label says {:?}, the stored definition {:?} (used)",
+            c.service, c.setting, c.label_value, c.stored_value
+        );
+    }
     out
 }
 
@@ -341,6 +353,12 @@ mod tests {
                 value: "heavy".into(),
                 reason: "not a number".into(),
             }],
+            conflicts: vec![Conflict {
+                service: "web".into(),
+                setting: "scheduler".into(),
+                label_value: "wlc".into(),
+                stored_value: "rr".into(),
+            }],
         }
     }
 
@@ -368,6 +386,10 @@ mod tests {
         assert_eq!(
             lines[6],
             "label refused: container bad label vipd.weight=\"heavy\": not a number"
+        );
+        assert_eq!(
+            lines[7],
+            "conflict: service web scheduler: a label says \"wlc\", the stored definition \"rr\" (used)"
         );
     }
 
@@ -410,6 +432,7 @@ mod tests {
                 "services",
                 "sandboxes",
                 "label_errors",
+                "conflicts",
             ],
         );
         expect(keys(&v["docker"]), &["connected", "error"]);
@@ -446,6 +469,10 @@ mod tests {
         expect(
             keys(&v["label_errors"][0]),
             &["container", "label", "value", "reason"],
+        );
+        expect(
+            keys(&v["conflicts"][0]),
+            &["service", "setting", "label_value", "stored_value"],
         );
         // The types as documented.
         assert!(svc["vip"].is_string() && svc["fwmark"].is_u64() && svc["published"][0].is_string());

@@ -88,6 +88,7 @@ fn status() -> Status {
             sandbox("/ns/ingress", &["web"], true),
         ],
         label_errors: vec![],
+        conflicts: vec![],
     }
 }
 

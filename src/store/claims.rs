@@ -3,7 +3,7 @@
 //! create-only key written in the same transaction as the claim, so two nodes never hand
 //! out the same one; a claimer that loses a race reads the winner's value (or picks again).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use tracing::{debug, info, instrument};
 use super::kv::{Compare, KeyValue, Kv, KvError, LeaseId, Op, Txn};
 use super::layout::{ClusterState, Keys, NodeName, NodeRecord, TaskRecord, VipClaim};
 use crate::core::alloc::FIRST_FWMARK;
+use crate::core::labels::ServiceDefinition;
 use crate::core::model::Protocol;
 use crate::core::model::{Ipv4Net, ServiceName};
 
@@ -461,6 +462,65 @@ impl Cluster {
         };
         self.kv.txn(txn).await?;
         Ok(())
+    }
+
+    /// A service's stored definition, if it has one.
+    pub async fn definition(&self, service: &ServiceName) -> Result<Option<ServiceDefinition>, StoreError> {
+        match self.get(&self.keys.definition(service)).await? {
+            Some(kv) => decode(&kv).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Store `def` if the stored definition of its service is still `expected` (`None`:
+    /// there is none), in one transaction: false, and nothing written, if it is not.
+    #[instrument(skip_all, fields(service = %def.name))]
+    pub async fn put_definition(
+        &self,
+        def: &ServiceDefinition,
+        expected: Option<&ServiceDefinition>,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.definition(&def.name);
+        let when = match expected {
+            None => Compare::Absent(key.clone()),
+            Some(old) => Compare::ValueIs(key.clone(), json(old)),
+        };
+        let txn = Txn {
+            when: vec![when],
+            then: vec![put(key, json(def), None)],
+            otherwise: vec![],
+        };
+        let done = self.kv.txn(txn).await?.succeeded;
+        if done {
+            info!("service definition stored");
+        }
+        Ok(done)
+    }
+
+    /// Delete a service's definition; false if it had none.
+    #[instrument(skip(self), fields(service = %service))]
+    pub async fn delete_definition(&self, service: &ServiceName) -> Result<bool, StoreError> {
+        let key = self.keys.definition(service);
+        let Some(kv) = self.get(&key).await? else {
+            return Ok(false);
+        };
+        let txn = Txn {
+            when: vec![Compare::ModRevisionIs(key.clone(), kv.mod_revision)],
+            then: vec![Op::Delete(key)],
+            otherwise: vec![],
+        };
+        Ok(self.kv.txn(txn).await?.succeeded)
+    }
+
+    /// Every stored service definition.
+    pub async fn definitions(&self) -> Result<BTreeMap<ServiceName, ServiceDefinition>, StoreError> {
+        let listing = self.kv.get_prefix(&self.keys.dir("services-defs")).await?;
+        let mut defs = BTreeMap::new();
+        for kv in &listing.kvs {
+            let def: ServiceDefinition = decode(kv)?;
+            defs.insert(def.name.clone(), def);
+        }
+        Ok(defs)
     }
 
     /// Every task in the cluster.

@@ -11,6 +11,7 @@
 //! PREFIX fwmarks/MARK                SERVICE          no lease
 //! PREFIX ports/PROTO/PORT            SERVICE          no lease
 //! PREFIX tasks/SERVICE/NODE/TASK     TaskRecord       on the node's lease
+//! PREFIX services-defs/SERVICE       ServiceDefinition no lease (`vipd service`)
 //! ```
 //! The `node-addrs`, `subnets`, `vips` and `fwmarks` keys are indexes: create-only keys
 //! that make a value unique cluster-wide inside the claim's transaction.
@@ -21,6 +22,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::{Deserialize, Serialize};
 
 use super::kv::{KeyValue, Revision};
+use crate::core::labels::ServiceDefinition;
 use crate::core::model::Protocol;
 use crate::core::model::{FwMark, Ipv4Net, ServiceName, Vip};
 
@@ -145,6 +147,11 @@ impl Keys {
         self.key(&[kind, ""])
     }
 
+    /// A service's stored definition (`vipd service create`).
+    pub fn definition(&self, service: &ServiceName) -> String {
+        self.key(&["services-defs", service.as_str()])
+    }
+
     /// Where every task of a service lives.
     pub fn tasks_of(&self, service: &ServiceName) -> String {
         self.key(&["tasks", service.as_str(), ""])
@@ -160,6 +167,8 @@ pub struct ClusterState {
     pub services: BTreeMap<ServiceName, VipClaim>,
     pub ports: BTreeMap<(Protocol, u16), ServiceName>,
     pub tasks: BTreeMap<(ServiceName, NodeName, TaskId), TaskRecord>,
+    /// The services defined with `vipd service`.
+    pub definitions: BTreeMap<ServiceName, ServiceDefinition>,
     /// Keys under the prefix that could not be read (another version's, or damaged):
     /// named so they are seen, never silently used.
     pub unreadable: Vec<String>,
@@ -220,6 +229,11 @@ impl ClusterState {
                 self.tasks
                     .insert((rec.service.clone(), rec.node.clone(), rec.id.clone()), rec);
             }
+            ["services-defs", name] => {
+                let def: ServiceDefinition = serde_json::from_slice(&kv.value).ok()?;
+                (def.name.as_str() == *name).then_some(())?;
+                self.definitions.insert(def.name.clone(), def);
+            }
             // Indexes: their content is in the records above.
             ["node-addrs" | "subnets" | "vips" | "fwmarks", _] => {}
             _ => return None,
@@ -279,6 +293,7 @@ pub struct Diff {
     pub services: Changes<ServiceName>,
     pub ports: Changes<(Protocol, u16)>,
     pub tasks: Changes<(ServiceName, NodeName, TaskId)>,
+    pub definitions: Changes<ServiceName>,
 }
 
 impl Diff {
@@ -288,6 +303,7 @@ impl Diff {
             && self.services.is_empty()
             && self.ports.is_empty()
             && self.tasks.is_empty()
+            && self.definitions.is_empty()
     }
 }
 
@@ -300,6 +316,7 @@ impl ClusterState {
             services: changes(&self.services, &newer.services),
             ports: changes(&self.ports, &newer.ports),
             tasks: changes(&self.tasks, &newer.tasks),
+            definitions: changes(&self.definitions, &newer.definitions),
         }
     }
 }

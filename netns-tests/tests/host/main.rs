@@ -14,4 +14,5 @@ mod firewall;
 mod ingress;
 mod metrics;
 mod overlay;
+mod services;
 mod store;
