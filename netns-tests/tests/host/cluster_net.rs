@@ -29,7 +29,7 @@ fn node(name: &str, underlay: &str, subnet: &str) -> Node {
 }
 
 /// Program the overlay's host rules in `ns`; the number of operations applied.
-fn program(ns: &Netns, rules: &[vipd::core::firewall::Rule]) -> usize {
+fn program(ns: &Netns, rules: &[vipd::core::rules::Intent]) -> usize {
     run_in(&NetnsPath::from_arg(&ns.name), || {
         host_firewall(&mut Iptables::default(), rules)
     })
