@@ -23,6 +23,14 @@
 //!   the cluster store, read by the agent through [`services::DefinitionSource`].
 //! - [`tools`]: the programs vipd runs (iptables), found once at start, run with an empty
 //!   environment.
+//! - [`services`]: services defined with `vipd service` (a file, or the cluster store).
+//! - [`store`]: the cluster store: a narrow KV port (etcd, or in memory), the claims made
+//!   in transactions, and the list + watch reflector.
+//! - [`overlay`]: the VXLAN overlay between cluster nodes, programmed over rtnetlink.
+//! - [`cluster`]: the cluster network (the Docker bridge of a node's /24), the subnet
+//!   checks, the overlay's firewall rules and the one DNS address of every node.
+//!
+//! docs/ARCHITECTURE.md tells how these fit together.
 
 pub mod addrs;
 pub mod admin;
