@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::core::status::Status;
+use crate::core::status::{Report, Status};
 
 /// Where the socket is unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vipd/vipd.sock";
@@ -73,7 +73,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    status: watch::Receiver<Status>,
+    status: watch::Receiver<Report>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -99,7 +99,7 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-async fn answer(stream: UnixStream, status: watch::Receiver<Status>) -> std::io::Result<()> {
+async fn answer(stream: UnixStream, status: watch::Receiver<Report>) -> std::io::Result<()> {
     // The file mode already keeps others out; the peer's uid is checked as well.
     let me = nix::unistd::geteuid().as_raw();
     let peer = stream.peer_cred()?.uid();
@@ -115,7 +115,11 @@ async fn answer(stream: UnixStream, status: watch::Receiver<Status>) -> std::io:
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     let body = match line.trim() {
-        "status" => serde_json::to_string(&*status.borrow()).map_err(std::io::Error::other)?,
+        "status" => {
+            // The wire form is made here, at the edge, and nowhere else.
+            let wire = status.borrow().to_status();
+            serde_json::to_string(&wire).map_err(std::io::Error::other)?
+        }
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
     };
     write.write_all(body.as_bytes()).await?;
@@ -181,7 +185,7 @@ mod tests {
             std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777,
             0o700
         );
-        let mut status = Status {
+        let mut status = Report {
             last_sync: 42,
             ..Default::default()
         };
@@ -196,7 +200,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got, status);
+        assert_eq!(got, status.to_status());
         status.last_sync = 43;
         tx.send_replace(status.clone());
         let p = path.clone();

@@ -36,7 +36,7 @@ use crate::core::model::PortKey;
 use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
 use crate::core::plan::SysctlSettings;
 use crate::core::rules::Intent;
-use crate::core::status::{EngineState, Status};
+use crate::core::status::{EngineState, Report};
 use crate::dns::server::CatalogHandle;
 use crate::docker::{ContainerInfo, Engine, EngineAction, EngineError, EngineEvent, NetworkInfo};
 use crate::kernel::{HostError, HostFirewall, HostPorts, IptablesHostFirewall, ProcHostPorts};
@@ -148,7 +148,7 @@ pub struct Agent {
     dns: Option<CatalogHandle>,
     engine_state: EngineState,
     last_resync: u64,
-    status: tokio::sync::watch::Sender<Status>,
+    status: tokio::sync::watch::Sender<Report>,
     networks: tokio::sync::watch::Sender<Vec<NetworkInfo>>,
     /// Which service holds each published port.
     holders: BTreeMap<PortKey, ServiceName>,
@@ -306,7 +306,7 @@ impl Agent {
             dns,
             engine_state: EngineState::default(),
             last_resync: 0,
-            status: tokio::sync::watch::Sender::new(Status::default()),
+            status: tokio::sync::watch::Sender::new(Report::default()),
             networks: tokio::sync::watch::Sender::new(Vec::new()),
             holders: BTreeMap::new(),
             host_applied: None,
@@ -331,7 +331,7 @@ impl Agent {
     }
 
     /// What `vipd status` shows, updated after every sync.
-    pub fn status(&self) -> tokio::sync::watch::Receiver<Status> {
+    pub fn status(&self) -> tokio::sync::watch::Receiver<Report> {
         self.status.subscribe()
     }
 

@@ -16,7 +16,7 @@ use crate::core::model::PortKey;
 use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
 use crate::core::rules::Intent;
 use crate::core::spec::SandboxSpec;
-use crate::core::status::{self, EngineState, Status};
+use crate::core::status::{self, EngineState, Report};
 
 use super::records::Records;
 
@@ -209,9 +209,9 @@ pub struct StatusInput<'a> {
     pub records: &'a Records,
 }
 
-/// Step 7: the status.
-pub fn status(i: StatusInput<'_>) -> Status {
-    Status {
+/// Step 7: the status, typed (the admin socket turns it into `vipd status`'s JSON).
+pub fn status(i: StatusInput<'_>) -> Report {
+    Report {
         docker: i.engine.clone(),
         last_sync: i.now,
         last_resync: i.last_resync,

@@ -153,7 +153,7 @@ fn event(id: &str, action: &str, attributes: &[(&str, &str)]) -> EngineEvent {
 }
 
 fn task_state(agent: &Agent, name: &str) -> String {
-    let status = agent.status().borrow().clone();
+    let status = agent.status().borrow().to_status();
     status.services[0]
         .tasks
         .iter()
@@ -411,7 +411,7 @@ async fn published_ports_program_the_ingress_and_the_host_and_a_bound_port_is_re
     );
     let host = rec.3.lock().unwrap().clone().expect("host rules programmed");
     assert_eq!(host.len(), 5, "2 DNAT, 1 masquerade, 2 forward: {host:#?}");
-    let status = agent.status().borrow().clone();
+    let status = agent.status().borrow().to_status();
     let api_status = status.services.iter().find(|s| s.name == "api").unwrap();
     assert!(
         api_status.errors[0].contains("already in use on the host"),
@@ -811,7 +811,7 @@ async fn a_sandbox_gone_while_programmed_is_no_error_once_and_an_error_if_it_sta
     .unwrap();
     agent.relist().await.unwrap();
     let sandbox_error = |agent: &Agent| {
-        let s = agent.status().borrow().clone();
+        let s = agent.status().borrow().to_status();
         let sb = s
             .sandboxes
             .iter()
@@ -937,7 +937,7 @@ async fn status_lists_services_tasks_sandboxes_and_what_went_wrong() {
     agent.relist().await.unwrap();
     agent.sync(true).await;
 
-    let s = status.borrow().clone();
+    let s = status.borrow().to_status();
     assert!(s.docker.connected);
     assert!(s.last_sync > 0 && s.last_resync == s.last_sync);
     let web = s.services.iter().find(|x| x.name == "web").expect("web listed");

@@ -1,5 +1,9 @@
 //! What `vipd status` reports: the agent's view of services, tasks and sandboxes, and
-//! its rendering as text. Pure: the agent fills it, the admin socket carries it as JSON.
+//! its rendering as text. Pure.
+//!
+//! The agent publishes a typed [`Report`] (metrics read it as it is); only the admin
+//! socket turns it into the wire form [`Status`] (`Report::to_status`), the JSON that
+//! `vipd status` reads and prints (docs/STATUS.md: stable field names).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,10 +16,142 @@ use serde::{Deserialize, Serialize};
 use crate::core::alloc::Allocations;
 use crate::core::containers::{Container, ContainerId, Drain, Health};
 pub use crate::core::labels::Conflict;
+use crate::core::labels::Publish;
 use crate::core::labels::{LabelError, ServiceDef};
-use crate::core::model::EndpointMode;
-use crate::core::model::PortKey;
-use crate::core::model::ServiceName;
+use crate::core::model::{EndpointMode, FwMark, PortKey, Scheduler, ServiceName};
+
+/// What the agent knows, typed: the source of `vipd status` and of the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub docker: EngineState,
+    /// Unix time of the last sync (0: none yet).
+    pub last_sync: u64,
+    /// Unix time of the last full resync (0: none yet).
+    pub last_resync: u64,
+    pub services: Vec<ServiceReport>,
+    pub sandboxes: Vec<SandboxStatus>,
+    pub label_errors: Vec<LabelProblem>,
+    pub conflicts: Vec<Conflict>,
+}
+
+/// One service, typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceReport {
+    pub name: ServiceName,
+    pub mode: EndpointMode,
+    pub vip: Option<Ipv4Addr>,
+    pub fwmark: Option<FwMark>,
+    pub scheduler: Scheduler,
+    /// The ports it holds on the host (a port refused for it is in `errors` instead).
+    pub published: Vec<Publish>,
+    pub tasks: Vec<TaskReport>,
+    pub errors: Vec<String>,
+}
+
+/// One task of a service, typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskReport {
+    pub container: ContainerId,
+    pub name: String,
+    pub addresses: Vec<Ipv4Addr>,
+    pub state: TaskState,
+    /// Whether it takes new connections (running, not leaving, not unhealthy or starting).
+    pub serving: bool,
+    pub weight: u32,
+}
+
+/// Where a task is in its life, as `vipd status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TaskState {
+    Running,
+    Healthy,
+    Starting,
+    Unhealthy,
+    /// Being stopped or turned unhealthy: a backend at weight 0.
+    Draining,
+    /// Its drain grace is over: it still runs and is no longer a backend.
+    Drained,
+    Stopped,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Running,
+        TaskState::Healthy,
+        TaskState::Starting,
+        TaskState::Unhealthy,
+        TaskState::Draining,
+        TaskState::Drained,
+        TaskState::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Running => "running",
+            TaskState::Healthy => "healthy",
+            TaskState::Starting => "starting",
+            TaskState::Unhealthy => "unhealthy",
+            TaskState::Draining => "draining",
+            TaskState::Drained => "drained",
+            TaskState::Stopped => "stopped",
+        }
+    }
+
+    /// The state of a container that is a task.
+    pub fn of(c: &Container) -> TaskState {
+        match (c.running, c.drain, c.health) {
+            (false, _, _) => TaskState::Stopped,
+            (true, Drain::Draining, _) => TaskState::Draining,
+            (true, Drain::Drained, Some(Health::Unhealthy)) => TaskState::Unhealthy,
+            (true, Drain::Drained, _) => TaskState::Drained,
+            (true, Drain::No, None) => TaskState::Running,
+            (true, Drain::No, Some(Health::Healthy)) => TaskState::Healthy,
+            (true, Drain::No, Some(Health::Starting)) => TaskState::Starting,
+            (true, Drain::No, Some(Health::Unhealthy)) => TaskState::Unhealthy,
+        }
+    }
+}
+
+impl Report {
+    /// The wire form, for the admin socket.
+    pub fn to_status(&self) -> Status {
+        Status {
+            docker: self.docker.clone(),
+            last_sync: self.last_sync,
+            last_resync: self.last_resync,
+            services: self.services.iter().map(ServiceReport::to_status).collect(),
+            sandboxes: self.sandboxes.clone(),
+            label_errors: self.label_errors.clone(),
+            conflicts: self.conflicts.clone(),
+        }
+    }
+}
+
+impl ServiceReport {
+    fn to_status(&self) -> ServiceStatus {
+        ServiceStatus {
+            name: self.name.to_string(),
+            mode: crate::core::labels::endpoint_mode_name(self.mode).to_owned(),
+            vip: self.vip,
+            fwmark: self.fwmark.map(FwMark::get),
+            scheduler: self.scheduler.to_string(),
+            published: self.published.iter().map(Publish::to_string).collect(),
+            tasks: self
+                .tasks
+                .iter()
+                .map(|t| TaskStatus {
+                    container: t.container.short().to_owned(),
+                    name: t.name.clone(),
+                    addresses: t.addresses.clone(),
+                    state: t.state.as_str().to_owned(),
+                    serving: t.serving,
+                    weight: t.weight,
+                })
+                .collect(),
+            errors: self.errors.clone(),
+        }
+    }
+}
 
 /// Everything `vipd status` shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,53 +248,39 @@ pub fn services(
     allocs: &Allocations,
     holders: &BTreeMap<PortKey, ServiceName>,
     errors: &BTreeMap<ServiceName, Vec<String>>,
-) -> Vec<ServiceStatus> {
+) -> Vec<ServiceReport> {
     let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
     defs.values()
         .map(|def| {
             let (vip, fwmark) = match (def.mode, allocs.services.get(&def.name)) {
-                (EndpointMode::Vip, Some(a)) => (Some(a.vip), Some(a.fwmark.get())),
+                (EndpointMode::Vip, Some(a)) => (Some(a.vip), Some(a.fwmark)),
                 _ => (None, None),
             };
             let tasks = def
                 .tasks
                 .iter()
                 .filter_map(|(id, weight)| by_id.get(id).map(|c| (c, *weight)))
-                .map(|(c, weight)| TaskStatus {
-                    container: c.id.short().to_owned(),
+                .map(|(c, weight)| TaskReport {
+                    container: c.id.clone(),
                     name: c.name.clone(),
                     addresses: c.attachments.iter().map(|a| a.ip).collect(),
-                    state: match (c.running, c.drain, c.health) {
-                        (false, _, _) => "stopped",
-                        (true, Drain::Draining, _) => "draining",
-                        (true, Drain::Drained, Some(Health::Unhealthy)) => "unhealthy",
-                        (true, Drain::Drained, _) => "drained",
-                        (true, Drain::No, None) => "running",
-                        (true, Drain::No, Some(Health::Healthy)) => "healthy",
-                        (true, Drain::No, Some(Health::Starting)) => "starting",
-                        (true, Drain::No, Some(Health::Unhealthy)) => "unhealthy",
-                    }
-                    .to_owned(),
+                    state: TaskState::of(c),
                     serving: c.serving(),
                     // A draining task's weight is 0, whatever its label says.
                     weight: c.backend_weight(weight).unwrap_or(weight),
                 })
                 .collect();
-            ServiceStatus {
-                name: def.name.to_string(),
-                mode: match def.mode {
-                    EndpointMode::Vip => "vip",
-                    EndpointMode::Dnsrr => "dnsrr",
-                }
-                .to_owned(),
+            ServiceReport {
+                name: def.name.clone(),
+                mode: def.mode,
                 vip,
                 fwmark,
-                scheduler: def.scheduler.to_string(),
+                scheduler: def.scheduler.clone(),
                 published: def
                     .publish
                     .iter()
                     .filter(|p| holders.get(&p.key()) == Some(&def.name))
-                    .map(|p| p.to_string())
+                    .cloned()
                     .collect(),
                 tasks,
                 errors: errors.get(&def.name).cloned().unwrap_or_default(),
@@ -290,6 +412,66 @@ pub fn render_sandboxes(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_typed_report_becomes_the_wire_status_only_when_asked() {
+        let report = Report {
+            last_sync: 7,
+            services: vec![ServiceReport {
+                name: ServiceName::new("web").unwrap(),
+                mode: EndpointMode::Vip,
+                vip: Some(Ipv4Addr::new(10, 253, 0, 1)),
+                fwmark: FwMark::new(256),
+                scheduler: Scheduler::default(),
+                published: vec![crate::core::labels::Publish {
+                    protocol: crate::core::model::Protocol::Tcp,
+                    published: 8080,
+                    target: 80,
+                }],
+                tasks: vec![TaskReport {
+                    container: ContainerId("0123456789abcdef".into()),
+                    name: "web-1".into(),
+                    addresses: vec![Ipv4Addr::new(172, 18, 0, 2)],
+                    state: TaskState::Draining,
+                    serving: false,
+                    weight: 0,
+                }],
+                errors: vec![],
+            }],
+            ..Default::default()
+        };
+        let wire = report.to_status();
+        let web = &wire.services[0];
+        assert_eq!(
+            (
+                web.name.as_str(),
+                web.mode.as_str(),
+                web.fwmark,
+                web.scheduler.as_str()
+            ),
+            ("web", "vip", Some(256), "rr")
+        );
+        assert_eq!(web.published, ["8080:80/tcp"]);
+        let t = &web.tasks[0];
+        assert_eq!(
+            (t.container.as_str(), t.state.as_str(), t.weight),
+            ("0123456789ab", "draining", 0)
+        );
+        assert_eq!(wire.last_sync, 7);
+        let names: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "running",
+                "healthy",
+                "starting",
+                "unhealthy",
+                "draining",
+                "drained",
+                "stopped"
+            ]
+        );
+    }
 
     fn sample() -> Status {
         Status {

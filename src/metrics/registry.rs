@@ -18,7 +18,8 @@ use tokio::sync::watch;
 
 use super::scrape::{IpvsCounters, Scraper};
 use super::{MetricsError, BACKEND_READ_TIMEOUT};
-use crate::core::status::Status;
+use crate::core::model::EndpointMode;
+use crate::core::status::{Report, TaskState};
 
 /// Buckets of the reconcile pass durations, in seconds.
 const RECONCILE_BUCKETS: [f64; 14] = [
@@ -222,7 +223,7 @@ struct Inner {
 
 /// What a scrape reads: the agent's status, and which namespace is the ingress.
 struct Source {
-    status: watch::Receiver<Status>,
+    status: watch::Receiver<Report>,
     ingress: Option<PathBuf>,
 }
 
@@ -253,7 +254,7 @@ impl Metrics {
 
     /// Read the services, tasks, sandboxes and engine state from `status` at each scrape,
     /// and the IPVS counters of its sandboxes; `ingress` is the routing mesh's namespace.
-    pub fn follow(&self, status: watch::Receiver<Status>, ingress: Option<PathBuf>) {
+    pub fn follow(&self, status: watch::Receiver<Report>, ingress: Option<PathBuf>) {
         if let Some(inner) = &self.0 {
             *inner.source.lock().unwrap_or_else(PoisonError::into_inner) = Some(Source { status, ingress });
         }
@@ -409,21 +410,23 @@ impl Inner {
     }
 
     /// The latest status and the ingress namespace, if the agent is followed.
-    fn snapshot(&self) -> Option<(Status, Option<PathBuf>)> {
+    fn snapshot(&self) -> Option<(Report, Option<PathBuf>)> {
         let source = self.source.lock().unwrap_or_else(PoisonError::into_inner);
         source
             .as_ref()
             .map(|s| (s.status.borrow().clone(), s.ingress.clone()))
     }
 
-    fn set_gauges(&self, status: &Status) {
-        for mode in ["vip", "dnsrr"] {
+    fn set_gauges(&self, status: &Report) {
+        for (mode, name) in [(EndpointMode::Vip, "vip"), (EndpointMode::Dnsrr, "dnsrr")] {
             let n = status.services.iter().filter(|s| s.mode == mode).count();
-            self.services.get_or_create(&ModeLabels { mode }).set(n as i64);
+            self.services
+                .get_or_create(&ModeLabels { mode: name })
+                .set(n as i64);
         }
         let mut tasks: BTreeMap<&'static str, i64> = TASK_STATES.iter().map(|s| (*s, 0)).collect();
         for task in status.services.iter().flat_map(|s| &s.tasks) {
-            *tasks.entry(task_state(task.serving, &task.state)).or_default() += 1;
+            *tasks.entry(task_state(task.serving, task.state)).or_default() += 1;
         }
         for (state, n) in tasks {
             self.tasks.get_or_create(&StateLabels { state }).set(n);
@@ -442,13 +445,17 @@ impl Inner {
 
 /// The state a task is counted in: `serving` when it takes new connections, else its
 /// status state.
-pub(super) fn task_state(serving: bool, state: &str) -> &'static str {
+pub(super) fn task_state(serving: bool, state: TaskState) -> &'static str {
     if serving {
         return "serving";
     }
-    TASK_STATES
-        .iter()
-        .find(|s| **s == state)
-        .copied()
-        .unwrap_or("other")
+    match state {
+        TaskState::Starting => "starting",
+        TaskState::Unhealthy => "unhealthy",
+        TaskState::Draining => "draining",
+        TaskState::Drained => "drained",
+        TaskState::Stopped => "stopped",
+        // Running or healthy, yet not serving.
+        TaskState::Running | TaskState::Healthy => "other",
+    }
 }

@@ -22,10 +22,9 @@ use tracing::{debug, warn};
 
 use super::NAMESPACE_READS;
 use crate::core::ipvs::Destination;
-use crate::core::labels;
 use crate::core::mesh;
 use crate::core::model::FwMark;
-use crate::core::status::Status;
+use crate::core::status::Report;
 use crate::ipvs::IpvsError;
 use crate::netns::NetnsError;
 
@@ -77,7 +76,7 @@ impl Scraper {
 
     /// Read the IPVS counters of every sandbox of `status` (and of the ingress), at most
     /// [`NAMESPACE_READS`] at once, within the timeout.
-    pub(super) async fn refresh(&self, status: &Status, ingress: Option<&Path>) {
+    pub(super) async fn refresh(&self, status: &Report, ingress: Option<&Path>) {
         let Some(counters) = &self.counters else {
             return;
         };
@@ -109,11 +108,11 @@ pub(super) struct Target {
 
 /// The namespaces a scrape reads: every sandbox of the status with the fwmarks of its
 /// VIP services, and the ingress namespace with the fwmarks of the published ports.
-pub(super) fn targets(status: &Status, ingress: Option<&Path>) -> Vec<Target> {
+pub(super) fn targets(status: &Report, ingress: Option<&Path>) -> Vec<Target> {
     let vip_marks: BTreeMap<&str, FwMark> = status
         .services
         .iter()
-        .filter_map(|s| Some((s.name.as_str(), FwMark::new(s.fwmark?)?)))
+        .filter_map(|s| Some((s.name.as_str(), s.fwmark?)))
         .collect();
     status
         .sandboxes
@@ -137,16 +136,14 @@ pub(super) fn targets(status: &Status, ingress: Option<&Path>) -> Vec<Target> {
 }
 
 /// The ingress namespace's fwmark of every published port, with its service.
-fn ingress_marks(status: &Status) -> Vec<(FwMark, String)> {
+fn ingress_marks(status: &Report) -> Vec<(FwMark, String)> {
     status
         .services
         .iter()
         .flat_map(|s| {
             s.published
                 .iter()
-                .filter_map(|p| labels::parse_publish(p).ok())
-                .flatten()
-                .map(|p| (mesh::ingress_mark(p.protocol, p.published), s.name.clone()))
+                .map(|p| (mesh::ingress_mark(p.protocol, p.published), s.name.to_string()))
         })
         .collect()
 }

@@ -16,18 +16,20 @@ use super::*;
 use crate::core::ipvs::Destination;
 use crate::core::ipvs::{DestConfig, DestKey, Stats};
 
+use crate::core::containers::ContainerId;
+use crate::core::labels::Publish;
 use crate::core::mesh;
+use crate::core::model::{EndpointMode, Scheduler, ServiceName};
 use crate::core::model::{FwMark, Protocol};
-use crate::core::status::Status;
-use crate::core::status::{EngineState, SandboxStatus, ServiceStatus, TaskStatus};
+use crate::core::status::{EngineState, Report, SandboxStatus, ServiceReport, TaskReport, TaskState};
 use crate::ipvs::IpvsError;
 
-fn task(name: &str, state: &str, serving: bool) -> TaskStatus {
-    TaskStatus {
-        container: format!("{name}000000"),
+fn task(name: &str, state: TaskState, serving: bool) -> TaskReport {
+    TaskReport {
+        container: ContainerId(format!("{name}000000")),
         name: name.to_owned(),
         addresses: vec![],
-        state: state.to_owned(),
+        state,
         serving,
         weight: 1,
     }
@@ -47,8 +49,8 @@ fn sandbox(path: &str, services: &[&str], in_sync: bool) -> SandboxStatus {
 
 /// web (vip, fwmark 256, publishes 8080) with 3 tasks, db (dnsrr) with 1; two
 /// sandboxes, one gone, and the ingress.
-fn status() -> Status {
-    Status {
+fn status() -> Report {
+    Report {
         docker: EngineState {
             connected: true,
             error: None,
@@ -56,28 +58,32 @@ fn status() -> Status {
         last_sync: 1,
         last_resync: 1,
         services: vec![
-            ServiceStatus {
-                name: "web".into(),
-                mode: "vip".into(),
+            ServiceReport {
+                name: ServiceName::new("web").unwrap(),
+                mode: EndpointMode::Vip,
                 vip: Some("10.253.0.1".parse().unwrap()),
-                fwmark: Some(256),
-                scheduler: "rr".into(),
-                published: vec!["8080:80/tcp".into()],
+                fwmark: FwMark::new(256),
+                scheduler: Scheduler::default(),
+                published: vec![Publish {
+                    protocol: Protocol::Tcp,
+                    published: 8080,
+                    target: 80,
+                }],
                 tasks: vec![
-                    task("w1", "running", true),
-                    task("w2", "healthy", true),
-                    task("w3", "draining", false),
+                    task("w1", TaskState::Running, true),
+                    task("w2", TaskState::Healthy, true),
+                    task("w3", TaskState::Draining, false),
                 ],
                 errors: vec![],
             },
-            ServiceStatus {
-                name: "db".into(),
-                mode: "dnsrr".into(),
+            ServiceReport {
+                name: ServiceName::new("db").unwrap(),
+                mode: EndpointMode::Dnsrr,
                 vip: None,
                 fwmark: None,
-                scheduler: "rr".into(),
+                scheduler: Scheduler::default(),
                 published: vec![],
-                tasks: vec![task("d1", "starting", false)],
+                tasks: vec![task("d1", TaskState::Starting, false)],
                 errors: vec![],
             },
         ],
@@ -143,7 +149,7 @@ fn fake_reader(netns: &Path, marks: &[FwMark]) -> Result<Vec<(FwMark, Destinatio
     }
 }
 
-fn followed(counters: Arc<dyn IpvsCounters>, timeout: Duration) -> (Metrics, watch::Sender<Status>) {
+fn followed(counters: Arc<dyn IpvsCounters>, timeout: Duration) -> (Metrics, watch::Sender<Report>) {
     let metrics = Metrics::with_counters(counters, timeout);
     let (tx, rx) = watch::channel(status());
     metrics.follow(rx, Some("/ns/ingress".into()));
@@ -298,9 +304,9 @@ fn labels_are_a_small_fixed_set() {
         [0, 3, 5, 9].map(rcode_label),
         ["NOERROR", "NXDOMAIN", "REFUSED", "other"]
     );
-    assert_eq!(task_state(true, "running"), "serving");
-    assert_eq!(task_state(false, "unhealthy"), "unhealthy");
-    assert_eq!(task_state(false, "odd"), "other");
+    assert_eq!(task_state(true, TaskState::Running), "serving");
+    assert_eq!(task_state(false, TaskState::Unhealthy), "unhealthy");
+    assert_eq!(task_state(false, TaskState::Running), "other");
 }
 
 /// `request` sent over a real loopback connection; the whole response.
