@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::core::alloc::Allocations;
+use crate::core::alloc::{Allocation, Allocations};
 use crate::core::containers::{Attachment, Container};
 use crate::core::firewall::Rule;
 use crate::core::ipvs::Timeouts;
@@ -17,6 +17,7 @@ use crate::core::model::PortKey;
 use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
 use crate::core::spec::SandboxSpec;
 use crate::core::status::{self, EngineState, Status};
+use crate::store::VipClaim;
 
 use super::records::Records;
 
@@ -55,6 +56,21 @@ pub fn allocate(
             errors.push((def.name.clone(), e.to_string()));
         }
     }
+    let released = idle_and_expire(&mut allocs, defs, grace, now);
+    Allocated {
+        allocs,
+        errors,
+        released,
+    }
+}
+
+/// Services with no VIP service left idle from `now`; those idle for `grace` released.
+fn idle_and_expire(
+    allocs: &mut Allocations,
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    grace: Duration,
+    now: u64,
+) -> Vec<ServiceName> {
     let idle: Vec<_> = allocs
         .services
         .keys()
@@ -64,7 +80,46 @@ pub fn allocate(
     for s in &idle {
         allocs.idle(s, now);
     }
-    let released = allocs.expire(now, grace.as_secs());
+    allocs.expire(now, grace.as_secs())
+}
+
+/// Step 2, in cluster mode: every VIP service takes the cluster's claim (the same VIP
+/// and fwmark on every node); a service with no claim yet has no VIP until the link has
+/// made one (a later sync), never a local one that could clash with another node's.
+/// Idle and released as in [`allocate`].
+pub fn allocate_claimed(
+    before: &Allocations,
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    claims: &BTreeMap<ServiceName, VipClaim>,
+    grace: Duration,
+    now: u64,
+) -> Allocated {
+    let mut allocs = before.clone();
+    let mut errors = Vec::new();
+    for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
+        let claimed = claims.get(&def.name).and_then(|c| Some((c.vip, c.fwmark()?)));
+        match claimed {
+            Some((vip, fwmark)) => {
+                allocs.services.insert(
+                    def.name.clone(),
+                    Allocation {
+                        vip,
+                        fwmark,
+                        idle_since: None,
+                    },
+                );
+                allocs.next_fwmark = allocs.next_fwmark.max(fwmark.get().saturating_add(1));
+            }
+            None => {
+                allocs.services.remove(&def.name);
+                errors.push((
+                    def.name.clone(),
+                    format!("service {}: waiting for its VIP from the cluster store", def.name),
+                ));
+            }
+        }
+    }
+    let released = idle_and_expire(&mut allocs, defs, grace, now);
     Allocated {
         allocs,
         errors,
