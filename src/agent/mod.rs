@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod problems;
 pub mod records;
 pub mod schedule;
+pub mod underlay;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
