@@ -26,6 +26,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::core::containers::{Attachment, Container, ContainerId, Drain, NetworkId};
 use crate::core::labels::{self, ServiceDef};
 use crate::core::model::{EndpointMode, Ipv4Net, NodeName, ServiceName, TaskId};
+use crate::core::status::{ClusterStatus, NodeStatus};
 use crate::store::{
     Backoff, Cluster, ClusterState, KvError, LeaseId, NodeRecord, Reflector, StoreError, TaskRecord, VipClaim,
 };
@@ -393,6 +394,36 @@ impl Link {
             lists: snapshot.lists,
         };
         self.view.send_replace(view);
+    }
+}
+
+/// What `vipd status` shows of the cluster.
+pub fn status(view: &ClusterView, me: &NodeName) -> ClusterStatus {
+    let mut tasks: BTreeMap<&NodeName, usize> = BTreeMap::new();
+    for t in view.state.tasks.values() {
+        *tasks.entry(&t.node).or_default() += 1;
+    }
+    ClusterStatus {
+        node: me.to_string(),
+        joined: view.me.is_some(),
+        problem: view.problem.clone(),
+        store_connected: view.store.unreachable_since.is_none() && view.lists > 0,
+        store_unreachable_since: view.store.unreachable_since,
+        store_error: view.store.error.clone(),
+        nodes: view
+            .state
+            .nodes
+            .values()
+            .map(|n| NodeStatus {
+                name: n.name.to_string(),
+                address: n.address.to_string(),
+                subnet: n
+                    .subnet
+                    .or_else(|| view.state.subnets.get(&n.name).copied())
+                    .map(|s| s.to_string()),
+                tasks: tasks.get(&n.name).copied().unwrap_or(0),
+            })
+            .collect(),
     }
 }
 

@@ -845,6 +845,14 @@ impl Agent {
             service_errors: &service_errors,
             records: &self.records,
         });
+        let status = Status {
+            cluster: self
+                .cluster
+                .as_ref()
+                .zip(cluster_view.as_ref())
+                .map(|(j, view)| cluster::status(view, j.link.node())),
+            ..status
+        };
         self.status.send_replace(status);
         report
     }

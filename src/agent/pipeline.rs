@@ -263,6 +263,7 @@ pub fn status(i: StatusInput<'_>) -> Status {
         services: status::services(i.containers, i.defs, i.allocs, i.holders, i.service_errors),
         sandboxes: i.records.statuses(),
         label_errors: status::label_problems(i.label_errors),
+        cluster: None,
     }
 }
 

@@ -49,6 +49,7 @@ fn sandbox(path: &str, services: &[&str], in_sync: bool) -> SandboxStatus {
 /// sandboxes, one gone, and the ingress.
 fn status() -> Status {
     Status {
+        cluster: None,
         docker: EngineState {
             connected: true,
             error: None,
