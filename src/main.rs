@@ -616,7 +616,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
             },
         );
         tracing::info!(node = %c.node, address = %c.address, etcd = ?c.etcd.endpoints, "cluster mode");
-        let network = vipd::agent::underlay::DockerClusterNetwork::connect()?;
+        let network = vipd::agent::underlay::DockerClusterNetwork::connect(c.overlay.mtu)?;
         tokio::spawn(vipd::agent::underlay::follow(
             link.subscribe(),
             c.node,

@@ -48,6 +48,8 @@ pub trait ClusterNetwork: Send + Sync {
 /// [`ClusterNetwork`] over the Docker API: a bridge network with the node's subnet.
 pub struct DockerClusterNetwork {
     docker: bollard::Docker,
+    /// The containers' MTU: the overlay's, so packets to other nodes fit the tunnel.
+    mtu: u32,
 }
 
 impl DockerClusterNetwork {
@@ -100,6 +102,10 @@ impl ClusterNetwork for DockerClusterNetwork {
                         ..Default::default()
                     }),
                     labels: Some(HashMap::from([(NETWORK_LABEL.to_owned(), "1".to_owned())])),
+                    options: Some(HashMap::from([(
+                        "com.docker.network.driver.mtu".to_owned(),
+                        self.mtu.to_string(),
+                    )])),
                     ..Default::default()
                 };
                 self.docker.create_network(request).await.map_err(engine)?;
