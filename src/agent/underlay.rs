@@ -53,11 +53,11 @@ pub struct DockerClusterNetwork {
 }
 
 impl DockerClusterNetwork {
-    /// The engine at `DOCKER_HOST`, or the default socket.
-    pub fn connect() -> Result<Self, NetworkError> {
+    /// The engine at `DOCKER_HOST`, or the default socket; networks made with `mtu`.
+    pub fn connect(mtu: u32) -> Result<Self, NetworkError> {
         let docker =
             bollard::Docker::connect_with_defaults().map_err(|e| NetworkError::Engine(e.to_string()))?;
-        Ok(DockerClusterNetwork { docker })
+        Ok(DockerClusterNetwork { docker, mtu })
     }
 }
 
