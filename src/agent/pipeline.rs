@@ -49,11 +49,25 @@ pub fn allocate(
     grace: Duration,
     now: u64,
 ) -> Allocated {
+    allocate_with(before, defs, grace, now, |allocs, name| {
+        allocs.ensure(name, pool).map(|_| ()).map_err(|e| e.to_string())
+    })
+}
+
+/// Give every VIP service its VIP with `give` (an error: none, and why), then idle and
+/// release the others.
+fn allocate_with(
+    before: &Allocations,
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    grace: Duration,
+    now: u64,
+    mut give: impl FnMut(&mut Allocations, &ServiceName) -> Result<(), String>,
+) -> Allocated {
     let mut allocs = before.clone();
     let mut errors = Vec::new();
     for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
-        if let Err(e) = allocs.ensure(&def.name, pool) {
-            errors.push((def.name.clone(), e.to_string()));
+        if let Err(e) = give(&mut allocs, &def.name) {
+            errors.push((def.name.clone(), e));
         }
     }
     let released = idle_and_expire(&mut allocs, defs, grace, now);
@@ -94,37 +108,25 @@ pub fn allocate_claimed(
     grace: Duration,
     now: u64,
 ) -> Allocated {
-    let mut allocs = before.clone();
-    let mut errors = Vec::new();
-    for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
-        let claimed = claims.get(&def.name).and_then(|c| Some((c.vip, c.fwmark()?)));
-        match claimed {
-            Some((vip, fwmark)) => {
-                allocs.services.insert(
-                    def.name.clone(),
-                    Allocation {
-                        vip,
-                        fwmark,
-                        idle_since: None,
-                    },
-                );
-                allocs.next_fwmark = allocs.next_fwmark.max(fwmark.get().saturating_add(1));
-            }
-            None => {
-                allocs.services.remove(&def.name);
-                errors.push((
-                    def.name.clone(),
-                    format!("service {}: waiting for its VIP from the cluster store", def.name),
-                ));
-            }
-        }
-    }
-    let released = idle_and_expire(&mut allocs, defs, grace, now);
-    Allocated {
-        allocs,
-        errors,
-        released,
-    }
+    allocate_with(before, defs, grace, now, |allocs, name| {
+        let Some((vip, fwmark)) = claims.get(name).and_then(|c| Some((c.vip, c.fwmark()?))) else {
+            allocs.services.remove(name);
+            return Err(format!(
+                "service {name}: waiting for its VIP from the cluster store"
+            ));
+        };
+        let idle_since = None;
+        allocs.services.insert(
+            name.clone(),
+            Allocation {
+                vip,
+                fwmark,
+                idle_since,
+            },
+        );
+        allocs.next_fwmark = allocs.next_fwmark.max(fwmark.get().saturating_add(1));
+        Ok(())
+    })
 }
 
 /// Step 3: the DNS catalog, and what could not be put in it.

@@ -196,25 +196,30 @@ fn again_joined(kv: &MemoryKv, keys: &Keys) -> bool {
         && b_has_task(kv, keys)
 }
 
+/// Wait for a view of which `done` holds.
+async fn until(view: &mut watch::Receiver<ClusterView>, done: impl Fn(&ClusterView) -> bool) {
+    while !done(&view.borrow_and_update()) {
+        view.changed().await.unwrap();
+    }
+}
+
+/// A link of node `name` at `address` to the store `kv`.
+fn link(kv: &MemoryKv, name: &str, address: &str, tag: &str) -> ClusterLink {
+    ClusterLink::spawn(
+        Cluster::new(Arc::new(kv.connect()), Keys::default()),
+        link_config(name, address, &tempdir(tag)),
+    )
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_node_name_live_elsewhere_is_refused_and_the_view_says_why_while_it_keeps_trying() {
     let kv = MemoryKv::new();
-    let first = ClusterLink::spawn(
-        Cluster::new(Arc::new(kv.connect()), Keys::default()),
-        link_config("a", "192.0.2.1", &tempdir("cluster-dup-1")),
-    );
+    let first = link(&kv, "a", "192.0.2.1", "cluster-dup-1");
     let mut view = first.subscribe();
-    while view.borrow_and_update().me.is_none() {
-        view.changed().await.unwrap();
-    }
-    let second = ClusterLink::spawn(
-        Cluster::new(Arc::new(kv.connect()), Keys::default()),
-        link_config("a", "192.0.2.7", &tempdir("cluster-dup-2")),
-    );
+    until(&mut view, |v| v.me.is_some()).await;
+    let second = link(&kv, "a", "192.0.2.7", "cluster-dup-2");
     let mut view = second.subscribe();
-    while view.borrow_and_update().problem.is_none() {
-        view.changed().await.unwrap();
-    }
+    until(&mut view, |v| v.problem.is_some()).await;
     let v = second.view();
     assert!(v.me.is_none());
     assert!(
@@ -227,9 +232,7 @@ async fn a_node_name_live_elsewhere_is_refused_and_the_view_says_why_while_it_ke
     );
     // The first one's lease ends: the name is free and the second one gets it.
     drop(first);
-    while view.borrow_and_update().me.is_none() {
-        view.changed().await.unwrap();
-    }
+    until(&mut view, |v| v.me.is_some()).await;
     assert_eq!(
         second.view().me.unwrap().address,
         "192.0.2.7".parse::<IpAddr>().unwrap()
@@ -241,26 +244,20 @@ async fn a_node_name_live_elsewhere_is_refused_and_the_view_says_why_while_it_ke
 async fn an_unreachable_store_is_said_with_since_when_and_the_last_view_stays() {
     let kv = MemoryKv::new();
     let client = kv.connect();
-    let link = ClusterLink::spawn(
+    let one = ClusterLink::spawn(
         Cluster::new(Arc::new(client.clone()), Keys::default()),
         link_config("a", "192.0.2.1", &tempdir("cluster-down")),
     );
-    let mut view = link.subscribe();
-    while view.borrow_and_update().me.is_none() {
-        view.changed().await.unwrap();
-    }
+    let mut view = one.subscribe();
+    until(&mut view, |v| v.me.is_some()).await;
     client.set_link(crate::store::memory::Link::Down);
-    while view.borrow_and_update().store.unreachable_since.is_none() {
-        view.changed().await.unwrap();
-    }
-    let v = link.view();
+    until(&mut view, |v| v.store.unreachable_since.is_some()).await;
+    let v = one.view();
     assert!(v.store.error.is_some());
     assert_eq!(v.state.nodes.len(), 1, "the last snapshot stays");
     client.set_link(crate::store::memory::Link::Up);
-    while view.borrow_and_update().store.unreachable_since.is_some() {
-        view.changed().await.unwrap();
-    }
-    assert!(link.view().me.is_some());
+    until(&mut view, |v| v.store.unreachable_since.is_none()).await;
+    assert!(one.view().me.is_some());
 }
 
 #[test]
@@ -301,14 +298,15 @@ fn peers_tasks_join_the_local_cluster_network_with_their_service_defined_as_here
     assert_eq!(defs[&ServiceName::new("web").unwrap()].tasks.len(), 2);
 }
 
+/// A task of `service` on node a's cluster network.
+fn cluster_task(id: &str, service: &str, ip: &str) -> Container {
+    container(id, &[(labels::SERVICE, service)], &[("vipd-a", ip)])
+}
+
 #[test]
 fn a_node_announces_its_serving_tasks_on_the_cluster_network_only() {
     let cs = vec![
-        container(
-            "w1aaaaaaaaaa",
-            &[(labels::SERVICE, "web")],
-            &[("vipd-a", "10.230.0.3")],
-        ),
+        cluster_task("w1aaaaaaaaaa", "web", "10.230.0.3"),
         container(
             "w2aaaaaaaaaa",
             &[(labels::SERVICE, "web")],
@@ -336,16 +334,8 @@ fn a_node_announces_its_serving_tasks_on_the_cluster_network_only() {
 #[test]
 fn in_cluster_mode_a_service_takes_the_claimed_vip_or_waits_for_one() {
     let cs = vec![
-        container(
-            "w1aaaaaaaaaa",
-            &[(labels::SERVICE, "web")],
-            &[("vipd-a", "10.230.0.3")],
-        ),
-        container(
-            "a1aaaaaaaaaa",
-            &[(labels::SERVICE, "api")],
-            &[("vipd-a", "10.230.0.4")],
-        ),
+        cluster_task("w1aaaaaaaaaa", "web", "10.230.0.3"),
+        cluster_task("a1aaaaaaaaaa", "api", "10.230.0.4"),
     ];
     let (defs, _) = labels::services(&cs);
     let web = ServiceName::new("web").unwrap();
