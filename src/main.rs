@@ -675,7 +675,8 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let cluster = cluster_options(&args)?;
+            // Checked after the other settings (reported in the order of the flags' help).
+            let cluster = cluster_options(&args);
             let RunArgs {
                 config: _,
                 vip_pool,
@@ -732,6 +733,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Some((ingress_netns, subnet))
             };
+            let cluster = cluster?;
             let timeouts = vipd::core::ipvs::Timeouts {
                 tcp: ipvs_tcp_timeout,
                 tcp_fin: ipvs_tcpfin_timeout,
