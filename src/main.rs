@@ -378,6 +378,41 @@ struct RunArgs {
     /// Serve no metrics (--metrics-listen is then ignored).
     #[arg(long)]
     no_metrics: bool,
+    /// Cluster mode: the etcd members (`http://host:2379`, comma-separated) that make
+    /// several Docker hosts one cluster (docs/CLUSTER.md). Without it: one host.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The address other nodes reach this one at (default: the source address of the
+    /// default route).
+    #[arg(long)]
+    node_address: Option<std::net::Ipv4Addr>,
+    /// The CA that signed etcd's certificates (PEM); needs vipd built with `tls`.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// This node's client certificate for etcd (PEM), with --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// This node's client key for etcd (PEM), with --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// The range every node takes a /24 of for its cluster network.
+    #[arg(long, default_value = "10.230.0.0/16")]
+    cluster_subnet: String,
+    /// The Docker network (bridge) vipd creates on each node for the cluster's containers.
+    #[arg(long, default_value = "vipd")]
+    cluster_network: String,
+    /// The UDP port of the VXLAN overlay between nodes (the same on every node).
+    #[arg(long, default_value_t = vipd::core::overlay::OverlayConfig::DEFAULT_PORT)]
+    vxlan_port: u16,
+    /// The VNI of the VXLAN overlay (the same on every node).
+    #[arg(long, default_value_t = vipd::core::overlay::OverlayConfig::DEFAULT_VNI)]
+    vxlan_vni: u32,
+    /// Seconds the node's registration outlives it in etcd (kept alive every third).
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
 }
 
 fn parse_sysctls(args: &[String]) -> Result<SysctlSettings> {
@@ -455,6 +490,75 @@ struct RunOptions {
     ingress: Option<(String, vipd::core::model::Ipv4Net)>,
     /// Where metrics are served; `None`: no metrics.
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Cluster mode; `None`: one host.
+    cluster: Option<ClusterOptions>,
+}
+
+/// What `vipd run --etcd` was asked to do.
+struct ClusterOptions {
+    etcd: vipd::store::etcd::EtcdConfig,
+    node: vipd::core::model::NodeName,
+    address: std::net::Ipv4Addr,
+    range: vipd::core::model::Ipv4Net,
+    network: String,
+    overlay: vipd::core::overlay::OverlayConfig,
+    ttl: std::time::Duration,
+}
+
+/// The cluster settings of `vipd run`, checked; `None` without `--etcd`.
+fn cluster_options(a: &RunArgs) -> Result<Option<ClusterOptions>> {
+    if a.etcd.is_empty() {
+        return Ok(None);
+    }
+    let host = match &a.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name (give --node-name)")?
+            .trim()
+            .to_owned(),
+    };
+    let node = vipd::core::model::NodeName::new(&host)
+        .map_err(|e| bad_input(anyhow::anyhow!("--node-name: {e}")))?;
+    let address = match a.node_address {
+        Some(a) => a,
+        None => vipd::agent::underlay::default_source_address()
+            .context("finding this node's address (the default route's source); give --node-address")?,
+    };
+    let range = parse_net(&a.cluster_subnet, "--cluster-subnet")?;
+    if range.prefix_len() > vipd::agent::cluster::NODE_PREFIX {
+        bail_input!("--cluster-subnet {range}: too small, every node takes a /24 of it");
+    }
+    let overlay = vipd::core::overlay::OverlayConfig::new(
+        vipd::core::overlay::OverlayConfig::DEFAULT_DEVICE,
+        a.vxlan_vni,
+        a.vxlan_port,
+        vipd::core::overlay::OverlayConfig::DEFAULT_MTU,
+    )
+    .map_err(|e| bad_input(anyhow::anyhow!("--vxlan-vni/--vxlan-port: {e}")))?;
+    if a.lease_ttl < 3 {
+        bail_input!("--lease-ttl {}: at least 3 seconds", a.lease_ttl);
+    }
+    if a.etcd_ca.is_none() && a.etcd_cert.is_some() {
+        bail_input!("--etcd-cert needs --etcd-ca");
+    }
+    let mut etcd = vipd::store::etcd::EtcdConfig::new(a.etcd.clone());
+    etcd.tls = a.etcd_ca.clone().map(|ca| vipd::store::etcd::TlsFiles {
+        ca,
+        cert: a.etcd_cert.clone(),
+        key: a.etcd_key.clone(),
+    });
+    if etcd.tls.is_some() && !cfg!(feature = "tls") {
+        bail_input!("--etcd-ca: this vipd was built without its `tls` feature (cargo build --features tls)");
+    }
+    Ok(Some(ClusterOptions {
+        etcd,
+        node,
+        address,
+        range,
+        network: a.cluster_network.clone(),
+        overlay,
+        ttl: std::time::Duration::from_secs(a.lease_ttl),
+    }))
 }
 
 /// Where `vipd run` serves DNS.
@@ -521,6 +625,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         admin_socket,
         ingress,
         metrics_listen,
+        cluster,
     } = opts;
 
     let Some((engine, networks)) = wait_for_engine().await? else {
@@ -652,7 +757,38 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         timeouts,
         metrics: metrics.clone(),
     };
-    let agent = vipd::agent::Agent::new(engine, vipd::agent::KernelPorts::real(), cfg, dns.clone())?;
+    let cluster_state_dir = cfg.state_dir.clone();
+    let mut agent = vipd::agent::Agent::new(engine, vipd::agent::KernelPorts::real(), cfg, dns.clone())?;
+    if let Some(c) = cluster {
+        // Connecting is lazy: an etcd that is not up yet is tried again by the link.
+        let kv = vipd::store::etcd::EtcdKv::connect(&c.etcd)
+            .await
+            .context("the etcd client (--etcd)")?;
+        let store = vipd::store::Cluster::new(Arc::new(kv), vipd::store::Keys::default());
+        let link = vipd::agent::cluster::ClusterLink::spawn(
+            store,
+            vipd::agent::cluster::LinkConfig {
+                node: c.node.clone(),
+                address: c.address.into(),
+                range: c.range,
+                pool,
+                ttl: c.ttl,
+                state_dir: cluster_state_dir,
+                backoff: vipd::store::Backoff::default(),
+            },
+        );
+        tracing::info!(node = %c.node, address = %c.address, etcd = ?c.etcd.endpoints, "cluster mode");
+        let network = vipd::agent::underlay::DockerClusterNetwork::connect(c.overlay.mtu)?;
+        tokio::spawn(vipd::agent::underlay::follow(
+            link.subscribe(),
+            c.node,
+            c.network.clone(),
+            Box::new(network),
+            c.overlay,
+            std::time::Duration::from_secs(resync.max(1)),
+        ));
+        agent.join(link, &c.network);
+    }
     if let (DnsMode::Gateways(port), Some(catalog)) = (dns_mode, dns) {
         let mut networks = agent.networks();
         tokio::spawn(async move {
@@ -701,6 +837,8 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
+            // Checked after the other settings (reported in the order of the flags' help).
+            let cluster = cluster_options(&args);
             let RunArgs {
                 config: _,
                 vip_pool,
@@ -723,6 +861,7 @@ fn run(cli: Cli) -> Result<()> {
                 no_ingress,
                 metrics_listen,
                 no_metrics,
+                ..
             } = *args;
             let dns = if no_dns {
                 DnsMode::Off
@@ -756,6 +895,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Some((ingress_netns, subnet))
             };
+            let cluster = cluster?;
             let timeouts = vipd::core::ipvs::Timeouts {
                 tcp: ipvs_tcp_timeout,
                 tcp_fin: ipvs_tcpfin_timeout,
@@ -775,6 +915,7 @@ fn run(cli: Cli) -> Result<()> {
                 admin_socket,
                 ingress,
                 metrics_listen: (!no_metrics).then_some(metrics_listen),
+                cluster,
             }))?;
         }
         Command::Status {
@@ -965,6 +1106,61 @@ mod tests {
             .map(|e| e as u8),
             [0, 1, 2, 3, 4]
         );
+    }
+
+    #[test]
+    fn cluster_flags_make_cluster_options_and_without_etcd_there_is_none() {
+        let run = |extra: &[&str]| -> RunArgs {
+            let mut args = vec!["vipd", "run"];
+            args.extend_from_slice(extra);
+            let Command::Run(r) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("run")
+            };
+            *r
+        };
+        assert!(cluster_options(&run(&[])).unwrap().is_none(), "one host");
+        let c = cluster_options(&run(&[
+            "--etcd",
+            "http://10.0.0.10:2379,http://10.0.0.11:2379",
+            "--node-name",
+            "n1",
+            "--node-address",
+            "10.0.0.1",
+            "--vxlan-port",
+            "4800",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.etcd.endpoints.len(), 2);
+        assert_eq!(
+            (c.node.as_str(), c.address.to_string()),
+            ("n1", "10.0.0.1".to_owned())
+        );
+        assert_eq!(
+            (c.range.to_string(), c.network.as_str()),
+            ("10.230.0.0/16".to_owned(), "vipd")
+        );
+        assert_eq!((c.overlay.port, c.ttl.as_secs()), (4800, 10));
+        let bad = |extra: &[&str]| {
+            let mut args = vec![
+                "--etcd",
+                "http://e:2379",
+                "--node-name",
+                "n1",
+                "--node-address",
+                "10.0.0.1",
+            ];
+            args.extend_from_slice(extra);
+            Exit::of(&cluster_options(&run(&args)).err().expect("refused"))
+        };
+        assert_eq!(bad(&["--cluster-subnet", "10.230.0.0/25"]), Exit::BadInput);
+        assert_eq!(bad(&["--vxlan-vni", "0"]), Exit::BadInput);
+        assert_eq!(bad(&["--lease-ttl", "1"]), Exit::BadInput);
+        let e = cluster_options(&run(&["--etcd", "http://e:2379", "--node-name", "no/slash"])).err();
+        assert_eq!(Exit::of(&e.expect("refused")), Exit::BadInput);
+        if !cfg!(feature = "tls") {
+            assert_eq!(bad(&["--etcd-ca", "/ca.pem"]), Exit::BadInput);
+        }
     }
 
     /// scripts/vipd.toml names every setting, with the flag's default where it has one,

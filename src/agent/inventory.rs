@@ -12,6 +12,8 @@ use crate::docker::NetworkInfo;
 pub struct Inventory {
     containers: BTreeMap<ContainerId, Container>,
     networks: Vec<NetworkInfo>,
+    /// Other nodes' tasks (cluster mode), as containers with no sandbox here.
+    peers: Vec<Container>,
 }
 
 impl Inventory {
@@ -38,6 +40,25 @@ impl Inventory {
                 self.containers.remove(&id);
             }
         }
+    }
+
+    /// Other nodes' tasks, as the cluster link last said.
+    pub fn peers(&self) -> &[Container] {
+        &self.peers
+    }
+
+    /// Replace the other nodes' tasks; true when they changed.
+    pub fn set_peers(&mut self, peers: Vec<Container>) -> bool {
+        let changed = self.peers != peers;
+        if changed {
+            self.peers = peers;
+        }
+        changed
+    }
+
+    /// The id of the network called `name`, if there is one.
+    pub fn network_named(&self, name: &str) -> Option<&crate::core::containers::NetworkId> {
+        self.networks.iter().find(|n| n.name == name).map(|n| &n.id)
     }
 
     pub fn networks(&self) -> &[NetworkInfo] {

@@ -11,11 +11,13 @@
 //! [`schedule`]; what is kept of each sandbox is one [`records::SandboxRecord`]; what the
 //! agent knows of the world is one [`inventory::Inventory`].
 
+pub mod cluster;
 pub mod inventory;
 pub mod pipeline;
 pub mod problems;
 pub mod records;
 pub mod schedule;
+pub mod underlay;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -133,6 +135,22 @@ pub struct SyncReport {
     pub errors: Vec<String>,
 }
 
+/// The agent's link to the cluster, and the Docker network whose containers are the
+/// cluster's.
+struct Joined {
+    link: cluster::ClusterLink,
+    view: tokio::sync::watch::Receiver<cluster::ClusterView>,
+    network: String,
+}
+
+/// The next new cluster view; never, on a single host.
+async fn cluster_changed(joined: Option<&mut Joined>) -> bool {
+    match joined {
+        Some(j) => j.view.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 /// The agent's state.
 pub struct Agent {
     engine: Arc<dyn Engine>,
@@ -156,6 +174,8 @@ pub struct Agent {
     host_applied: Option<Vec<Intent>>,
     /// Tasks on their way out (see [`AgentConfig::drain_grace`]).
     drains: Drains,
+    /// The cluster this node is part of (`vipd run --etcd`); `None`: a single host.
+    cluster: Option<Joined>,
     /// The saved allocations were missing or unreadable: the first full sync takes the
     /// VIPs and fwmarks vipd's rules show in the sandboxes before allocating new ones.
     recover: bool,
@@ -311,6 +331,7 @@ impl Agent {
             holders: BTreeMap::new(),
             host_applied: None,
             drains: Drains::new(cfg.drain_grace),
+            cluster: None,
             recover,
             definitions: Arc::new(FileDefinitions::new(&cfg.state_dir)),
             stored_definitions: Arc::default(),
@@ -323,6 +344,43 @@ impl Agent {
     pub fn with_definitions(mut self, source: Arc<dyn DefinitionSource>) -> Self {
         self.definitions = source;
         self
+    }
+
+    /// Make this node part of a cluster through `link`: containers on the Docker network
+    /// called `network` get every cluster service, with the other nodes' tasks as
+    /// backends, and VIPs come from the cluster's claims.
+    pub fn join(&mut self, link: cluster::ClusterLink, network: &str) {
+        let view = link.subscribe();
+        self.cluster = Some(Joined {
+            link,
+            view,
+            network: network.to_owned(),
+        });
+    }
+
+    /// The cluster link, in cluster mode.
+    pub fn cluster_link(&self) -> Option<&cluster::ClusterLink> {
+        self.cluster.as_ref().map(|j| &j.link)
+    }
+
+    /// Take the other nodes' tasks from the link's latest view into the inventory, and
+    /// return that view.
+    fn take_cluster_view(&mut self) -> Option<cluster::ClusterView> {
+        let joined = self.cluster.as_mut()?;
+        let view = joined.view.borrow_and_update().clone();
+        let network = self.inventory.network_named(&joined.network).cloned();
+        let me = joined.link.node().clone();
+        let peers = match &network {
+            Some(net) => {
+                let local: Vec<Container> = self.inventory.containers().values().cloned().collect();
+                cluster::peer_containers(&view.state, &me, net, &local)
+            }
+            None => Vec::new(),
+        };
+        if self.inventory.set_peers(peers) {
+            info!(tasks = self.inventory.peers().len(), "other nodes' tasks changed");
+        }
+        Some(view)
     }
 
     /// The current allocations.
@@ -585,6 +643,13 @@ impl Agent {
                 c.drain = drain;
                 c
             })
+            .chain(
+                self.inventory
+                    .peers()
+                    .iter()
+                    .filter(|p| !containers.contains_key(&p.id))
+                    .cloned(),
+            )
             .collect()
     }
 
@@ -654,6 +719,7 @@ impl Agent {
         let now = now_secs();
 
         // Services and allocations.
+        let cluster_view = self.take_cluster_view();
         let containers: Vec<Container> = self.containers_now();
         match self.definitions.definitions() {
             Ok(defs) => self.stored_definitions = defs,
@@ -683,7 +749,16 @@ impl Agent {
         if full && self.recover {
             self.recover_allocations(&containers, &defs).await;
         }
-        let allocated = pipeline::allocate(&self.allocs, &defs, self.cfg.pool, self.cfg.grace, now);
+        let allocated = match &cluster_view {
+            Some(view) => pipeline::allocate_claimed(&self.allocs, &defs, &view.claims, self.cfg.grace, now),
+            None => pipeline::allocate(&self.allocs, &defs, self.cfg.pool, self.cfg.grace, now),
+        };
+        if let Some(joined) = &self.cluster {
+            let network = self.inventory.network_named(&joined.network);
+            joined
+                .link
+                .want(cluster::wanted(&containers, &defs, network, joined.link.node()));
+        }
         for (name, e) in allocated.errors {
             self.cfg.metrics.error(ErrorKind::Allocation);
             if self.problems.note(e.clone()) {
@@ -804,6 +879,14 @@ impl Agent {
             service_errors: &service_errors,
             records: &self.records,
         });
+        let status = Report {
+            cluster: self
+                .cluster
+                .as_ref()
+                .zip(cluster_view.as_ref())
+                .map(|(j, view)| cluster::status(view, j.link.node())),
+            ..status
+        };
         self.status.send_replace(status);
         report
     }
@@ -967,6 +1050,7 @@ impl Agent {
                     tokio::select! {
                         _ = &mut shutdown => return Ok(()),
                         _ = tokio::time::sleep_until(at) => Next::Wake(wake),
+                        true = cluster_changed(self.cluster.as_mut()) => Next::Cluster,
                         next = events.next() => match next {
                             Some(Ok(event)) => {
                                 let mut batch = vec![event];
@@ -993,6 +1077,11 @@ impl Agent {
                     }
                 };
                 match next {
+                    Next::Cluster => {
+                        self.sync_pass(ReconcileKind::Event)
+                            .instrument(info_span!("cluster_changed"))
+                            .await;
+                    }
                     Next::Wake(Wake::DrainOver) => {
                         self.sync_pass(ReconcileKind::Drain)
                             .instrument(info_span!("drain_over"))
@@ -1036,6 +1125,8 @@ enum Next {
     Batch(Vec<EngineEvent>),
     /// The event stream failed or ended.
     Lost(String),
+    /// The cluster changed (a node, a task, a claim, the store's reachability).
+    Cluster,
 }
 
 #[cfg(test)]

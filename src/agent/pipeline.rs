@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::core::alloc::Allocations;
+use crate::core::alloc::{Allocation, Allocations};
 use crate::core::containers::{Attachment, Container};
 use crate::core::ipvs::Timeouts;
 use crate::core::labels::{self, Conflict, LabelError, ServiceDef, ServiceDefinition};
@@ -17,6 +17,7 @@ use crate::core::model::{Ipv4Net, SandboxKey, ServiceName};
 use crate::core::rules::Intent;
 use crate::core::spec::SandboxSpec;
 use crate::core::status::{self, EngineState, Report};
+use crate::store::VipClaim;
 
 use super::records::Records;
 
@@ -57,13 +58,42 @@ pub fn allocate(
     grace: Duration,
     now: u64,
 ) -> Allocated {
+    allocate_with(before, defs, grace, now, |allocs, name| {
+        allocs.ensure(name, pool).map(|_| ()).map_err(|e| e.to_string())
+    })
+}
+
+/// Give every VIP service its VIP with `give` (an error: none, and why), then idle and
+/// release the others.
+fn allocate_with(
+    before: &Allocations,
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    grace: Duration,
+    now: u64,
+    mut give: impl FnMut(&mut Allocations, &ServiceName) -> Result<(), String>,
+) -> Allocated {
     let mut allocs = before.clone();
     let mut errors = Vec::new();
     for def in defs.values().filter(|d| d.mode == EndpointMode::Vip) {
-        if let Err(e) = allocs.ensure(&def.name, pool) {
-            errors.push((def.name.clone(), e.to_string()));
+        if let Err(e) = give(&mut allocs, &def.name) {
+            errors.push((def.name.clone(), e));
         }
     }
+    let released = idle_and_expire(&mut allocs, defs, grace, now);
+    Allocated {
+        allocs,
+        errors,
+        released,
+    }
+}
+
+/// Services with no VIP service left idle from `now`; those idle for `grace` released.
+fn idle_and_expire(
+    allocs: &mut Allocations,
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    grace: Duration,
+    now: u64,
+) -> Vec<ServiceName> {
     let idle: Vec<_> = allocs
         .services
         .keys()
@@ -73,12 +103,39 @@ pub fn allocate(
     for s in &idle {
         allocs.idle(s, now);
     }
-    let released = allocs.expire(now, grace.as_secs());
-    Allocated {
-        allocs,
-        errors,
-        released,
-    }
+    allocs.expire(now, grace.as_secs())
+}
+
+/// Step 2, in cluster mode: every VIP service takes the cluster's claim (the same VIP
+/// and fwmark on every node); a service with no claim yet has no VIP until the link has
+/// made one (a later sync), never a local one that could clash with another node's.
+/// Idle and released as in [`allocate`].
+pub fn allocate_claimed(
+    before: &Allocations,
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    claims: &BTreeMap<ServiceName, VipClaim>,
+    grace: Duration,
+    now: u64,
+) -> Allocated {
+    allocate_with(before, defs, grace, now, |allocs, name| {
+        let Some((vip, fwmark)) = claims.get(name).and_then(|c| Some((c.vip, c.fwmark()?))) else {
+            allocs.services.remove(name);
+            return Err(format!(
+                "service {name}: waiting for its VIP from the cluster store"
+            ));
+        };
+        let idle_since = None;
+        allocs.services.insert(
+            name.clone(),
+            Allocation {
+                vip,
+                fwmark,
+                idle_since,
+            },
+        );
+        allocs.next_fwmark = allocs.next_fwmark.max(fwmark.get().saturating_add(1));
+        Ok(())
+    })
 }
 
 /// Step 3: the DNS catalog, and what could not be put in it.
@@ -219,6 +276,7 @@ pub fn status(i: StatusInput<'_>) -> Report {
         sandboxes: i.records.statuses(),
         label_errors: status::label_problems(i.label_errors),
         conflicts: i.conflicts.to_vec(),
+        cluster: None,
     }
 }
 

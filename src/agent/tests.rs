@@ -11,7 +11,7 @@ use std::path::Path;
 /// Records what each sandbox was last brought to, how many calls, and whether the
 /// last call for each sandbox asked for a full read.
 #[derive(Default)]
-struct Recorder(
+pub(super) struct Recorder(
     Mutex<BTreeMap<SandboxKey, Arc<SandboxSpec>>>,
     Mutex<usize>,
     Mutex<BTreeMap<SandboxKey, bool>>,
@@ -74,14 +74,14 @@ impl HostPorts for Recorder {
 }
 
 /// An agent of `engine` that has listed it (and not synced yet).
-async fn listed(engine: &FakeEngine, kernel: KernelPorts, cfg: AgentConfig) -> Agent {
+pub(super) async fn listed(engine: &FakeEngine, kernel: KernelPorts, cfg: AgentConfig) -> Agent {
     let mut agent = Agent::new(Arc::new(engine.clone()), kernel, cfg, None).unwrap();
     agent.relist().await.unwrap();
     agent
 }
 
 /// The agent's kernel ports, all three answered by `p`.
-fn ports<P: SandboxProgrammer + HostFirewall + HostPorts + 'static>(p: Arc<P>) -> KernelPorts {
+pub(super) fn ports<P: SandboxProgrammer + HostFirewall + HostPorts + 'static>(p: Arc<P>) -> KernelPorts {
     KernelPorts {
         sandboxes: p.clone(),
         host_firewall: p.clone(),
@@ -90,7 +90,7 @@ fn ports<P: SandboxProgrammer + HostFirewall + HostPorts + 'static>(p: Arc<P>) -
 }
 
 impl Recorder {
-    fn backends(&self, sandbox: &str, service: &str) -> Vec<String> {
+    pub(super) fn backends(&self, sandbox: &str, service: &str) -> Vec<String> {
         let map = self.0.lock().unwrap();
         let spec = map
             .get(&SandboxKey::from(sandbox))
@@ -334,7 +334,7 @@ async fn an_unhealthy_task_drains_then_leaves_and_is_back_when_healthy() {
     assert_eq!(rec.weights(client, "web"), both);
 }
 
-fn on_net(id: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerInfo {
+pub(super) fn on_net(id: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerInfo {
     let mut c = running_container(id, name).with_network(ContainerNetwork {
         network_id: NetworkId("front".into()),
         name: "front".into(),
@@ -349,7 +349,7 @@ fn on_net(id: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerI
     c
 }
 
-fn config(dir: &Path) -> AgentConfig {
+pub(super) fn config(dir: &Path) -> AgentConfig {
     AgentConfig {
         pool: Ipv4Net::new("10.253.0.0".parse().unwrap(), 16).unwrap(),
         state_dir: dir.to_owned(),
@@ -366,7 +366,7 @@ fn config(dir: &Path) -> AgentConfig {
     }
 }
 
-fn tempdir(tag: &str) -> PathBuf {
+pub(super) fn tempdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vipd-agent-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d

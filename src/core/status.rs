@@ -32,6 +32,8 @@ pub struct Report {
     pub sandboxes: Vec<SandboxStatus>,
     pub label_errors: Vec<LabelProblem>,
     pub conflicts: Vec<Conflict>,
+    /// This node's part in the cluster, in cluster mode.
+    pub cluster: Option<ClusterStatus>,
 }
 
 /// One service, typed.
@@ -123,6 +125,7 @@ impl Report {
             sandboxes: self.sandboxes.clone(),
             label_errors: self.label_errors.clone(),
             conflicts: self.conflicts.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 }
@@ -170,6 +173,74 @@ pub struct Status {
     /// which is used instead.
     #[serde(default)]
     pub conflicts: Vec<Conflict>,
+    /// The cluster, in cluster mode (`vipd run --etcd`); absent on a single host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// This node's part in the cluster, and the cluster's nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node's name.
+    pub node: String,
+    /// Whether this node is registered (with its subnet).
+    pub joined: bool,
+    /// Why it is not, while it is not (a name or address another live node holds, ...).
+    pub problem: Option<String>,
+    /// Whether the cluster store answers.
+    pub store_connected: bool,
+    /// Since when (unix seconds) it has not answered.
+    pub store_unreachable_since: Option<u64>,
+    pub store_error: Option<String>,
+    /// Every live node, this one included.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One live node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub address: String,
+    pub subnet: Option<String>,
+    /// Its tasks on the cluster network.
+    pub tasks: usize,
+}
+
+/// The cluster part of `vipd status`.
+pub fn render_cluster(c: &ClusterStatus) -> String {
+    let mut out = String::new();
+    let _ = write!(out, "cluster: node {}", c.node);
+    if !c.joined {
+        let _ = write!(
+            out,
+            " (not joined: {})",
+            c.problem.as_deref().unwrap_or("joining")
+        );
+    }
+    match (c.store_connected, c.store_unreachable_since) {
+        (true, _) => out.push_str(", store connected\n"),
+        (false, Some(since)) => {
+            let _ = writeln!(
+                out,
+                ", store unreachable since {since} ({})",
+                c.store_error.as_deref().unwrap_or("no answer")
+            );
+        }
+        (false, None) => out.push_str(", store not reached yet\n"),
+    }
+    let _ = writeln!(out, "{:<24} {:<16} {:<18} TASKS", "NODE", "ADDRESS", "SUBNET");
+    for n in &c.nodes {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<16} {:<18} {}",
+            n.name,
+            n.address,
+            n.subnet.as_deref().unwrap_or("-"),
+            n.tasks
+        );
+    }
+    out.push('\n');
+    out
 }
 
 /// The Docker engine as vipd last saw it.
@@ -308,7 +379,7 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 
 /// The services as `vipd status` prints them.
 pub fn render_services(s: &Status) -> String {
-    let mut out = String::new();
+    let mut out = s.cluster.as_ref().map(render_cluster).unwrap_or_default();
     if !s.docker.connected {
         let _ = writeln!(
             out,
@@ -475,6 +546,7 @@ mod tests {
 
     fn sample() -> Status {
         Status {
+            cluster: None,
             docker: EngineState {
                 connected: true,
                 error: None,
@@ -581,6 +653,51 @@ mod tests {
         assert!(text.contains("client") && text.contains(" no "), "{text}");
         assert!(text.contains("  error: this kernel has no IPVS"), "{text}");
         assert!(text.ends_with("0 of 1 sandboxes in sync\n"), "{text}");
+    }
+
+    #[test]
+    fn the_cluster_part_is_absent_on_one_host_and_has_the_documented_fields_in_a_cluster() {
+        let one = serde_json::to_value(sample()).unwrap();
+        assert!(one.get("cluster").is_none(), "single-host JSON unchanged");
+        let mut s = sample();
+        s.cluster = Some(ClusterStatus {
+            node: "a".into(),
+            joined: true,
+            problem: None,
+            store_connected: false,
+            store_unreachable_since: Some(1000),
+            store_error: Some("no answer".into()),
+            nodes: vec![NodeStatus {
+                name: "a".into(),
+                address: "192.0.2.1".into(),
+                subnet: Some("10.230.0.0/24".into()),
+                tasks: 2,
+            }],
+        });
+        let v = serde_json::to_value(&s).unwrap();
+        let mut keys: Vec<&String> = v["cluster"].as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "joined",
+                "node",
+                "nodes",
+                "problem",
+                "store_connected",
+                "store_error",
+                "store_unreachable_since"
+            ]
+        );
+        let mut node: Vec<&String> = v["cluster"]["nodes"][0].as_object().unwrap().keys().collect();
+        node.sort();
+        assert_eq!(node, ["address", "name", "subnet", "tasks"]);
+        let text = render_services(&s);
+        assert!(
+            text.starts_with("cluster: node a, store unreachable since 1000 (no answer)\n"),
+            "{text}"
+        );
+        assert!(text.contains("192.0.2.1        10.230.0.0/24      2"), "{text}");
     }
 
     #[test]

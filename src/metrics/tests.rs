@@ -51,6 +51,7 @@ fn sandbox(path: &str, services: &[&str], in_sync: bool) -> SandboxStatus {
 /// sandboxes, one gone, and the ingress.
 fn status() -> Report {
     Report {
+        cluster: None,
         docker: EngineState {
             connected: true,
             error: None,

@@ -1,0 +1,532 @@
+//! The agent's link to the cluster store (`vipd run --etcd`).
+//!
+//! The link runs beside the agent, never in its way: the agent tells it what this node
+//! has ([`Wanted`]: its tasks on the cluster network, the VIP services it needs claims
+//! for) and reads what the cluster has ([`ClusterView`]: nodes, every node's tasks, the
+//! VIP claims, whether the store answers). The link turns one into the other through
+//! the store: a lease (kept in the state dir, so a restart within its TTL changes
+//! nothing on other nodes), the node's record and subnet, the node's tasks on its lease,
+//! and the claims. A [`Reflector`] keeps the snapshot. etcd is never on the data path:
+//! while it is unreachable the last view stays and the agent keeps serving it.
+//!
+//! A node name or address another live node holds is refused by the store; the link
+//! keeps trying (the other node's lease may end) and says why in the view, so `vipd
+//! status` and the log show it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::core::containers::{Attachment, Container, ContainerId, Drain, NetworkId};
+use crate::core::labels::{self, ServiceDef};
+use crate::core::model::{EndpointMode, Ipv4Net, NodeName, ServiceName, TaskId};
+use crate::core::status::{ClusterStatus, NodeStatus};
+use crate::store::{
+    Backoff, Cluster, ClusterState, KvError, LeaseId, NodeRecord, Reflector, StoreError, TaskRecord, VipClaim,
+};
+
+/// The file in the state dir that keeps the node's lease id across restarts.
+pub const LEASE_FILE: &str = "cluster-lease";
+
+/// The prefix length of a node's slice of the cluster subnet.
+pub const NODE_PREFIX: u8 = crate::core::overlay::NODE_PREFIX;
+
+/// How the link runs.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub node: NodeName,
+    /// The address other nodes reach this one at (the VXLAN underlay).
+    pub address: IpAddr,
+    /// The cluster subnet every node takes a /24 of.
+    pub range: Ipv4Net,
+    /// The VIP pool (the same on every node: claims are made in it).
+    pub pool: Ipv4Net,
+    /// The lease's TTL; it is kept alive every third of it.
+    pub ttl: Duration,
+    /// Where the lease id is kept.
+    pub state_dir: PathBuf,
+    /// How the reflector and the link retry while the store is unreachable.
+    pub backoff: Backoff,
+}
+
+/// What this node has, as the agent last said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wanted {
+    /// This node's tasks on the cluster network.
+    pub tasks: BTreeMap<TaskId, TaskRecord>,
+    /// The VIP services this node needs a cluster-wide VIP and fwmark for.
+    pub services: BTreeSet<ServiceName>,
+}
+
+/// Whether the store answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Since when (unix seconds) it has not answered; `None` while it does.
+    pub unreachable_since: Option<u64>,
+    /// The last error, while unreachable.
+    pub error: Option<String>,
+}
+
+/// What the agent sees of the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// This node, once registered with its subnet.
+    pub me: Option<NodeRecord>,
+    /// The last snapshot of the store.
+    pub state: Arc<ClusterState>,
+    /// Every VIP claim known: the snapshot's, and those this link made since.
+    pub claims: BTreeMap<ServiceName, VipClaim>,
+    pub store: StoreHealth,
+    /// Why this node is not (or no longer) part of the cluster, while it is not.
+    pub problem: Option<String>,
+    /// How many times the store was listed (a new list after a compaction or an outage).
+    pub lists: u64,
+}
+
+impl ClusterView {
+    /// The other live nodes.
+    pub fn peers<'a>(&'a self, me: &'a NodeName) -> impl Iterator<Item = &'a NodeRecord> + 'a {
+        self.state.nodes.values().filter(move |n| n.name != *me)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The lease id saved in `dir`, if there is a readable one.
+pub fn load_lease(dir: &Path) -> Option<LeaseId> {
+    let text = std::fs::read_to_string(dir.join(LEASE_FILE)).ok()?;
+    text.trim().parse().ok().map(LeaseId)
+}
+
+/// Save the lease id in `dir` (written aside, then renamed: never half a file).
+pub fn save_lease(dir: &Path, lease: LeaseId) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{LEASE_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{}\n", lease.0))?;
+    std::fs::rename(tmp, dir.join(LEASE_FILE))
+}
+
+/// A running link; dropping it stops it (the lease then ends after its TTL).
+pub struct ClusterLink {
+    view: watch::Receiver<ClusterView>,
+    wanted: watch::Sender<Wanted>,
+    node: NodeName,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ClusterLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ClusterLink {
+    /// Join the cluster through `cluster` and follow it.
+    pub fn spawn(cluster: Cluster, cfg: LinkConfig) -> Self {
+        let (view_tx, view) = watch::channel(ClusterView::default());
+        let (wanted, wanted_rx) = watch::channel(Wanted::default());
+        let node = cfg.node.clone();
+        let span = info_span!("cluster_link", node = %cfg.node);
+        let task = tokio::spawn(
+            Link {
+                reflector: Reflector::spawn(Arc::clone(cluster.kv()), cluster.keys().clone(), cfg.backoff),
+                cluster,
+                cfg,
+                view: view_tx,
+                lease: None,
+                me: None,
+                put: BTreeMap::new(),
+                claims: BTreeMap::new(),
+                problem: None,
+                failing_since: None,
+                last_error: None,
+            }
+            .run(wanted_rx)
+            .instrument(span),
+        );
+        ClusterLink {
+            view,
+            wanted,
+            node,
+            task,
+        }
+    }
+
+    pub fn node(&self) -> &NodeName {
+        &self.node
+    }
+
+    /// The current view.
+    pub fn view(&self) -> ClusterView {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that wakes on every new view.
+    pub fn subscribe(&self) -> watch::Receiver<ClusterView> {
+        self.view.clone()
+    }
+
+    /// Say what this node has now (nothing is written when it is what was said before).
+    pub fn want(&self, wanted: Wanted) {
+        self.wanted.send_if_modified(|w| {
+            let changed = *w != wanted;
+            *w = wanted;
+            changed
+        });
+    }
+}
+
+struct Link {
+    cluster: Cluster,
+    cfg: LinkConfig,
+    reflector: Reflector,
+    view: watch::Sender<ClusterView>,
+    lease: Option<LeaseId>,
+    /// This node's record, once registered on `lease` with its subnet.
+    me: Option<NodeRecord>,
+    /// The tasks written on the current lease.
+    put: BTreeMap<TaskId, TaskRecord>,
+    /// The claims this link made.
+    claims: BTreeMap<ServiceName, VipClaim>,
+    /// A refusal that trying again as it is will not fix soon (a name taken, ...).
+    problem: Option<String>,
+    /// Since when the link's own calls fail because the store does not answer.
+    failing_since: Option<u64>,
+    last_error: Option<String>,
+}
+
+impl Link {
+    async fn run(mut self, mut wanted: watch::Receiver<Wanted>) {
+        let mut snapshots = self.reflector.subscribe();
+        let keep_alive = (self.cfg.ttl / 3).max(Duration::from_millis(10));
+        let mut retry = self.cfg.backoff.initial;
+        loop {
+            let now = wanted.borrow_and_update().clone();
+            let ok = self.step(&now).await;
+            self.publish();
+            let wait = if ok {
+                retry = self.cfg.backoff.initial;
+                keep_alive
+            } else {
+                let wait = retry.min(keep_alive);
+                retry = (retry * 2).min(self.cfg.backoff.max);
+                wait
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {
+                    if ok {
+                        self.keep_alive().await;
+                    }
+                }
+                changed = wanted.changed() => if changed.is_err() { return },
+                changed = snapshots.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Join if not joined, then bring the node's tasks and claims to `wanted`; false
+    /// when something failed (tried again soon).
+    async fn step(&mut self, wanted: &Wanted) -> bool {
+        if self.me.is_none() {
+            if let Err(e) = self.join().await {
+                self.failed(&e);
+                return false;
+            }
+        }
+        let mut ok = true;
+        if let Err(e) = self.put_tasks(wanted).await {
+            self.failed(&e);
+            ok = false;
+        }
+        if let Err(e) = self.claim(wanted).await {
+            self.failed(&e);
+            ok = false;
+        }
+        if ok {
+            self.answered();
+        }
+        ok
+    }
+
+    /// Lease (resumed if the saved one lives), register, take a subnet, register with it.
+    async fn join(&mut self) -> Result<(), StoreError> {
+        let resume = self.lease.or_else(|| load_lease(&self.cfg.state_dir));
+        let lease = self.cluster.lease(self.cfg.ttl, resume).await?;
+        if Some(lease) != resume {
+            // Whatever was written on the old lease is gone with it.
+            self.put.clear();
+        }
+        self.lease = Some(lease);
+        if let Err(e) = save_lease(&self.cfg.state_dir, lease) {
+            warn!(error = %e, "cannot save the lease id: a restart will register anew");
+        }
+        let mut record = NodeRecord {
+            name: self.cfg.node.clone(),
+            address: self.cfg.address,
+            subnet: None,
+        };
+        self.cluster.register_node(&record, lease).await?;
+        let subnet = self
+            .cluster
+            .claim_subnet(&record.name, self.cfg.range, NODE_PREFIX, None)
+            .await?;
+        record.subnet = Some(subnet);
+        self.cluster.register_node(&record, lease).await?;
+        info!(lease = %lease, subnet = %subnet, "joined the cluster");
+        self.me = Some(record);
+        self.problem = None;
+        Ok(())
+    }
+
+    /// Renew the lease; a lease that ended means joining again (and writing the tasks
+    /// again, on the new lease).
+    async fn keep_alive(&mut self) {
+        let Some(lease) = self.lease else { return };
+        match self.cluster.kv().lease_keep_alive(lease).await {
+            Ok(_) => self.answered(),
+            Err(KvError::LeaseNotFound(_)) => {
+                warn!(lease = %lease, "the lease ended (the store was out of reach too long?): joining again");
+                self.lease = None;
+                self.me = None;
+                self.put.clear();
+            }
+            Err(e) => self.failed(&e.into()),
+        }
+    }
+
+    async fn put_tasks(&mut self, wanted: &Wanted) -> Result<(), StoreError> {
+        let Some(lease) = self.lease else { return Ok(()) };
+        let gone: Vec<TaskRecord> = self
+            .put
+            .iter()
+            .filter(|(id, t)| wanted.tasks.get(*id) != Some(*t))
+            .map(|(_, t)| t.clone())
+            .collect();
+        for t in gone {
+            self.cluster.delete_task(&t).await?;
+            info!(task = %t.id, service = %t.service, "task withdrawn from the cluster");
+            self.put.remove(&t.id);
+        }
+        for (id, t) in &wanted.tasks {
+            if self.put.get(id) != Some(t) {
+                self.cluster.put_task(t, lease).await?;
+                info!(task = %t.id, service = %t.service, address = %t.address, "task announced to the cluster");
+                self.put.insert(id.clone(), t.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn claim(&mut self, wanted: &Wanted) -> Result<(), StoreError> {
+        let view = self.reflector.view();
+        for service in &wanted.services {
+            if self.claims.contains_key(service) || view.state.services.contains_key(service) {
+                continue;
+            }
+            let claim = self.cluster.claim_vip(service, self.cfg.pool).await?;
+            info!(service = %service, vip = %claim.vip, fwmark = claim.fwmark, "VIP claimed in the cluster");
+            self.claims.insert(service.clone(), claim);
+        }
+        Ok(())
+    }
+
+    fn answered(&mut self) {
+        self.failing_since = None;
+        self.last_error = None;
+    }
+
+    fn failed(&mut self, e: &StoreError) {
+        match e {
+            StoreError::Kv(k) if k.is_transient() => {
+                if self.failing_since.is_none() {
+                    warn!(error = %e, "cluster store unreachable; serving what is known, trying again");
+                }
+                self.failing_since.get_or_insert_with(unix_now);
+                self.last_error = Some(e.to_string());
+            }
+            _ => {
+                let text = e.to_string();
+                if self.problem.as_deref() != Some(text.as_str()) {
+                    warn!(error = %text, "not part of the cluster; trying again");
+                }
+                self.problem = Some(text);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let snapshot = self.reflector.view();
+        let mut claims = snapshot.state.services.clone();
+        for (s, c) in &self.claims {
+            claims.entry(s.clone()).or_insert(*c);
+        }
+        let since = match (snapshot.unreachable_since, self.failing_since) {
+            (Some(at), mine) => {
+                let ago = at.elapsed().as_secs();
+                Some(mine.unwrap_or(u64::MAX).min(unix_now().saturating_sub(ago)))
+            }
+            (None, mine) => mine,
+        };
+        let error = snapshot
+            .last_error
+            .map(|e| e.to_string())
+            .or_else(|| self.last_error.clone());
+        let view = ClusterView {
+            me: self.me.clone(),
+            state: snapshot.state,
+            claims,
+            store: StoreHealth {
+                unreachable_since: since,
+                error: since.and(error),
+            },
+            problem: self.problem.clone(),
+            lists: snapshot.lists,
+        };
+        self.view.send_replace(view);
+    }
+}
+
+/// What `vipd status` shows of the cluster.
+pub fn status(view: &ClusterView, me: &NodeName) -> ClusterStatus {
+    let mut tasks: BTreeMap<&NodeName, usize> = BTreeMap::new();
+    for t in view.state.tasks.values() {
+        *tasks.entry(&t.node).or_default() += 1;
+    }
+    ClusterStatus {
+        node: me.to_string(),
+        joined: view.me.is_some(),
+        problem: view.problem.clone(),
+        store_connected: view.store.unreachable_since.is_none() && view.lists > 0,
+        store_unreachable_since: view.store.unreachable_since,
+        store_error: view.store.error.clone(),
+        nodes: view
+            .state
+            .nodes
+            .values()
+            .map(|n| NodeStatus {
+                name: n.name.to_string(),
+                address: n.address.to_string(),
+                subnet: n
+                    .subnet
+                    .or_else(|| view.state.subnets.get(&n.name).copied())
+                    .map(|s| s.to_string()),
+                tasks: tasks.get(&n.name).copied().unwrap_or(0),
+            })
+            .collect(),
+    }
+}
+
+/// The labels that define a service (not a task's own, like its weight): a peer's task
+/// takes them from a local task of its service, so the two agree.
+fn defining(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str() == labels::ENDPOINT_MODE
+                || k.as_str() == labels::SCHEDULER
+                || k.as_str() == labels::PUBLISH
+                || k.starts_with(labels::PORT_PREFIX)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Other nodes' tasks as the containers planning knows: running, no sandbox here (none
+/// is programmed for them), attached to the local cluster network `network` at their
+/// address (reached over the overlay). A service also defined here takes its local
+/// tasks' definition.
+pub fn peer_containers(
+    state: &ClusterState,
+    me: &NodeName,
+    network: &NetworkId,
+    local: &[Container],
+) -> Vec<Container> {
+    let mut defined: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    for c in local {
+        if let Some(s) = c.labels.get(labels::SERVICE) {
+            defined.entry(s.as_str()).or_insert_with(|| defining(&c.labels));
+        }
+    }
+    state
+        .tasks
+        .values()
+        .filter(|t| t.node != *me)
+        .filter_map(|t| {
+            let IpAddr::V4(ip) = t.address else { return None };
+            let mut labels = defined.get(t.service.as_str()).cloned().unwrap_or_default();
+            labels.insert(labels::SERVICE.to_owned(), t.service.as_str().to_owned());
+            Some(Container {
+                id: ContainerId(t.id.as_str().to_owned()),
+                name: format!(
+                    "{}.{}",
+                    t.service,
+                    t.id.as_str().get(..12).unwrap_or(t.id.as_str())
+                ),
+                labels,
+                running: true,
+                health: None,
+                sandbox: None,
+                attachments: vec![Attachment {
+                    network: network.clone(),
+                    ip,
+                    prefix_len: NODE_PREFIX,
+                }],
+                drain: Drain::No,
+            })
+        })
+        .collect()
+}
+
+/// What this node has for the cluster: its serving tasks on the cluster network
+/// `network` (peers' tasks, which have no sandbox here, left out), and its VIP services.
+pub fn wanted(
+    containers: &[Container],
+    defs: &BTreeMap<ServiceName, ServiceDef>,
+    network: Option<&NetworkId>,
+    me: &NodeName,
+) -> Wanted {
+    let by_id: BTreeMap<&ContainerId, &Container> = containers.iter().map(|c| (&c.id, c)).collect();
+    let mut tasks = BTreeMap::new();
+    for def in defs.values() {
+        for id in def.tasks.keys() {
+            let Some(c) = by_id.get(id).filter(|c| c.serving() && c.sandbox.is_some()) else {
+                continue;
+            };
+            let Some(a) = network.and_then(|n| c.attachments.iter().find(|a| a.network == *n)) else {
+                continue;
+            };
+            let Ok(task) = TaskId::new(id.0.as_str()) else {
+                continue;
+            };
+            tasks.insert(
+                task.clone(),
+                TaskRecord {
+                    id: task,
+                    service: def.name.clone(),
+                    node: me.clone(),
+                    address: IpAddr::V4(a.ip),
+                },
+            );
+        }
+    }
+    let services = defs
+        .values()
+        .filter(|d| d.mode == EndpointMode::Vip)
+        .map(|d| d.name.clone())
+        .collect();
+    Wanted { tasks, services }
+}
+
+#[cfg(test)]
+mod tests;

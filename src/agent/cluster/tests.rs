@@ -1,0 +1,369 @@
+use std::time::Duration;
+
+use super::*;
+use crate::agent::tests::{config, ports, tempdir, Recorder};
+use crate::agent::{pipeline, Agent};
+use crate::core::alloc::Allocations;
+use crate::core::containers::fixture::container;
+use crate::docker::fake::{running_container, FakeEngine};
+use crate::docker::{ContainerInfo, ContainerNetwork, NetworkInfo};
+use crate::store::kv::Kv;
+use crate::store::memory::MemoryKv;
+use crate::store::Keys;
+
+const TTL: Duration = Duration::from_secs(10);
+
+fn node(name: &str) -> NodeName {
+    NodeName::new(name).unwrap()
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+fn link_config(name: &str, address: &str, dir: &Path) -> LinkConfig {
+    LinkConfig {
+        node: node(name),
+        address: address.parse().unwrap(),
+        range: net("10.230.0.0/16"),
+        pool: net("10.253.0.0/16"),
+        ttl: TTL,
+        state_dir: dir.to_owned(),
+        backoff: Backoff::default(),
+    }
+}
+
+/// A container on this node's cluster network (`vipd`, whose id differs on each node).
+fn on_cluster(node: &str, id: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerInfo {
+    let mut c = running_container(id, id).with_network(ContainerNetwork {
+        network_id: NetworkId(format!("vipd-{node}")),
+        name: "vipd".into(),
+        ip: Some(ip.parse().unwrap()),
+        prefix_len: 24,
+        gateway: None,
+        aliases: vec![],
+    });
+    for (k, v) in labels {
+        c = c.with_label(k, v);
+    }
+    c
+}
+
+/// One node: a fake engine with the `vipd` network, an agent joined to the store `kv`.
+async fn node_agent(
+    name: &str,
+    address: &str,
+    kv: &MemoryKv,
+    tag: &str,
+) -> (FakeEngine, Arc<Recorder>, Agent) {
+    let engine = FakeEngine::new();
+    engine.set_networks(vec![NetworkInfo {
+        id: NetworkId(format!("vipd-{name}")),
+        name: "vipd".into(),
+        driver: "bridge".into(),
+        subnets: vec![],
+        gateways: vec![],
+    }]);
+    let rec = Arc::new(Recorder::default());
+    let dir = tempdir(tag);
+    let mut agent = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
+    let cluster = Cluster::new(Arc::new(kv.connect()), Keys::default());
+    agent.join(
+        ClusterLink::spawn(cluster, link_config(name, address, &dir)),
+        "vipd",
+    );
+    (engine, rec, agent)
+}
+
+/// Sync `agents` (the link works in between) until `done` holds; panics after a while.
+async fn sync_until(agents: &mut [&mut Agent], what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        for a in agents.iter_mut() {
+            a.relist().await.unwrap();
+            a.sync(false).await;
+        }
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never: {what}");
+}
+
+const CLIENT_SANDBOX: &str = "/run/docker/netns/claaaaaaaaaa";
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_task_on_another_node_is_a_backend_here_with_the_same_vip_and_leaves_when_its_lease_ends() {
+    let kv = MemoryKv::new();
+    let (ea, rec_a, mut a) = node_agent("a", "192.0.2.1", &kv, "cluster-two-a").await;
+    let (eb, _rec_b, mut b) = node_agent("b", "192.0.2.2", &kv, "cluster-two-b").await;
+    ea.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
+    eb.upsert_container(on_cluster(
+        "b",
+        "w1bbbbbbbbbb",
+        "10.230.1.3",
+        &[(labels::SERVICE, "web")],
+    ));
+    sync_until(&mut [&mut a, &mut b], "B's task a backend in A's client", || {
+        rec_a.backends(CLIENT_SANDBOX, "web") == ["10.230.1.3"]
+    })
+    .await;
+    let web = ServiceName::new("web").unwrap();
+    assert_eq!(
+        a.allocations().get(&web),
+        b.allocations().get(&web),
+        "one VIP and fwmark for the service on every node"
+    );
+    let view = a.cluster_link().unwrap().view();
+    assert_eq!(view.me.as_ref().unwrap().name, node("a"));
+    assert_eq!(view.peers(&node("a")).count(), 1);
+    assert_ne!(
+        view.me.unwrap().subnet,
+        view.state.nodes[&node("b")].subnet,
+        "each node its own /24"
+    );
+
+    // B goes away without a word: its lease ends after the TTL, and its task with it.
+    drop(b);
+    tokio::time::sleep(TTL * 2).await;
+    sync_until(&mut [&mut a], "B's task gone from A's client", || {
+        rec_a.backends(CLIENT_SANDBOX, "web").is_empty()
+    })
+    .await;
+    assert_eq!(a.cluster_link().unwrap().view().peers(&node("a")).count(), 0);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_restart_within_the_ttl_resumes_the_lease_and_changes_nothing_for_the_others() {
+    let kv = MemoryKv::new();
+    let keys = Keys::default();
+    let (eb, _rec, mut b) = node_agent("b", "192.0.2.2", &kv, "cluster-restart-b").await;
+    eb.upsert_container(on_cluster(
+        "b",
+        "w1bbbbbbbbbb",
+        "10.230.1.3",
+        &[(labels::SERVICE, "web")],
+    ));
+    let task_key = || async {
+        kv.get_prefix(&keys.dir("tasks"))
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .next()
+    };
+    sync_until(&mut [&mut b], "B's task in the store", || b_has_task(&kv, &keys)).await;
+    let before = task_key().await.unwrap();
+    let lease = load_lease(&tempdir_path("cluster-restart-b")).unwrap();
+    drop(b);
+
+    // The same state dir, a few seconds later: the same lease, the same keys.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dir = tempdir_path("cluster-restart-b");
+    let rec = Arc::new(Recorder::default());
+    let mut again = Agent::new(Arc::new(eb.clone()), ports(rec), config(&dir), None).unwrap();
+    let cluster = Cluster::new(Arc::new(kv.connect()), keys.clone());
+    again.join(
+        ClusterLink::spawn(cluster, link_config("b", "192.0.2.2", &dir)),
+        "vipd",
+    );
+    sync_until(&mut [&mut again], "B joined again", || again_joined(&kv, &keys)).await;
+    // Time passes well beyond the first process's TTL: the lease lives on.
+    for _ in 0..4 {
+        tokio::time::sleep(TTL / 2).await;
+        again.sync(false).await;
+    }
+    let after = task_key().await.unwrap();
+    assert_eq!(load_lease(&dir), Some(lease), "the saved lease was resumed");
+    assert_eq!(after.lease, Some(lease));
+    assert_eq!(
+        after.create_revision, before.create_revision,
+        "the task never left the store"
+    );
+}
+
+fn tempdir_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vipd-agent-{tag}-{}", std::process::id()))
+}
+
+/// Whether the store holds a task (read without awaiting: MemoryKv answers at once).
+fn b_has_task(kv: &MemoryKv, keys: &Keys) -> bool {
+    futures::executor::block_on(kv.get_prefix(&keys.dir("tasks"))).is_ok_and(|l| !l.kvs.is_empty())
+}
+
+fn again_joined(kv: &MemoryKv, keys: &Keys) -> bool {
+    futures::executor::block_on(kv.get_prefix(&keys.node(&node("b")))).is_ok_and(|l| !l.kvs.is_empty())
+        && b_has_task(kv, keys)
+}
+
+/// Wait for a view of which `done` holds.
+async fn until(view: &mut watch::Receiver<ClusterView>, done: impl Fn(&ClusterView) -> bool) {
+    while !done(&view.borrow_and_update()) {
+        view.changed().await.unwrap();
+    }
+}
+
+/// A link of node `name` at `address` to the store `kv`.
+fn link(kv: &MemoryKv, name: &str, address: &str, tag: &str) -> ClusterLink {
+    ClusterLink::spawn(
+        Cluster::new(Arc::new(kv.connect()), Keys::default()),
+        link_config(name, address, &tempdir(tag)),
+    )
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_node_name_live_elsewhere_is_refused_and_the_view_says_why_while_it_keeps_trying() {
+    let kv = MemoryKv::new();
+    let first = link(&kv, "a", "192.0.2.1", "cluster-dup-1");
+    let mut view = first.subscribe();
+    until(&mut view, |v| v.me.is_some()).await;
+    let second = link(&kv, "a", "192.0.2.7", "cluster-dup-2");
+    let mut view = second.subscribe();
+    until(&mut view, |v| v.problem.is_some()).await;
+    let v = second.view();
+    assert!(v.me.is_none());
+    assert!(
+        v.problem
+            .as_deref()
+            .unwrap()
+            .contains("already registered by a live node"),
+        "{:?}",
+        v.problem
+    );
+    // The first one's lease ends: the name is free and the second one gets it.
+    drop(first);
+    until(&mut view, |v| v.me.is_some()).await;
+    assert_eq!(
+        second.view().me.unwrap().address,
+        "192.0.2.7".parse::<IpAddr>().unwrap()
+    );
+    assert!(second.view().problem.is_none());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_unreachable_store_is_said_with_since_when_and_the_last_view_stays() {
+    let kv = MemoryKv::new();
+    let client = kv.connect();
+    let one = ClusterLink::spawn(
+        Cluster::new(Arc::new(client.clone()), Keys::default()),
+        link_config("a", "192.0.2.1", &tempdir("cluster-down")),
+    );
+    let mut view = one.subscribe();
+    until(&mut view, |v| v.me.is_some()).await;
+    client.set_link(crate::store::memory::Link::Down);
+    until(&mut view, |v| v.store.unreachable_since.is_some()).await;
+    let v = one.view();
+    assert!(v.store.error.is_some());
+    assert_eq!(v.state.nodes.len(), 1, "the last snapshot stays");
+    client.set_link(crate::store::memory::Link::Up);
+    until(&mut view, |v| v.store.unreachable_since.is_none()).await;
+    assert!(one.view().me.is_some());
+}
+
+#[test]
+fn peers_tasks_join_the_local_cluster_network_with_their_service_defined_as_here() {
+    let mut state = ClusterState::default();
+    for (id, node_name, addr) in [("t1", "a", "10.230.0.3"), ("t2", "b", "10.230.1.3")] {
+        let t = TaskRecord {
+            id: TaskId::new(id).unwrap(),
+            service: ServiceName::new("web").unwrap(),
+            node: node(node_name),
+            address: addr.parse().unwrap(),
+        };
+        state
+            .tasks
+            .insert((t.service.clone(), t.node.clone(), t.id.clone()), t);
+    }
+    let local = vec![container(
+        "w1aaaaaaaaaa",
+        &[
+            (labels::SERVICE, "web"),
+            ("vipd.port.http", "80/tcp"),
+            (labels::WEIGHT, "5"),
+        ],
+        &[("vipd-a", "10.230.0.3")],
+    )];
+    let peers = peer_containers(&state, &node("a"), &NetworkId("vipd-a".into()), &local);
+    assert_eq!(peers.len(), 1, "only the other node's task: {peers:?}");
+    let p = &peers[0];
+    assert!(p.sandbox.is_none() && p.running);
+    assert_eq!(p.attachments[0].network, NetworkId("vipd-a".into()));
+    assert_eq!(p.attachments[0].ip.to_string(), "10.230.1.3");
+    assert_eq!(p.labels.get("vipd.port.http").map(String::as_str), Some("80/tcp"));
+    assert!(!p.labels.contains_key(labels::WEIGHT), "its weight is its own");
+    let mut all = local.clone();
+    all.extend(peers);
+    let (defs, errors) = labels::services(&all);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(defs[&ServiceName::new("web").unwrap()].tasks.len(), 2);
+}
+
+/// A task of `service` on node a's cluster network.
+fn cluster_task(id: &str, service: &str, ip: &str) -> Container {
+    container(id, &[(labels::SERVICE, service)], &[("vipd-a", ip)])
+}
+
+#[test]
+fn a_node_announces_its_serving_tasks_on_the_cluster_network_only() {
+    let cs = vec![
+        cluster_task("w1aaaaaaaaaa", "web", "10.230.0.3"),
+        container(
+            "w2aaaaaaaaaa",
+            &[(labels::SERVICE, "web")],
+            &[("front", "10.1.0.3")],
+        ),
+        container(
+            "d1aaaaaaaaaa",
+            &[(labels::SERVICE, "db"), (labels::ENDPOINT_MODE, "dnsrr")],
+            &[("vipd-a", "10.230.0.4")],
+        ),
+    ];
+    let (defs, _) = labels::services(&cs);
+    let w = wanted(&cs, &defs, Some(&NetworkId("vipd-a".into())), &node("a"));
+    let ids: Vec<&str> = w.tasks.keys().map(|t| t.as_str()).collect();
+    assert_eq!(ids, ["d1aaaaaaaaaa", "w1aaaaaaaaaa"]);
+    assert!(w.tasks.values().all(|t| t.node == node("a")));
+    let services: Vec<&str> = w.services.iter().map(|s| s.as_str()).collect();
+    assert_eq!(services, ["web"], "VIP services only");
+    assert!(
+        wanted(&cs, &defs, None, &node("a")).tasks.is_empty(),
+        "no cluster network yet"
+    );
+}
+
+#[test]
+fn in_cluster_mode_a_service_takes_the_claimed_vip_or_waits_for_one() {
+    let cs = vec![
+        cluster_task("w1aaaaaaaaaa", "web", "10.230.0.3"),
+        cluster_task("a1aaaaaaaaaa", "api", "10.230.0.4"),
+    ];
+    let (defs, _) = labels::services(&cs);
+    let web = ServiceName::new("web").unwrap();
+    let claims = BTreeMap::from([(
+        web.clone(),
+        VipClaim {
+            vip: "10.253.0.7".parse().unwrap(),
+            fwmark: 300,
+        },
+    )]);
+    let out = pipeline::allocate_claimed(&Allocations::default(), &defs, &claims, Duration::ZERO, 0);
+    let (vip, mark) = out.allocs.get(&web).unwrap();
+    assert_eq!((vip.to_string(), mark.get()), ("10.253.0.7".to_owned(), 300));
+    assert_eq!(out.allocs.services.len(), 1, "api has no claim yet");
+    assert_eq!(out.errors.len(), 1);
+    assert!(
+        out.errors[0].1.contains("waiting for its VIP"),
+        "{:?}",
+        out.errors
+    );
+}
+
+#[test]
+fn the_lease_id_survives_in_the_state_dir() {
+    let dir = tempdir("cluster-lease-file");
+    assert_eq!(load_lease(&dir), None);
+    save_lease(&dir, LeaseId(0x7e57_0001)).unwrap();
+    assert_eq!(load_lease(&dir), Some(LeaseId(0x7e57_0001)));
+    std::fs::write(dir.join(LEASE_FILE), "garbage").unwrap();
+    assert_eq!(load_lease(&dir), None, "an unreadable file: a new lease");
+}
