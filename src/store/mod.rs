@@ -13,6 +13,7 @@
 //! - [`claims`]: the claim logic, over the port.
 
 pub mod claims;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod kv;
 pub mod layout;
