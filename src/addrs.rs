@@ -166,7 +166,9 @@ mod tests {
         let routes = ipv4_routes_by_device().expect("routes readable");
         let loopback: Vec<&HostRoute> = routes.iter().filter(|r| r.device == "lo").collect();
         assert!(!loopback.is_empty(), "{routes:?}");
-        assert!(loopback.iter().any(|r| r.destination.contains(&std::net::Ipv4Addr::LOCALHOST)));
+        assert!(loopback
+            .iter()
+            .any(|r| r.destination.contains(&std::net::Ipv4Addr::LOCALHOST)));
         let plain = ipv4_routes().unwrap();
         for r in &routes {
             assert!(plain.contains(&r.destination), "{r:?} not in {plain:?}");

@@ -622,10 +622,12 @@ async fn check_cluster_range(c: &ClusterOptions, networks: &[vipd::docker::Netwo
         .iter()
         .flat_map(|n| {
             n.subnets.iter().filter_map(|(a, p)| {
-                vipd::core::model::Ipv4Net::new(*a, *p).ok().map(|net| DockerSubnet {
-                    network: n.name.clone(),
-                    subnet: net.trunc(),
-                })
+                vipd::core::model::Ipv4Net::new(*a, *p)
+                    .ok()
+                    .map(|net| DockerSubnet {
+                        network: n.name.clone(),
+                        subnet: net.trunc(),
+                    })
             })
         })
         .collect();
@@ -789,7 +791,8 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         metrics: metrics.clone(),
     };
     let cluster_state_dir = cfg.state_dir.clone();
-    let mut agent = vipd::agent::Agent::new(engine.clone(), vipd::agent::KernelPorts::real(), cfg, dns.clone())?;
+    let mut agent =
+        vipd::agent::Agent::new(engine.clone(), vipd::agent::KernelPorts::real(), cfg, dns.clone())?;
     // The cluster's one DNS address (port 53: `docker run --dns` takes no port), which
     // the containers of every node's slice of the cluster range ask.
     let cluster_dns = cluster.as_ref().filter(|_| dns.is_some()).map(|c| {
@@ -819,7 +822,9 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         tracing::info!(node = %c.node, address = %c.address, etcd = ?c.etcd.endpoints, "cluster mode");
         // Definitions are the cluster's: those `vipd service --etcd` wrote, as the store's
         // snapshot has them (the state directory's file is this host's alone).
-        agent = agent.with_definitions(Arc::new(vipd::services::SnapshotDefinitions::new(link.snapshots())));
+        agent = agent.with_definitions(Arc::new(vipd::services::SnapshotDefinitions::new(
+            link.snapshots(),
+        )));
         agent.overlay_rules(vipd::agent::OverlayRules {
             config: c.overlay.clone(),
             range: c.range,
@@ -1137,6 +1142,25 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(code(overlap.into()), Exit::BadInput);
+        let clash = vipd::cluster::subnet::check_range(
+            parse_net("10.230.0.0/16", "--cluster-subnet").unwrap(),
+            &[vipd::addrs::HostRoute {
+                destination: parse_net("10.0.0.0/8", "x").unwrap(),
+                device: "eth1".into(),
+            }],
+            &[],
+            &vipd::cluster::subnet::OwnObjects {
+                vxlan: "vipd-vx",
+                bridge: "vipd0",
+                network: "vipd",
+            },
+        )
+        .unwrap_err();
+        assert!(
+            clash.to_string().contains("the host route via eth1 10.0.0.0/8"),
+            "{clash}"
+        );
+        assert_eq!(code(clash.into()), Exit::BadInput);
         let missing_config = with_config_file(vec![
             "vipd".into(),
             "run".into(),

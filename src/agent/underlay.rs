@@ -100,7 +100,9 @@ pub async fn follow(mut view: watch::Receiver<ClusterView>, me: NodeName, underl
 /// overlay. Each failure is logged and tried again on the next pass.
 async fn ensure_once(underlay: &Underlay, mine: &Node, peers: &[Node]) {
     let made = match underlay.spec(mine.subnet) {
-        Ok(spec) => network::ensure(underlay.engine.as_ref(), &spec).await.map_err(|e| e.to_string()),
+        Ok(spec) => network::ensure(underlay.engine.as_ref(), &spec)
+            .await
+            .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     match made {
@@ -153,6 +155,27 @@ mod tests {
             address: addr.parse().unwrap(),
             subnet: subnet.map(|s| s.parse().unwrap()),
         }
+    }
+
+    #[test]
+    fn the_cluster_network_has_the_nodes_slice_the_overlays_mtu_and_trusts_its_device() {
+        let underlay = Underlay {
+            engine: Arc::new(crate::docker::fake::FakeEngine::new()),
+            network: "vipd".into(),
+            bridge: "vipd0".into(),
+            overlay: OverlayConfig::default(),
+            dns_address: None,
+            every: Duration::from_secs(30),
+        };
+        let spec = underlay.spec("10.230.4.0/24".parse().unwrap()).unwrap();
+        assert_eq!(spec.subnet.net().to_string(), "10.230.4.0/24");
+        assert_eq!((spec.name.as_str(), spec.bridge.as_str()), ("vipd", "vipd0"));
+        assert_eq!(spec.mtu, OverlayConfig::default().mtu);
+        assert_eq!(spec.vxlan, OverlayConfig::DEFAULT_DEVICE);
+        assert!(
+            underlay.spec("10.230.4.0/23".parse().unwrap()).is_err(),
+            "not a node's slice"
+        );
     }
 
     #[test]

@@ -57,7 +57,9 @@ impl HostFirewall for IptablesHostFirewall {
     }
 
     fn reassert(&self) -> Result<Vec<Reassert>, HostError> {
-        Ok(reconcile::host_reassert(&mut crate::firewall::Iptables::default())?)
+        Ok(reconcile::host_reassert(
+            &mut crate::firewall::Iptables::default(),
+        )?)
     }
 }
 
