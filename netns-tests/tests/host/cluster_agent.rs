@@ -9,10 +9,8 @@ use std::time::{Duration, Instant};
 
 use vipd::agent::cluster::{load_lease, ClusterLink, LinkConfig};
 use vipd::agent::{Agent, AgentConfig, KernelPorts};
-use vipd::core::containers::NetworkId;
 use vipd::core::model::{Ipv4Net, NodeName, SandboxKey, ServiceName};
-use vipd::docker::fake::{running_container, FakeEngine};
-use vipd::docker::{ContainerNetwork, NetworkInfo};
+use vipd::docker::fake::{attached, bridge_network, running_container, FakeEngine};
 use vipd::kernel::fake::FakeOpener;
 use vipd::kernel::{FakeHost, Kernel};
 use vipd::store::{Backoff, Cluster, Keys};
@@ -62,13 +60,7 @@ async fn cluster(etcd: &Etcd) -> Cluster {
 
 async fn node(etcd: &Etcd, name: &str, address: &str) -> TestNode {
     let engine = FakeEngine::new();
-    engine.set_networks(vec![NetworkInfo {
-        id: NetworkId(format!("vipd-{name}")),
-        name: "vipd".into(),
-        driver: "bridge".into(),
-        subnets: vec![],
-        gateways: vec![],
-    }]);
+    engine.set_networks(vec![bridge_network(&format!("vipd-{name}"), "vipd")]);
     let kernel = Arc::new(Kernel::new(FakeOpener::default()));
     let host = Arc::new(FakeHost::default());
     let ports = KernelPorts {
@@ -104,14 +96,11 @@ async fn node(etcd: &Etcd, name: &str, address: &str) -> TestNode {
 
 /// A running container of `node` on its `vipd` network at `ip`.
 fn on_cluster(node: &str, id: &str, ip: &str, service: Option<&str>) -> vipd::docker::ContainerInfo {
-    let c = running_container(id, id).with_network(ContainerNetwork {
-        network_id: NetworkId(format!("vipd-{node}")),
-        name: "vipd".into(),
-        ip: Some(ip.parse().unwrap()),
-        prefix_len: 24,
-        gateway: None,
-        aliases: vec![],
-    });
+    let c = running_container(id, id).with_network(attached(
+        &format!("vipd-{node}"),
+        "vipd",
+        ip.parse().unwrap(),
+    ));
     match service {
         Some(s) => c.with_label(vipd::core::labels::SERVICE, s),
         None => c,

@@ -5,8 +5,8 @@ use crate::agent::tests::{config, ports, tempdir, Recorder};
 use crate::agent::{pipeline, Agent};
 use crate::core::alloc::Allocations;
 use crate::core::containers::fixture::container;
-use crate::docker::fake::{running_container, FakeEngine};
-use crate::docker::{ContainerInfo, ContainerNetwork, NetworkInfo};
+use crate::docker::fake::{attached, bridge_network, running_container, FakeEngine};
+use crate::docker::ContainerInfo;
 use crate::store::kv::Kv;
 use crate::store::memory::MemoryKv;
 use crate::store::Keys;
@@ -35,14 +35,11 @@ fn link_config(name: &str, address: &str, dir: &Path) -> LinkConfig {
 
 /// A container on this node's cluster network (`vipd`, whose id differs on each node).
 fn on_cluster(node: &str, id: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerInfo {
-    let mut c = running_container(id, id).with_network(ContainerNetwork {
-        network_id: NetworkId(format!("vipd-{node}")),
-        name: "vipd".into(),
-        ip: Some(ip.parse().unwrap()),
-        prefix_len: 24,
-        gateway: None,
-        aliases: vec![],
-    });
+    let mut c = running_container(id, id).with_network(attached(
+        &format!("vipd-{node}"),
+        "vipd",
+        ip.parse().unwrap(),
+    ));
     for (k, v) in labels {
         c = c.with_label(k, v);
     }
@@ -57,13 +54,7 @@ async fn node_agent(
     tag: &str,
 ) -> (FakeEngine, Arc<Recorder>, Agent) {
     let engine = FakeEngine::new();
-    engine.set_networks(vec![NetworkInfo {
-        id: NetworkId(format!("vipd-{name}")),
-        name: "vipd".into(),
-        driver: "bridge".into(),
-        subnets: vec![],
-        gateways: vec![],
-    }]);
+    engine.set_networks(vec![bridge_network(&format!("vipd-{name}"), "vipd")]);
     let rec = Arc::new(Recorder::default());
     let dir = tempdir(tag);
     let mut agent = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
@@ -377,13 +368,7 @@ async fn overlay_agent(
     tag: &str,
 ) -> (Arc<crate::kernel::FakeHost>, Agent) {
     let engine = FakeEngine::new();
-    engine.set_networks(vec![NetworkInfo {
-        id: NetworkId(format!("vipd-{name}")),
-        name: "vipd".into(),
-        driver: "bridge".into(),
-        subnets: vec![],
-        gateways: vec![],
-    }]);
+    engine.set_networks(vec![bridge_network(&format!("vipd-{name}"), "vipd")]);
     let rec = Arc::new(Recorder::default());
     let host = Arc::new(crate::kernel::FakeHost::default());
     let kernel = crate::agent::KernelPorts {
