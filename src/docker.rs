@@ -1037,6 +1037,30 @@ pub mod fake {
         }
     }
 
+    /// A bridge network `name` with the id `id` and no IPAM: what a test node's cluster
+    /// network looks like to the agent.
+    pub fn bridge_network(id: &str, name: &str) -> NetworkInfo {
+        NetworkInfo {
+            id: NetworkId(id.to_owned()),
+            name: name.to_owned(),
+            driver: "bridge".into(),
+            subnets: vec![],
+            gateways: vec![],
+        }
+    }
+
+    /// A container's attachment to the network `id` named `name` at `ip`/24.
+    pub fn attached(id: &str, name: &str, ip: std::net::Ipv4Addr) -> super::ContainerNetwork {
+        super::ContainerNetwork {
+            network_id: NetworkId(id.to_owned()),
+            name: name.to_owned(),
+            ip: Some(ip),
+            prefix_len: 24,
+            gateway: None,
+            aliases: vec![],
+        }
+    }
+
     /// A running container with a sandbox under `/run/docker/netns/`, no labels and no
     /// networks: a starting point for tests.
     pub fn running_container(id: &str, name: &str) -> ContainerInfo {

@@ -39,6 +39,7 @@ impl Exit {
                 || cause.is::<vipd::config::ConfigError>()
                 || cause.is::<spec::SpecError>()
                 || cause.is::<vipd::core::alloc::PoolOverlap>()
+                || cause.is::<vipd::cluster::subnet::SubnetError>()
             {
                 return Exit::BadInput;
             }
@@ -610,6 +611,35 @@ async fn wait_for_engine() -> Result<Option<(Arc<vipd::docker::DockerEngine>, Ve
     }
 }
 
+/// The cluster range must be clear of the host's routes and Docker's networks (vipd's
+/// own, from an earlier run, aside): a clash is bad input, naming what overlaps.
+async fn check_cluster_range(c: &ClusterOptions, networks: &[vipd::docker::NetworkInfo]) -> Result<()> {
+    use vipd::cluster::subnet::{check_range, DockerSubnet, OwnObjects};
+    let routes = tokio::task::spawn_blocking(vipd::addrs::ipv4_routes_by_device)
+        .await?
+        .context("listing the host's routes")?;
+    let docker: Vec<DockerSubnet> = networks
+        .iter()
+        .flat_map(|n| {
+            n.subnets.iter().filter_map(|(a, p)| {
+                vipd::core::model::Ipv4Net::new(*a, *p)
+                    .ok()
+                    .map(|net| DockerSubnet {
+                        network: n.name.clone(),
+                        subnet: net.trunc(),
+                    })
+            })
+        })
+        .collect();
+    let own = OwnObjects {
+        vxlan: c.overlay.device.as_str(),
+        bridge: vipd::cluster::network::DEFAULT_BRIDGE,
+        network: &c.network,
+    };
+    check_range(c.range, &routes, &docker, &own)?;
+    Ok(())
+}
+
 async fn run_agent(opts: RunOptions) -> Result<()> {
     let RunOptions {
         pool,
@@ -653,6 +683,9 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
             .map(|r| ("a route of this host to".to_owned(), r))
             .collect();
     vipd::core::alloc::check_pool(pool, &routes)?;
+    if let Some(c) = &cluster {
+        check_cluster_range(c, &networks).await?;
+    }
 
     let ingress = match ingress {
         None => None,
@@ -758,7 +791,16 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
         metrics: metrics.clone(),
     };
     let cluster_state_dir = cfg.state_dir.clone();
-    let mut agent = vipd::agent::Agent::new(engine, vipd::agent::KernelPorts::real(), cfg, dns.clone())?;
+    let mut agent =
+        vipd::agent::Agent::new(engine.clone(), vipd::agent::KernelPorts::real(), cfg, dns.clone())?;
+    // The cluster's one DNS address (port 53: `docker run --dns` takes no port), which
+    // the containers of every node's slice of the cluster range ask.
+    let cluster_dns = cluster.as_ref().filter(|_| dns.is_some()).map(|c| {
+        (
+            std::net::SocketAddr::from((vipd::cluster::dns_address::DEFAULT_DNS_ADDRESS, 53)),
+            ipnet::IpNet::V4(c.range.trunc()),
+        )
+    });
     if let Some(c) = cluster {
         // Connecting is lazy: an etcd that is not up yet is tried again by the link.
         let kv = vipd::store::etcd::EtcdKv::connect(&c.etcd)
@@ -778,25 +820,53 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
             },
         );
         tracing::info!(node = %c.node, address = %c.address, etcd = ?c.etcd.endpoints, "cluster mode");
-        let network = vipd::agent::underlay::DockerClusterNetwork::connect(c.overlay.mtu)?;
+        // Definitions are the cluster's: those `vipd service --etcd` wrote, as the store's
+        // snapshot has them (the state directory's file is this host's alone).
+        agent = agent.with_definitions(Arc::new(vipd::services::SnapshotDefinitions::new(
+            link.snapshots(),
+        )));
+        agent.overlay_rules(vipd::agent::OverlayRules {
+            config: c.overlay.clone(),
+            range: c.range,
+            bridge: vipd::cluster::network::DEFAULT_BRIDGE.to_owned(),
+        });
         tokio::spawn(vipd::agent::underlay::follow(
             link.subscribe(),
             c.node,
-            c.network.clone(),
-            Box::new(network),
-            c.overlay,
-            std::time::Duration::from_secs(resync.max(1)),
+            vipd::agent::underlay::Underlay {
+                engine: engine.clone(),
+                network: c.network.clone(),
+                bridge: vipd::cluster::network::DEFAULT_BRIDGE.to_owned(),
+                overlay: c.overlay,
+                dns_address: cluster_dns.map(|_| vipd::cluster::dns_address::DEFAULT_DNS_ADDRESS),
+                every: std::time::Duration::from_secs(resync.max(1)),
+            },
         ));
         agent.join(link, &c.network);
     }
-    if let (DnsMode::Gateways(port), Some(catalog)) = (dns_mode, dns) {
+    // DNS on the Docker networks' gateways (unless --dns-listen), and in cluster mode on
+    // the cluster's one address too: both follow the networks, and an address not there
+    // yet (the cluster bridge's, until the network is made) is tried again every 10 s.
+    let gateways = match &dns_mode {
+        DnsMode::Gateways(port) => Some(*port),
+        _ => None,
+    };
+    if let Some(catalog) = dns.filter(|_| gateways.is_some() || cluster_dns.is_some()) {
         let mut networks = agent.networks();
         tokio::spawn(async move {
             let mut listeners = vipd::dns::gateways::GatewayDns::new(catalog, None);
             loop {
-                let plan = vipd::dns::gateways::plan(&networks.borrow_and_update(), port);
+                let mut plan = match gateways {
+                    Some(port) => vipd::dns::gateways::plan(&networks.borrow_and_update(), port),
+                    None => vipd::dns::gateways::GatewayPlan {
+                        allowed: vipd::dns::server::loopback_networks(),
+                        ..Default::default()
+                    },
+                };
+                if let Some((addr, range)) = cluster_dns {
+                    plan = plan.also(addr, range);
+                }
                 listeners.update(plan).await;
-                // An address another process holds is tried again every 10 s.
                 let retry = !listeners.all_served();
                 tokio::select! {
                     changed = networks.changed() => if changed.is_err() { break },
@@ -1072,6 +1142,25 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(code(overlap.into()), Exit::BadInput);
+        let clash = vipd::cluster::subnet::check_range(
+            parse_net("10.230.0.0/16", "--cluster-subnet").unwrap(),
+            &[vipd::addrs::HostRoute {
+                destination: parse_net("10.0.0.0/8", "x").unwrap(),
+                device: "eth1".into(),
+            }],
+            &[],
+            &vipd::cluster::subnet::OwnObjects {
+                vxlan: "vipd-vx",
+                bridge: "vipd0",
+                network: "vipd",
+            },
+        )
+        .unwrap_err();
+        assert!(
+            clash.to_string().contains("the host route via eth1 10.0.0.0/8"),
+            "{clash}"
+        );
+        assert_eq!(code(clash.into()), Exit::BadInput);
         let missing_config = with_config_file(vec![
             "vipd".into(),
             "run".into(),

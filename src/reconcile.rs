@@ -243,6 +243,12 @@ pub fn host_firewall(
     Ok(ops)
 }
 
+/// Why vipd's host chains need programming again though their rules are there (a jump
+/// displaced or gone, Docker's `DOCKER-USER` re-made): empty when nothing does.
+pub fn host_reassert(fw: &mut dyn Firewall) -> Result<Vec<firewall::Reassert>, ReconcileError> {
+    Ok(firewall::parse_save(&fw.save()?).needs_reassert())
+}
+
 /// One of vipd's services in a namespace, as the kernel has it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceView {

@@ -67,6 +67,9 @@ pub struct Wanted {
 /// Whether the store answers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreHealth {
+    /// Whether the store answers: the reflector has a snapshot and its watch is open,
+    /// and the link's own calls succeed.
+    pub connected: bool,
     /// Since when (unix seconds) it has not answered; `None` while it does.
     pub unreachable_since: Option<u64>,
     /// The last error, while unreachable.
@@ -120,6 +123,7 @@ pub fn save_lease(dir: &Path, lease: LeaseId) -> std::io::Result<()> {
 /// A running link; dropping it stops it (the lease then ends after its TTL).
 pub struct ClusterLink {
     view: watch::Receiver<ClusterView>,
+    snapshots: watch::Receiver<crate::store::View>,
     wanted: watch::Sender<Wanted>,
     node: NodeName,
     task: JoinHandle<()>,
@@ -138,9 +142,11 @@ impl ClusterLink {
         let (wanted, wanted_rx) = watch::channel(Wanted::default());
         let node = cfg.node.clone();
         let span = info_span!("cluster_link", node = %cfg.node);
+        let reflector = Reflector::spawn(Arc::clone(cluster.kv()), cluster.keys().clone(), cfg.backoff);
+        let snapshots = reflector.subscribe();
         let task = tokio::spawn(
             Link {
-                reflector: Reflector::spawn(Arc::clone(cluster.kv()), cluster.keys().clone(), cfg.backoff),
+                reflector,
                 cluster,
                 cfg,
                 view: view_tx,
@@ -157,6 +163,7 @@ impl ClusterLink {
         );
         ClusterLink {
             view,
+            snapshots,
             wanted,
             node,
             task,
@@ -175,6 +182,12 @@ impl ClusterLink {
     /// A receiver that wakes on every new view.
     pub fn subscribe(&self) -> watch::Receiver<ClusterView> {
         self.view.clone()
+    }
+
+    /// The store's snapshots as the link's reflector has them (what
+    /// [`crate::services::SnapshotDefinitions`] reads the cluster's definitions from).
+    pub fn snapshots(&self) -> watch::Receiver<crate::store::View> {
+        self.snapshots.clone()
     }
 
     /// Say what this node has now (nothing is written when it is what was said before).
@@ -387,6 +400,7 @@ impl Link {
             state: snapshot.state,
             claims,
             store: StoreHealth {
+                connected: snapshot.connected && self.failing_since.is_none(),
                 unreachable_since: since,
                 error: since.and(error),
             },
@@ -407,7 +421,8 @@ pub fn status(view: &ClusterView, me: &NodeName) -> ClusterStatus {
         node: me.to_string(),
         joined: view.me.is_some(),
         problem: view.problem.clone(),
-        store_connected: view.store.unreachable_since.is_none() && view.lists > 0,
+        store_connected: view.store.connected,
+        store_lists: view.lists,
         store_unreachable_since: view.store.unreachable_since,
         store_error: view.store.error.clone(),
         nodes: view

@@ -56,6 +56,22 @@ use schedule::{Drains, Schedule, Wake, RELIST_RETRY};
 /// Container inspects of one batch of events that may be in flight at once.
 const INSPECTS_IN_FLIGHT: usize = 16;
 
+/// How often, in cluster mode, the host's rules are read to see whether Docker displaced
+/// vipd's jumps (it rewrites its own chains when it starts and on network changes).
+pub const HOST_CHECK: Duration = Duration::from_secs(5);
+
+/// The overlay's part of the host's rules in cluster mode (see
+/// [`crate::cluster::rules::host_rules`]): programmed with the routing mesh's, in one
+/// rule set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayRules {
+    pub config: crate::core::overlay::OverlayConfig,
+    /// The cluster range.
+    pub range: Ipv4Net,
+    /// The cluster network's bridge.
+    pub bridge: String,
+}
+
 /// How the agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -183,6 +199,10 @@ pub struct Agent {
     definitions: Arc<dyn DefinitionSource>,
     /// The definitions last read (kept while the source cannot be read).
     stored_definitions: Arc<Definitions>,
+    /// The overlay's host rules, in cluster mode.
+    overlay: Option<OverlayRules>,
+    /// A Docker network event came: the host's rules are checked for a re-assert.
+    host_check_due: bool,
 }
 
 fn now_secs() -> u64 {
@@ -335,6 +355,8 @@ impl Agent {
             recover,
             definitions: Arc::new(FileDefinitions::new(&cfg.state_dir)),
             stored_definitions: Arc::default(),
+            overlay: None,
+            host_check_due: false,
             cfg,
         })
     }
@@ -356,6 +378,12 @@ impl Agent {
             view,
             network: network.to_owned(),
         });
+    }
+
+    /// Program the overlay's host rules (for this node and its peers, as the cluster
+    /// view has them) with the routing mesh's, in cluster mode.
+    pub fn overlay_rules(&mut self, rules: OverlayRules) {
+        self.overlay = Some(rules);
     }
 
     /// The cluster link, in cluster mode.
@@ -515,6 +543,7 @@ impl Agent {
                 .instrument(info_span!("drain"))
                 .await;
         }
+        self.host_check_due |= batch.iter().any(|e| matches!(e, EngineEvent::Network { .. }));
         let (ids, networks_changed) = to_inspect(batch);
         let answers = self
             .meanwhile(inspect_all(Arc::clone(&self.engine), ids), events, kept)
@@ -843,6 +872,18 @@ impl Agent {
             desired.insert(key.clone(), Arc::new(m.ingress));
         }
 
+        // The overlay's rules, once this node has its subnet.
+        let overlay_nodes = self
+            .cluster
+            .as_ref()
+            .zip(cluster_view.as_ref())
+            .and_then(|(j, view)| underlay::overlay_nodes(view, j.link.node()));
+        if let (Some(o), Some((me, peers))) = (&self.overlay, &overlay_nodes) {
+            host_rules.extend(crate::cluster::rules::host_rules(
+                &o.config, o.range, &o.bridge, me, peers,
+            ));
+        }
+
         // What to program, and programming it.
         let names: BTreeMap<&SandboxKey, &str> = containers
             .iter()
@@ -855,8 +896,12 @@ impl Agent {
             .collect();
         let jobs = pipeline::to_program(desired, &self.records, &own, full);
         self.program(jobs, now, &mut report).await;
-        if self.cfg.ingress.is_some() && (full || self.host_applied.as_ref() != Some(&host_rules)) {
+        let host_managed = self.cfg.ingress.is_some() || (self.overlay.is_some() && self.cluster.is_some());
+        if host_managed && (full || self.host_applied.as_ref() != Some(&host_rules)) {
+            self.host_check_due = false;
             self.program_host(host_rules, &mut report).await;
+        } else if std::mem::take(&mut self.host_check_due) {
+            self.reassert_host(&mut report).await;
         }
 
         // Status.
@@ -981,6 +1026,40 @@ impl Agent {
         }
     }
 
+    /// Read the host's rules and, when Docker displaced vipd's jumps (or re-made
+    /// `DOCKER-USER`), program the rules last applied again, unchanged. Nothing happens
+    /// when nothing needs it: a second check changes nothing.
+    pub async fn check_host(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        self.reassert_host(&mut report).await;
+        report
+    }
+
+    async fn reassert_host(&mut self, report: &mut SyncReport) {
+        let Some(rules) = self.host_applied.clone() else {
+            return;
+        };
+        let firewall = Arc::clone(&self.kernel.host_firewall);
+        let span = info_span!("host_reassert");
+        let needed = tokio::task::spawn_blocking(move || span.in_scope(|| firewall.reassert()))
+            .await
+            .unwrap_or_else(|e| Err(HostError::Task(e.to_string())));
+        match needed {
+            Ok(reasons) if reasons.is_empty() => {}
+            Ok(reasons) => {
+                info!(?reasons, "host rules displaced; programming them again");
+                self.program_host(rules, report).await;
+            }
+            Err(e) => {
+                self.cfg.metrics.error(ErrorKind::Host);
+                if self.problems.note(format!("host rules: {e}")) {
+                    warn!(error = %e, "host rules not read");
+                }
+                report.errors.push(format!("host rules: {e}"));
+            }
+        }
+    }
+
     /// [`Agent::sync`] (full for a resync), counted in the metrics as a pass of `kind`.
     async fn sync_pass(&mut self, kind: ReconcileKind) -> SyncReport {
         let started = std::time::Instant::now();
@@ -1014,6 +1093,9 @@ impl Agent {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
         let mut schedule = Schedule::new(self.cfg.resync, self.cfg.debounce);
+        let mut host_check = tokio::time::interval(HOST_CHECK);
+        host_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let check_host = self.cluster.is_some() && self.overlay.is_some();
         loop {
             // Subscribe first, then list: nothing falls between the two.
             let mut events = self.engine.events();
@@ -1051,6 +1133,7 @@ impl Agent {
                         _ = &mut shutdown => return Ok(()),
                         _ = tokio::time::sleep_until(at) => Next::Wake(wake),
                         true = cluster_changed(self.cluster.as_mut()) => Next::Cluster,
+                        _ = host_check.tick(), if check_host => Next::HostCheck,
                         next = events.next() => match next {
                             Some(Ok(event)) => {
                                 let mut batch = vec![event];
@@ -1077,6 +1160,9 @@ impl Agent {
                     }
                 };
                 match next {
+                    Next::HostCheck => {
+                        self.check_host().instrument(info_span!("host_check")).await;
+                    }
                     Next::Cluster => {
                         self.sync_pass(ReconcileKind::Event)
                             .instrument(info_span!("cluster_changed"))
@@ -1127,6 +1213,8 @@ enum Next {
     Lost(String),
     /// The cluster changed (a node, a task, a claim, the store's reachability).
     Cluster,
+    /// Time to see whether the host's rules need re-asserting.
+    HostCheck,
 }
 
 #[cfg(test)]

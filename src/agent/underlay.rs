@@ -1,119 +1,51 @@
 //! The host side of cluster mode: the Docker network the cluster's containers live on
-//! (this node's /24 of the cluster subnet) and the VXLAN overlay to the other nodes.
-//! Both follow the cluster link's view: on every change of the set of nodes, and on a
-//! timer (each is idempotent, and re-creates what was deleted by hand).
-//!
-//! The network is behind [`ClusterNetwork`] so another implementation (a fuller
-//! create-or-adopt with checks) can take the place of [`DockerClusterNetwork`].
+//! (this node's /24 of the cluster subnet, made by [`crate::cluster::network::ensure`]),
+//! the one DNS address on its bridge ([`crate::cluster::dns_address::ensure`]) and the
+//! VXLAN overlay to the other nodes. All follow the cluster link's view: on every change
+//! of the set of nodes, and on a timer (each is idempotent, and re-creates what was
+//! deleted by hand).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::sync::watch;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::cluster::ClusterView;
+use crate::cluster::network::{self, NetworkSpec};
+use crate::cluster::subnet::NodeSubnet;
 use crate::core::model::{Ipv4Net, NodeName};
 use crate::core::overlay::{Node, OverlayConfig};
+use crate::docker::Engine;
 
-/// The label vipd puts on the network it creates: a network of that name without it is
-/// someone else's, and is not used.
-pub const NETWORK_LABEL: &str = "vipd.cluster";
-
-/// Why the cluster network could not be had.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NetworkError {
-    #[error("Docker network {name} exists but vipd did not make it (no {NETWORK_LABEL} label): remove it or choose another --cluster-network")]
-    NotOurs { name: String },
-    #[error("Docker network {name} has subnet {has:?}, this node's slice of the cluster is {want}: remove the network (vipd makes it again)")]
-    OtherSubnet {
-        name: String,
-        has: Vec<String>,
-        want: Ipv4Net,
-    },
-    #[error("Docker engine: {0}")]
-    Engine(String),
+/// What [`follow`] keeps on this host.
+#[derive(Clone)]
+pub struct Underlay {
+    /// The engine the cluster network is made in.
+    pub engine: Arc<dyn Engine>,
+    /// The cluster network's name in Docker (`--cluster-network`).
+    pub network: String,
+    /// Its bridge's name (fixed, so the host's rules can name it).
+    pub bridge: String,
+    pub overlay: OverlayConfig,
+    /// The one DNS address put on the bridge; `None`: none.
+    pub dns_address: Option<Ipv4Addr>,
+    /// How often everything is made sure of again, changes or not.
+    pub every: Duration,
 }
 
-/// The Docker network of the cluster's containers on this node.
-#[async_trait]
-pub trait ClusterNetwork: Send + Sync {
-    /// Make sure the network `name` exists with `subnet` (create it, or adopt the one
-    /// vipd made before).
-    async fn ensure(&self, name: &str, subnet: Ipv4Net) -> Result<(), NetworkError>;
-}
-
-/// [`ClusterNetwork`] over the Docker API: a bridge network with the node's subnet.
-pub struct DockerClusterNetwork {
-    docker: bollard::Docker,
-    /// The containers' MTU: the overlay's, so packets to other nodes fit the tunnel.
-    mtu: u32,
-}
-
-impl DockerClusterNetwork {
-    /// The engine at `DOCKER_HOST`, or the default socket; networks made with `mtu`.
-    pub fn connect(mtu: u32) -> Result<Self, NetworkError> {
-        let docker =
-            bollard::Docker::connect_with_defaults().map_err(|e| NetworkError::Engine(e.to_string()))?;
-        Ok(DockerClusterNetwork { docker, mtu })
-    }
-}
-
-#[async_trait]
-impl ClusterNetwork for DockerClusterNetwork {
-    async fn ensure(&self, name: &str, subnet: Ipv4Net) -> Result<(), NetworkError> {
-        use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
-        let engine = |e: bollard::errors::Error| NetworkError::Engine(e.to_string());
-        match self.docker.inspect_network(name, None).await {
-            Ok(n) => {
-                let ours = n.labels.as_ref().is_some_and(|l| l.contains_key(NETWORK_LABEL));
-                if !ours {
-                    return Err(NetworkError::NotOurs {
-                        name: name.to_owned(),
-                    });
-                }
-                let has: Vec<String> = n
-                    .ipam
-                    .and_then(|i| i.config)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|c| c.subnet)
-                    .collect();
-                if has != [subnet.to_string()] {
-                    return Err(NetworkError::OtherSubnet {
-                        name: name.to_owned(),
-                        has,
-                        want: subnet,
-                    });
-                }
-                Ok(())
-            }
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
-                let request = NetworkCreateRequest {
-                    name: name.to_owned(),
-                    driver: Some("bridge".into()),
-                    ipam: Some(Ipam {
-                        config: Some(vec![IpamConfig {
-                            subnet: Some(subnet.to_string()),
-                            ..Default::default()
-                        }]),
-                        ..Default::default()
-                    }),
-                    labels: Some(HashMap::from([(NETWORK_LABEL.to_owned(), "1".to_owned())])),
-                    options: Some(HashMap::from([(
-                        "com.docker.network.driver.mtu".to_owned(),
-                        self.mtu.to_string(),
-                    )])),
-                    ..Default::default()
-                };
-                self.docker.create_network(request).await.map_err(engine)?;
-                info!(network = name, subnet = %subnet, "cluster network created");
-                Ok(())
-            }
-            Err(e) => Err(engine(e)),
-        }
+impl Underlay {
+    /// The cluster network of this node's slice `subnet`: the overlay's MTU, and its
+    /// VXLAN device trusted to reach the containers.
+    pub fn spec(&self, subnet: Ipv4Net) -> Result<NetworkSpec, crate::cluster::subnet::SubnetError> {
+        Ok(NetworkSpec {
+            name: self.network.clone(),
+            subnet: NodeSubnet::new(subnet)?,
+            bridge: self.bridge.clone(),
+            mtu: self.overlay.mtu,
+            vxlan: self.overlay.device.as_str().to_owned(),
+        })
     }
 }
 
@@ -144,42 +76,59 @@ pub fn overlay_nodes(view: &ClusterView, me: &NodeName) -> Option<(Node, Vec<Nod
     Some((me_node, peers))
 }
 
-/// Keep the cluster network and the overlay as the view says, until the link stops.
-/// The overlay is programmed on a blocking thread (netlink, in the host's namespace).
-pub async fn follow(
-    mut view: watch::Receiver<ClusterView>,
-    me: NodeName,
-    network_name: String,
-    network: Box<dyn ClusterNetwork>,
-    overlay: OverlayConfig,
-    every: Duration,
-) {
+/// Keep the cluster network, its DNS address and the overlay as the view says, until
+/// the link stops. The address and the overlay are programmed on a blocking thread
+/// (netlink, in the host's namespace).
+pub async fn follow(mut view: watch::Receiver<ClusterView>, me: NodeName, underlay: Underlay) {
     let mut last: Option<(Node, Vec<Node>)> = None;
     loop {
         let nodes = overlay_nodes(&view.borrow_and_update(), &me);
         if let Some((mine, peers)) = nodes {
             let timer = last.as_ref() == Some(&(mine.clone(), peers.clone()));
             let span = info_span!("underlay", peers = peers.len(), timer);
-            async {
-                if let Err(e) = network.ensure(&network_name, mine.subnet).await {
-                    warn!(error = %e, "cluster network not ready");
-                }
-                let (cfg, m, p) = (overlay.clone(), mine.clone(), peers.clone());
-                match tokio::task::spawn_blocking(move || crate::overlay::sync(&cfg, &m, &p)).await {
-                    Ok(Ok(ops)) if !ops.is_empty() => info!(operations = ops.len(), "overlay programmed"),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => warn!(error = %e, "overlay not programmed"),
-                    Err(e) => warn!(error = %e, "overlay task failed"),
-                }
-            }
-            .instrument(span)
-            .await;
+            ensure_once(&underlay, &mine, &peers).instrument(span).await;
             last = Some((mine, peers));
         }
         tokio::select! {
             changed = view.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(underlay.every) => {}
         }
+    }
+}
+
+/// One pass of [`follow`]: the network, then the address on its bridge, then the
+/// overlay. Each failure is logged and tried again on the next pass.
+async fn ensure_once(underlay: &Underlay, mine: &Node, peers: &[Node]) {
+    let made = match underlay.spec(mine.subnet) {
+        Ok(spec) => network::ensure(underlay.engine.as_ref(), &spec)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match made {
+        Ok(outcome) => {
+            if let Some(address) = underlay.dns_address {
+                let bridge = underlay.bridge.clone();
+                let added = tokio::task::spawn_blocking(move || {
+                    crate::cluster::dns_address::ensure(&bridge, address)
+                })
+                .await;
+                match added {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "cluster DNS address not set"),
+                    Err(e) => warn!(error = %e, "cluster DNS address task failed"),
+                }
+            }
+            tracing::debug!(?outcome, "cluster network ready");
+        }
+        Err(e) => warn!(error = %e, "cluster network not ready"),
+    }
+    let (cfg, m, p) = (underlay.overlay.clone(), mine.clone(), peers.to_vec());
+    match tokio::task::spawn_blocking(move || crate::overlay::sync(&cfg, &m, &p)).await {
+        Ok(Ok(ops)) if !ops.is_empty() => info!(operations = ops.len(), "overlay programmed"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(error = %e, "overlay not programmed"),
+        Err(e) => warn!(error = %e, "overlay task failed"),
     }
 }
 
@@ -206,6 +155,27 @@ mod tests {
             address: addr.parse().unwrap(),
             subnet: subnet.map(|s| s.parse().unwrap()),
         }
+    }
+
+    #[test]
+    fn the_cluster_network_has_the_nodes_slice_the_overlays_mtu_and_trusts_its_device() {
+        let underlay = Underlay {
+            engine: Arc::new(crate::docker::fake::FakeEngine::new()),
+            network: "vipd".into(),
+            bridge: "vipd0".into(),
+            overlay: OverlayConfig::default(),
+            dns_address: None,
+            every: Duration::from_secs(30),
+        };
+        let spec = underlay.spec("10.230.4.0/24".parse().unwrap()).unwrap();
+        assert_eq!(spec.subnet.net().to_string(), "10.230.4.0/24");
+        assert_eq!((spec.name.as_str(), spec.bridge.as_str()), ("vipd", "vipd0"));
+        assert_eq!(spec.mtu, OverlayConfig::default().mtu);
+        assert_eq!(spec.vxlan, OverlayConfig::DEFAULT_DEVICE);
+        assert!(
+            underlay.spec("10.230.4.0/23".parse().unwrap()).is_err(),
+            "not a node's slice"
+        );
     }
 
     #[test]

@@ -192,6 +192,10 @@ pub struct ClusterStatus {
     /// Since when (unix seconds) it has not answered.
     pub store_unreachable_since: Option<u64>,
     pub store_error: Option<String>,
+    /// How many times the store was listed (the first list, and each re-list after a
+    /// compaction or an outage): for the metrics, not shown.
+    #[serde(skip)]
+    pub store_lists: u64,
     /// Every live node, this one included.
     pub nodes: Vec<NodeStatus>,
 }
@@ -667,6 +671,7 @@ mod tests {
             store_connected: false,
             store_unreachable_since: Some(1000),
             store_error: Some("no answer".into()),
+            store_lists: 3,
             nodes: vec![NodeStatus {
                 name: "a".into(),
                 address: "192.0.2.1".into(),

@@ -21,6 +21,19 @@ pub struct GatewayPlan {
     pub allowed: Vec<IpNet>,
 }
 
+impl GatewayPlan {
+    /// This plan, also serving `addr` to clients of `clients` (the cluster's one DNS
+    /// address, asked by the containers of every node's slice of the cluster range).
+    pub fn also(mut self, addr: SocketAddr, clients: IpNet) -> Self {
+        self.listen.insert(addr);
+        if !self.allowed.contains(&clients) {
+            self.allowed.push(clients);
+            self.allowed.sort();
+        }
+        self
+    }
+}
+
 /// The plan for `networks`: port `port` on the IPv4 gateway of each bridge network (the
 /// subnet's first address when Docker records none, as for its default `bridge`); clients
 /// from any Docker network and the host itself.
@@ -191,6 +204,21 @@ mod tests {
             subnets: vec![(a.parse().unwrap(), p.parse().unwrap())],
             gateways: gateway.map(|g| vec![g.parse().unwrap()]).unwrap_or_default(),
         }
+    }
+
+    #[test]
+    fn the_cluster_address_is_served_too_and_the_cluster_range_may_ask() {
+        let base = plan(&[net("vipd", "bridge", "10.230.1.0/24", Some("10.230.1.1"))], 53);
+        let dns: SocketAddr = "169.254.53.53:53".parse().unwrap();
+        let range: IpNet = "10.230.0.0/16".parse().unwrap();
+        let p = base.clone().also(dns, range);
+        assert_eq!(
+            p.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["10.230.1.1:53", "169.254.53.53:53"]
+        );
+        assert!(p.allowed.contains(&range), "{:?}", p.allowed);
+        assert!(base.allowed.iter().all(|n| p.allowed.contains(n)));
+        assert_eq!(p.clone().also(dns, range), p, "adding it twice changes nothing");
     }
 
     #[test]

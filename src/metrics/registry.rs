@@ -213,6 +213,12 @@ struct Inner {
     durations: Histograms<KindLabels>,
     operations: Counter,
     errors: Family<KindLabels, Counter>,
+    store_connected: Gauge,
+    cluster_peers: Gauge,
+    store_lists: Counter,
+    /// The store's list count as of the last scrape: the counter grows by what was
+    /// listed since.
+    store_lists_seen: std::sync::atomic::AtomicU64,
     dns_queries: Family<DnsLabels, Counter>,
     dns_durations: Histograms<PathLabels>,
     scraper: Scraper,
@@ -328,6 +334,10 @@ impl Inner {
             durations: Family::new_with_constructor(reconcile_histogram),
             operations: Counter::default(),
             errors: Family::default(),
+            store_connected: Gauge::default(),
+            cluster_peers: Gauge::default(),
+            store_lists: Counter::default(),
+            store_lists_seen: std::sync::atomic::AtomicU64::new(0),
             dns_queries: Family::default(),
             dns_durations: Family::new_with_constructor(dns_histogram),
             scraper,
@@ -371,6 +381,21 @@ impl Inner {
             self.operations.clone(),
         );
         r.register("errors", "Errors, by what failed", self.errors.clone());
+        r.register(
+            "store_connected",
+            "Whether the cluster store answers (1) or not (0); 0 on one host",
+            self.store_connected.clone(),
+        );
+        r.register(
+            "cluster_peers",
+            "The other live nodes of the cluster; 0 on one host",
+            self.cluster_peers.clone(),
+        );
+        r.register(
+            "store_lists",
+            "Lists of the cluster store: the first, and each re-list after a compaction or an outage (the watch's restarts)",
+            self.store_lists.clone(),
+        );
         r.register(
             "dns_queries",
             "DNS queries answered, by path, query type and response code",
@@ -440,6 +465,17 @@ impl Inner {
             .get_or_create(&StateLabels { state: "out_of_sync" })
             .set(out);
         self.engine_connected.set(i64::from(status.docker.connected));
+        let cluster = status.cluster.as_ref();
+        self.store_connected
+            .set(i64::from(cluster.is_some_and(|c| c.store_connected)));
+        let peers = cluster.map_or(0, |c| c.nodes.iter().filter(|n| n.name != c.node).count());
+        self.cluster_peers.set(peers as i64);
+        if let Some(c) = cluster {
+            let seen = self
+                .store_lists_seen
+                .fetch_max(c.store_lists, std::sync::atomic::Ordering::Relaxed);
+            self.store_lists.inc_by(c.store_lists.saturating_sub(seen));
+        }
     }
 }
 

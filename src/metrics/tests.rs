@@ -218,6 +218,55 @@ async fn a_scrape_shows_what_the_handle_was_told_and_what_the_status_says() {
 }
 
 #[tokio::test]
+async fn the_cluster_metrics_show_the_store_the_peers_and_each_list_once() {
+    use crate::core::status::{ClusterStatus, NodeStatus};
+    let (metrics, tx) = followed(Arc::new(FnCounters(fake_reader)), BACKEND_READ_TIMEOUT);
+    let text = metrics.render().await.unwrap();
+    assert_has(
+        &text,
+        &[
+            "vipd_store_connected 0",
+            "vipd_cluster_peers 0",
+            "vipd_store_lists_total 0",
+        ],
+    );
+    let node = |name: &str| NodeStatus {
+        name: name.into(),
+        address: "192.0.2.1".into(),
+        subnet: None,
+        tasks: 0,
+    };
+    let mut cluster = ClusterStatus {
+        node: "a".into(),
+        joined: true,
+        store_connected: true,
+        store_lists: 1,
+        nodes: vec![node("a"), node("b"), node("c")],
+        ..ClusterStatus::default()
+    };
+    tx.send_modify(|r| r.cluster = Some(cluster.clone()));
+    let text = metrics.render().await.unwrap();
+    assert_has(
+        &text,
+        &[
+            "# TYPE vipd_store_connected gauge",
+            "vipd_store_connected 1",
+            "# TYPE vipd_cluster_peers gauge",
+            "vipd_cluster_peers 2",
+            "# TYPE vipd_store_lists counter",
+            "vipd_store_lists_total 1",
+        ],
+    );
+    // The same status scraped again counts nothing more; a re-list counts once.
+    metrics.render().await.unwrap();
+    cluster.store_lists = 2;
+    cluster.store_connected = false;
+    tx.send_modify(|r| r.cluster = Some(cluster.clone()));
+    let text = metrics.render().await.unwrap();
+    assert_has(&text, &["vipd_store_lists_total 2", "vipd_store_connected 0"]);
+}
+
+#[tokio::test]
 async fn a_disabled_handle_counts_nothing() {
     let metrics = Metrics::disabled();
     metrics.error(ErrorKind::Engine);

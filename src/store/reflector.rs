@@ -47,6 +47,9 @@ pub struct View {
     pub last_error: Option<KvError>,
     /// How many times the prefix was listed (1 after the first list).
     pub lists: u64,
+    /// Whether the last list or watch answered and the watch is open: false before the
+    /// first list and from a failure until the next list.
+    pub connected: bool,
 }
 
 /// A running reflector; dropping it stops it.
@@ -70,6 +73,7 @@ impl Reflector {
             unreachable_since: None,
             last_error: None,
             lists: 0,
+            connected: false,
         });
         let span = info_span!("reflector", prefix = keys.root());
         let task = tokio::spawn(
@@ -118,6 +122,7 @@ impl Loop {
                     self.tx.send_modify(|v| {
                         v.unreachable_since.get_or_insert_with(Instant::now);
                         v.last_error = Some(e);
+                        v.connected = false;
                     });
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(self.backoff.max);
@@ -168,6 +173,7 @@ impl Loop {
             v.unreachable_since = None;
             v.last_error = None;
             v.lists += u64::from(listed);
+            v.connected = true;
         });
     }
 }

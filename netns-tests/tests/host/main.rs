@@ -7,6 +7,7 @@ mod common;
 
 mod agent;
 mod cli;
+mod cluster_agent;
 mod cluster_net;
 mod dns;
 mod docker;

@@ -17,11 +17,12 @@ use vipd::store::{scenarios, Cluster, Keys, NodeName, NodeRecord, StoreError, Ta
 
 use crate::common::{run, unique};
 
-/// One etcd member, stopped and its data dir removed when dropped.
-struct Etcd {
+/// One etcd member, stopped and its data dir removed when dropped (the cluster agent
+/// tests use it too).
+pub(crate) struct Etcd {
     child: Child,
     dir: PathBuf,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 fn free_port() -> u16 {
@@ -32,7 +33,7 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
-    fn start() -> Etcd {
+    pub(crate) fn start() -> Etcd {
         let dir = std::env::temp_dir().join(unique("vipd-etcd-"));
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
@@ -86,7 +87,7 @@ impl Etcd {
         }
     }
 
-    async fn kv(&self) -> Arc<dyn Kv> {
+    pub(crate) async fn kv(&self) -> Arc<dyn Kv> {
         let kv = EtcdKv::connect(&EtcdConfig::new(vec![self.endpoint.clone()]))
             .await
             .expect("connect to the test etcd");
@@ -137,7 +138,7 @@ async fn wait_view(
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

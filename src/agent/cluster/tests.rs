@@ -5,8 +5,8 @@ use crate::agent::tests::{config, ports, tempdir, Recorder};
 use crate::agent::{pipeline, Agent};
 use crate::core::alloc::Allocations;
 use crate::core::containers::fixture::container;
-use crate::docker::fake::{running_container, FakeEngine};
-use crate::docker::{ContainerInfo, ContainerNetwork, NetworkInfo};
+use crate::docker::fake::{attached, bridge_network, running_container, FakeEngine};
+use crate::docker::ContainerInfo;
 use crate::store::kv::Kv;
 use crate::store::memory::MemoryKv;
 use crate::store::Keys;
@@ -35,14 +35,11 @@ fn link_config(name: &str, address: &str, dir: &Path) -> LinkConfig {
 
 /// A container on this node's cluster network (`vipd`, whose id differs on each node).
 fn on_cluster(node: &str, id: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerInfo {
-    let mut c = running_container(id, id).with_network(ContainerNetwork {
-        network_id: NetworkId(format!("vipd-{node}")),
-        name: "vipd".into(),
-        ip: Some(ip.parse().unwrap()),
-        prefix_len: 24,
-        gateway: None,
-        aliases: vec![],
-    });
+    let mut c = running_container(id, id).with_network(attached(
+        &format!("vipd-{node}"),
+        "vipd",
+        ip.parse().unwrap(),
+    ));
     for (k, v) in labels {
         c = c.with_label(k, v);
     }
@@ -57,13 +54,7 @@ async fn node_agent(
     tag: &str,
 ) -> (FakeEngine, Arc<Recorder>, Agent) {
     let engine = FakeEngine::new();
-    engine.set_networks(vec![NetworkInfo {
-        id: NetworkId(format!("vipd-{name}")),
-        name: "vipd".into(),
-        driver: "bridge".into(),
-        subnets: vec![],
-        gateways: vec![],
-    }]);
+    engine.set_networks(vec![bridge_network(&format!("vipd-{name}"), "vipd")]);
     let rec = Arc::new(Recorder::default());
     let dir = tempdir(tag);
     let mut agent = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
@@ -366,4 +357,190 @@ fn the_lease_id_survives_in_the_state_dir() {
     assert_eq!(load_lease(&dir), Some(LeaseId(0x7e57_0001)));
     std::fs::write(dir.join(LEASE_FILE), "garbage").unwrap();
     assert_eq!(load_lease(&dir), None, "an unreadable file: a new lease");
+}
+
+/// One node as [`node_agent`], with the host's firewall a [`crate::kernel::FakeHost`]
+/// and the overlay's rules programmed with it.
+async fn overlay_agent(
+    name: &str,
+    address: &str,
+    kv: &MemoryKv,
+    tag: &str,
+) -> (Arc<crate::kernel::FakeHost>, Agent) {
+    let engine = FakeEngine::new();
+    engine.set_networks(vec![bridge_network(&format!("vipd-{name}"), "vipd")]);
+    let rec = Arc::new(Recorder::default());
+    let host = Arc::new(crate::kernel::FakeHost::default());
+    let kernel = crate::agent::KernelPorts {
+        sandboxes: rec.clone(),
+        host_firewall: host.clone(),
+        host_ports: rec,
+    };
+    let dir = tempdir(tag);
+    let mut agent = Agent::new(Arc::new(engine), kernel, config(&dir), None).unwrap();
+    let cluster = Cluster::new(Arc::new(kv.connect()), Keys::default());
+    agent.join(
+        ClusterLink::spawn(cluster, link_config(name, address, &dir)),
+        "vipd",
+    );
+    agent.overlay_rules(crate::agent::OverlayRules {
+        config: crate::core::overlay::OverlayConfig::default(),
+        range: net("10.230.0.0/16"),
+        bridge: "vipd0".into(),
+    });
+    (host, agent)
+}
+
+fn programmed(host: &crate::kernel::FakeHost) -> usize {
+    host.programmed.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn host_rules_now(host: &crate::kernel::FakeHost) -> Vec<crate::core::rules::Intent> {
+    host.rules.lock().unwrap().clone().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_overlays_rules_are_in_the_hosts_one_rule_set_and_follow_the_peers() {
+    use crate::core::rules::Intent;
+    let kv = MemoryKv::new();
+    let (host_a, mut a) = overlay_agent("a", "192.0.2.1", &kv, "overlay-rules-a").await;
+    let (_host_b, mut b) = overlay_agent("b", "192.0.2.2", &kv, "overlay-rules-b").await;
+    let peer_b = Intent::AcceptVxlanPeer {
+        peer: "192.0.2.2".parse().unwrap(),
+        port: crate::core::overlay::OverlayConfig::DEFAULT_PORT,
+    };
+    sync_until(&mut [&mut a, &mut b], "B accepted in A's VXLAN rules", || {
+        host_rules_now(&host_a).contains(&peer_b)
+    })
+    .await;
+    let rules = host_rules_now(&host_a);
+    let me = a.cluster_link().unwrap().view().me.unwrap();
+    let nodes = crate::agent::underlay::overlay_nodes(&a.cluster_link().unwrap().view(), &node("a")).unwrap();
+    assert_eq!(
+        rules,
+        crate::cluster::rules::host_rules(
+            &crate::core::overlay::OverlayConfig::default(),
+            net("10.230.0.0/16"),
+            "vipd0",
+            &nodes.0,
+            &nodes.1
+        )
+    );
+    assert!(rules.contains(&Intent::MasqueradeNodeSubnet {
+        subnet: me.subnet.unwrap(),
+        bridge: "vipd0".into()
+    }));
+    // A second run changes nothing.
+    let before = programmed(&host_a);
+    let report = a.sync(false).await;
+    assert_eq!(programmed(&host_a), before, "{report:?}");
+
+    // B leaves: its accept rule goes.
+    drop(b);
+    tokio::time::sleep(TTL * 2).await;
+    sync_until(&mut [&mut a], "B's accept rule gone", || {
+        !host_rules_now(&host_a).contains(&peer_b)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn displaced_host_rules_are_programmed_again_unchanged_on_a_check_or_a_network_event() {
+    use crate::core::firewall::{Reassert, HOST_OVERLAY_NAT, HOST_VXLAN_INPUT};
+    let kv = MemoryKv::new();
+    let (host, mut a) = overlay_agent("a", "192.0.2.1", &kv, "overlay-reassert").await;
+    sync_until(&mut [&mut a], "A's overlay rules programmed", || {
+        host_rules_now(&host)
+            .iter()
+            .any(|r| matches!(r, crate::core::rules::Intent::MasqueradeNodeSubnet { .. }))
+    })
+    .await;
+    let rules = host_rules_now(&host);
+    let before = programmed(&host);
+
+    // Nothing displaced: a check programs nothing.
+    let report = a.check_host().await;
+    assert_eq!((programmed(&host), report.operations), (before, 0));
+
+    // Docker moved a jump: the check programs the same rules again.
+    host.reassert
+        .lock()
+        .unwrap()
+        .push(Reassert::Displaced(HOST_OVERLAY_NAT));
+    let report = a.check_host().await;
+    assert_eq!(programmed(&host), before + 1);
+    assert_eq!(report.operations, 1, "{report:?}");
+    assert_eq!(host_rules_now(&host), rules, "the same rules");
+    let report = a.check_host().await;
+    assert_eq!(
+        (programmed(&host), report.operations),
+        (before + 1, 0),
+        "a second check changes nothing"
+    );
+
+    // A Docker network event: the sync after it checks too, though no intent changed.
+    host.reassert
+        .lock()
+        .unwrap()
+        .push(Reassert::MissingJump(HOST_VXLAN_INPUT));
+    a.on_events(&[crate::docker::EngineEvent::Network {
+        id: NetworkId("other".into()),
+        action: crate::docker::EngineAction::Create,
+        container: None,
+    }])
+    .await
+    .unwrap();
+    a.sync(false).await;
+    assert_eq!(programmed(&host), before + 2);
+    assert!(host.reassert.lock().unwrap().is_empty());
+    a.sync(false).await;
+    assert_eq!(
+        programmed(&host),
+        before + 2,
+        "the next sync has nothing to check"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn in_cluster_mode_the_store_is_connected_once_listed_and_not_while_it_is_down() {
+    let kv = MemoryKv::new();
+    let client = kv.connect();
+    let one = ClusterLink::spawn(
+        Cluster::new(Arc::new(client.clone()), Keys::default()),
+        link_config("a", "192.0.2.1", &tempdir("cluster-connected")),
+    );
+    let mut view = one.subscribe();
+    until(&mut view, |v| v.me.is_some() && v.lists > 0).await;
+    let s = status(&one.view(), &node("a"));
+    assert!(s.store_connected, "{s:?}");
+    assert_eq!(s.store_lists, one.view().lists);
+    client.set_link(crate::store::memory::Link::Down);
+    until(&mut view, |v| v.store.unreachable_since.is_some()).await;
+    assert!(!status(&one.view(), &node("a")).store_connected);
+    client.set_link(crate::store::memory::Link::Up);
+    until(&mut view, |v| v.store.connected).await;
+    assert!(status(&one.view(), &node("a")).store_connected);
+    assert!(one.snapshots().borrow().connected);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn in_cluster_mode_the_definitions_come_from_the_stores_snapshot() {
+    let kv = MemoryKv::new();
+    let cluster = Cluster::new(Arc::new(kv.connect()), Keys::default());
+    let one = ClusterLink::spawn(
+        cluster.clone(),
+        link_config("a", "192.0.2.1", &tempdir("cluster-defs")),
+    );
+    let defs = crate::services::SnapshotDefinitions::new(one.snapshots());
+    use crate::services::DefinitionSource;
+    assert!(defs.definitions().unwrap().is_empty());
+    let web = ServiceName::new("web").unwrap();
+    crate::services::create(&cluster, web.clone(), &crate::services::Settings::default())
+        .await
+        .unwrap();
+    let mut snapshots = one.snapshots();
+    while !snapshots.borrow_and_update().state.definitions.contains_key(&web) {
+        snapshots.changed().await.unwrap();
+    }
+    assert!(defs.definitions().unwrap().contains_key(&web));
 }
