@@ -111,8 +111,12 @@ pub enum NetworkError {
 /// own when it is as wanted, re-create vipd's own when it is not and no container is
 /// attached; refuse one vipd did not make.
 pub async fn ensure(engine: &dyn Engine, spec: &NetworkSpec) -> Result<Outcome, NetworkError> {
+    use tracing::Instrument as _;
     let span = tracing::info_span!("cluster_network", network = %spec.name, subnet = %spec.subnet);
-    let _entered = span.enter();
+    ensure_in_span(engine, spec).instrument(span).await
+}
+
+async fn ensure_in_span(engine: &dyn Engine, spec: &NetworkSpec) -> Result<Outcome, NetworkError> {
     let Some(found) = engine.network(&spec.name).await? else {
         let id = engine.create_network(&spec.create_request()).await?;
         info!(id = %id.0, "cluster network created");
