@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vipd::core::overlay::OverlayConfig;
 
-use crate::agent::{stdout_in, vip_of};
+use crate::agent::{ipvs_table, stdout_in, vip_of};
 use crate::common::cluster::{exec_in, exec_in_output, Cluster, IMAGE, NETWORK, OVERLAY_CHAIN};
 use crate::common::*;
 
@@ -783,4 +783,209 @@ fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_f
     });
 
     walk.finish(t0);
+}
+
+/// A counter of etcd's Prometheus metrics (`NAME VALUE` lines), read from node `i`'s
+/// member: every member applies every write, so one member's counters are the cluster's.
+fn etcd_counter(cluster: &Cluster, i: u8, name: &str) -> f64 {
+    let url = format!("http://{}:2379/metrics", cluster.node(i).underlay);
+    cluster
+        .exec(i, &["curl", "-s", "--max-time", "5", &url])
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// etcd's puts and deletes so far (node1's member).
+fn etcd_writes(cluster: &Cluster) -> f64 {
+    etcd_counter(cluster, 1, "etcd_mvcc_put_total") + etcd_counter(cluster, 1, "etcd_mvcc_delete_total")
+}
+
+/// `/proc/net/ip_vs` writes a destination as `-> 0AE60203:0000`: a task address in hex.
+fn hex_dest(ip: &str) -> String {
+    let ip: Ipv4Addr = ip.parse().expect("an IPv4 address");
+    let hex: String = ip.octets().iter().map(|o| format!("{o:02X}")).collect();
+    format!("-> {hex}:")
+}
+
+/// Until every sandbox holds `ip` as an IPVS destination (read without a process);
+/// how long that took from `since`.
+fn until_in_all(sandboxes: &[String], ip: &str, since: Instant) -> Duration {
+    let dest = hex_dest(ip);
+    let mut pending: Vec<&String> = sandboxes.iter().collect();
+    while !pending.is_empty() {
+        assert!(
+            since.elapsed() < Duration::from_secs(120),
+            "{ip} not in every sandbox after 120 s"
+        );
+        pending.retain(|s| !ipvs_table(s).contains(&dest));
+    }
+    since.elapsed()
+}
+
+/// Nearest rank.
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let rank = ((p / 100.0) * samples.len() as f64).ceil().max(1.0) as usize;
+    samples[rank.min(samples.len()) - 1]
+}
+
+/// Requests per second of `count` GETs over `urls` in turn, from one curl process in a
+/// sandbox, each on a new connection (`close`) or on kept-alive ones.
+fn curl_rate(sandbox: &str, urls: &[String], count: usize, close: bool) -> f64 {
+    let mut args = vec!["curl", "-s", "-o", "/dev/null", "--max-time", "60"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    for i in 0..count {
+        args.push(&urls[i % urls.len()]);
+    }
+    let t = Instant::now();
+    let out = exec_in_output(sandbox, &args);
+    assert!(out.status.success(), "curl: {}", describe_output(&out));
+    count as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The cluster benchmarks (scripts/bench/cluster.sh runs this in the VM): the cross-node
+/// data path through the VIP against the same tasks directly, convergence of a remote
+/// task against a local one, and etcd writes per task start and stop with 2 and then 3
+/// nodes and more sandboxes. K (default 5) samples per convergence figure, N (default
+/// 500) requests per rate.
+#[test]
+#[ignore = "a benchmark: scripts/bench/cluster.sh"]
+fn cluster_benchmark() {
+    require_root();
+    assert!(
+        kernel_has_ipvs(),
+        "the benchmark needs a kernel with IPVS (scripts/vm/run.sh)"
+    );
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (k, n) = (env("K", 5), env("N", 500));
+    let cluster = Cluster::start(3);
+    cluster.start_vipd(1, &[]);
+    cluster.start_vipd(2, &[]);
+    wait_for_cluster_network(&cluster, 1);
+    wait_for_cluster_network(&cluster, 2);
+    let web: &[&str] = &["vipd.service=web"];
+    let base = start_containers(
+        &cluster,
+        &[
+            (1, "client", &[], false),
+            (2, "t2a", web, true),
+            (2, "t2b", web, true),
+        ],
+    );
+    let (client, tasks) = (&base[0], [&base[1], &base[2]]);
+    wait_until(
+        "node2's tasks in node1's client sandbox",
+        Duration::from_secs(60),
+        || backends(&client.sandbox) == ips(tasks),
+        || exec_in(&client.sandbox, &["ipvsadm", "-Ln"]),
+    );
+    let vip = vip_of(&client.sandbox, "web").expect("web's VIP");
+
+    // (c) etcd writes for one task start and one stop, settled.
+    let writes = |label: &str, node: u8, watch: &[String]| {
+        let before = etcd_writes(&cluster);
+        let task = start_container(&cluster, node, &unique("store"), web, false);
+        until_in_all(watch, &task.ip, Instant::now());
+        std::thread::sleep(Duration::from_secs(2));
+        let started = etcd_writes(&cluster);
+        cluster.node(node).docker(&["rm", "-f", &task.id]);
+        let dest = hex_dest(&task.ip);
+        wait_until(
+            "the task to leave",
+            Duration::from_secs(60),
+            || watch.iter().all(|s| !ipvs_table(s).contains(&dest)),
+            String::new,
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let stopped = etcd_writes(&cluster);
+        println!(
+            "bench: store: {label}: etcd writes per task start {} and stop {}",
+            started - before,
+            stopped - started
+        );
+    };
+    writes(
+        "2 nodes, 1 client sandbox on node1",
+        2,
+        std::slice::from_ref(&client.sandbox),
+    );
+
+    cluster.start_vipd(3, &[]);
+    wait_for_cluster_network(&cluster, 3);
+    let more = start_containers(
+        &cluster,
+        &[
+            (1, "c2", &[], false),
+            (1, "c3", &[], false),
+            (1, "c4", &[], false),
+            (3, "c5", &[], false),
+        ],
+    );
+    let mut node1: Vec<String> = vec![client.sandbox.clone()];
+    node1.extend(more.iter().filter(|c| c.node == 1).map(|c| c.sandbox.clone()));
+    wait_until(
+        "node2's tasks in every client sandbox",
+        Duration::from_secs(60),
+        || node1.iter().all(|s| backends(s) == ips(tasks)),
+        String::new,
+    );
+    writes("3 nodes, 5 client sandboxes (4 on node1)", 2, &node1);
+
+    // (a) The data path, node1 to node2: through the VIP against the tasks directly.
+    let direct: Vec<String> = tasks.iter().map(|t| format!("http://{}/", t.ip)).collect();
+    let through = [format!("http://{vip}/")];
+    for (mode, close) in [("new connections/s", true), ("keep-alive requests/s", false)] {
+        curl_rate(&client.sandbox, &through, n / 10, close);
+        let d = curl_rate(&client.sandbox, &direct, n, close);
+        let v = curl_rate(&client.sandbox, &through, n, close);
+        println!(
+            "bench: data path: {mode}: VIP {v:.0}, direct {d:.0}, ratio {:.2} (target >= 0.9)",
+            v / d
+        );
+    }
+
+    // (b) Convergence: a task on node2 against one on node1, into every sandbox of node1
+    // that existed before it.
+    let converge = |node: u8| {
+        let mut samples = Vec::new();
+        for _ in 0..k {
+            let name = unique("conv");
+            let t = Instant::now();
+            let task = start_container(&cluster, node, &name, web, false);
+            samples.push(until_in_all(&node1, &task.ip, t));
+            cluster.node(node).docker(&["rm", "-f", &task.id]);
+        }
+        samples
+    };
+    let mut remote = converge(2);
+    let mut local = converge(1);
+    let (r50, r99, l50, l99) = (
+        percentile(&mut remote, 50.0),
+        percentile(&mut remote, 99.0),
+        percentile(&mut local, 50.0),
+        percentile(&mut local, 99.0),
+    );
+    println!(
+        "bench: convergence (from `docker run` until in all {} sandboxes of node1, K={k}): task on node2 p50 {:.2} s p99 {:.2} s; on node1 p50 {:.2} s p99 {:.2} s; p99 ratio {:.2} (target <= 1.5)",
+        node1.len(),
+        r50.as_secs_f64(),
+        r99.as_secs_f64(),
+        l50.as_secs_f64(),
+        l99.as_secs_f64(),
+        r99.as_secs_f64() / l99.as_secs_f64()
+    );
 }
