@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vipd::core::overlay::OverlayConfig;
 
-use crate::agent::{ipvs_table, stdout_in, vip_of};
+use crate::agent::{ipvs_table, require_ipvs_vm, stdout_in, vip_of};
 use crate::common::cluster::{exec_in, exec_in_output, Cluster, IMAGE, NETWORK, OVERLAY_CHAIN};
 use crate::common::*;
 
@@ -491,11 +491,7 @@ fn even(names: &[&str], each: usize) -> BTreeMap<String, usize> {
 
 #[test]
 fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_faults() {
-    require_root();
-    assert!(
-        kernel_has_ipvs(),
-        "the VM suite needs a kernel with IPVS (run it with scripts/vm/run.sh)"
-    );
+    require_ipvs_vm();
     let t0 = Instant::now();
     let cluster = Cluster::start(3);
     let ttl = LEASE_TTL_S.to_string();
@@ -860,11 +856,7 @@ fn curl_rate(sandbox: &str, urls: &[String], count: usize, close: bool) -> f64 {
 #[test]
 #[ignore = "a benchmark: scripts/bench/cluster.sh"]
 fn cluster_benchmark() {
-    require_root();
-    assert!(
-        kernel_has_ipvs(),
-        "the benchmark needs a kernel with IPVS (scripts/vm/run.sh)"
-    );
+    require_ipvs_vm();
     let env = |name: &str, default: usize| {
         std::env::var(name)
             .ok()
