@@ -286,9 +286,18 @@ fn start_container(cluster: &Cluster, node: u8, name: &str, labels: &[&str], web
     args.extend([IMAGE, "sh", "-c", &command]);
     let id = n.run_container(&args);
     let ip = n.container_ip(&id);
+    // The node's slice is the /24 its vipd leased (any free one, not one by index).
+    let subnet = n.docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Subnet}}",
+        NETWORK,
+    ]);
+    let prefix = subnet.strip_suffix(".0/24").unwrap_or(&subnet);
     assert!(
-        ip.starts_with(&format!("10.230.{node}.")),
-        "{name} on node{node} got {ip:?}, not an address of node{node}'s slice"
+        ip.starts_with(&format!("{prefix}.")),
+        "{name} on node{node} got {ip:?}, not an address of node{node}'s slice {subnet}"
     );
     let sandbox = n.sandbox(&id);
     Container {
@@ -628,9 +637,16 @@ fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_f
             || {
                 let dns_on_bridge = || {
                     let shown = exec_in_output(&cluster.node(1).netns_path(), &["ip", "-4", "addr", "show"]);
-                    let gateway = dig(&client_sandbox, "10.230.1.1", "web.vipd");
+                    let gateway = cluster.node(1).docker(&[
+                        "network",
+                        "inspect",
+                        "-f",
+                        "{{(index .IPAM.Config 0).Gateway}}",
+                        NETWORK,
+                    ]);
+                    let answer = dig(&client_sandbox, &gateway, "web.vipd");
                     format!(
-                        "node1's addresses:\n{}\nthe gateway 10.230.1.1 answers web.vipd with {gateway:?}",
+                        "node1's addresses:\n{}\nthe gateway {gateway} answers web.vipd with {answer:?}",
                         String::from_utf8_lossy(&shown.stdout)
                     )
                 };
