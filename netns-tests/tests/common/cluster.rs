@@ -12,9 +12,14 @@
 //! the `vipd` bridge network with the node's /24 of 10.230.0.0/16, the DOCKER-USER accept
 //! from the VXLAN device, and the overlay through vipd's own `overlay::sync`.
 //!
+//! Or vipd does it itself: [`Cluster::start_vipd`] runs `vipd run --etcd <every member>`
+//! in a node's namespace against its dockerd, with a state dir, admin socket and ingress
+//! namespace of its own; [`Cluster::kill_vipd`], [`Cluster::stop_etcd`] and
+//! [`Cluster::link_down`] are the faults the walkthrough makes.
+//!
 //! Everything is torn down when the [`Cluster`] is dropped, also when a test panics:
-//! dockerds stopped and purged (their containers with them), etcd killed, namespaces
-//! deleted. Every step is timed and printed: starting dockerds is the slow part of the
+//! vipds killed (their logs shown on a panic), dockerds stopped and purged (their
+//! containers with them), etcd killed, namespaces deleted. Every step is timed and printed: starting dockerds is the slow part of the
 //! suite.
 
 use std::fs::File;
@@ -30,7 +35,7 @@ use vipd::netns::{run_in, NetnsPath};
 use vipd::overlay;
 
 use super::docker::{describe, docker_at, docker_output_at, import_busybox, script};
-use super::{output, require_root, run, unique, veth, Netns};
+use super::{output, require_root, run, unique, veth, vipd, Netns};
 
 /// The image busybox-image.sh imports into every node's dockerd.
 pub const IMAGE: &str = super::docker::IMAGE;
@@ -42,7 +47,7 @@ pub const BRIDGE: &str = "vipd0";
 /// this kind; until its cluster mode exists, the harness adds it by hand.
 pub const OVERLAY_CHAIN: &str = "VIPD-OVERLAY";
 /// The underlay link of every node.
-const UPLINK: &str = "up0";
+pub const UPLINK: &str = "up0";
 /// The underlay MTU; the overlay and the `vipd` network take 50 bytes less.
 const UNDERLAY_MTU: u32 = 1500;
 /// How long etcd's members may take to form the cluster.
@@ -67,6 +72,15 @@ pub struct ClusterNode {
     etcd_dir: PathBuf,
     /// The etcd member (behind a lock: it is watched from a thread of its own).
     etcd: Mutex<Option<Child>>,
+    /// `vipd run`'s state dir, admin socket and log (appended to across restarts).
+    vipd_dir: PathBuf,
+    /// Its routing mesh's namespace: a name of its own (the names under /run/netns are
+    /// the whole machine's, not the node's).
+    ingress: String,
+    /// The running `vipd run` and the extra arguments it was started with (a restart
+    /// uses them again).
+    vipd: Mutex<Option<Child>>,
+    vipd_extra: Mutex<Vec<String>>,
 }
 
 impl ClusterNode {
@@ -122,6 +136,30 @@ impl ClusterNode {
     /// A container's network namespace (its SandboxKey), for `nsenter --net=` and vipd.
     pub fn sandbox(&self, id: &str) -> String {
         self.docker(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", id])
+    }
+
+    /// The admin socket of this node's `vipd run`.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.vipd_dir.join("vipd.sock")
+    }
+
+    /// `vipd status --json` of this node's vipd; whatever it did.
+    pub fn status_output(&self) -> Output {
+        let socket = self.admin_socket();
+        let socket = socket.to_str().expect("a UTF-8 path");
+        output(&[vipd(), "status", "--json", "--socket", socket])
+    }
+
+    /// Whether this node's vipd runs (was started and has not exited).
+    pub fn vipd_running(&self) -> bool {
+        lock(&self.vipd)
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last lines of this node's vipd log.
+    pub fn vipd_log_tail(&self, lines: usize) -> String {
+        log_tail_n(&self.vipd_dir.join("vipd.log"), lines)
     }
 }
 
@@ -285,7 +323,91 @@ impl Cluster {
             dir: self.base.join(format!("n{i}")),
             etcd_dir: self.etcd_base.join(format!("n{i}")),
             etcd: Mutex::new(None),
+            vipd_dir: self.base.join(format!("vipd{i}")),
+            ingress: unique(&format!("vcn{i}ing")),
+            vipd: Mutex::new(None),
+            vipd_extra: Mutex::new(Vec::new()),
         }
+    }
+
+    /// `vipd run --etcd <every member> --node-name nodeN --node-address <underlay>
+    /// EXTRA` in node `i`'s namespace against its dockerd: the namespace is the node's
+    /// host, where its bridges and their gateways are. DNS and metrics keep their
+    /// defaults (each node's namespace has its own addresses and ports); the state dir,
+    /// the admin socket and the ingress namespace are the node's own.
+    pub fn start_vipd(&self, i: u8, extra: &[&str]) {
+        let node = self.node(i);
+        *lock(&node.vipd_extra) = extra.iter().map(|a| (*a).to_owned()).collect();
+        self.spawn_vipd(node);
+    }
+
+    /// Start node `i`'s vipd again, as it was started (same state dir: a restart within
+    /// the lease TTL resumes the lease).
+    pub fn restart_vipd(&self, i: u8) {
+        let node = self.node(i);
+        assert!(!node.vipd_running(), "{}'s vipd still runs", node.name);
+        self.spawn_vipd(node);
+    }
+
+    fn spawn_vipd(&self, node: &ClusterNode) {
+        std::fs::create_dir_all(&node.vipd_dir).expect("vipd dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.vipd_dir.join("vipd.log"))
+            .expect("vipd log");
+        let members: Vec<&str> = self.nodes.iter().map(|n| n.etcd_url.as_str()).collect();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", node.netns.path()))
+            .args(["--", vipd(), "run", "-v", "--etcd", &members.join(",")])
+            .args(["--node-name", &node.name])
+            .args(["--node-address", &node.underlay.to_string()])
+            .arg("--state-dir")
+            .arg(node.vipd_dir.join("state"))
+            .arg("--admin-socket")
+            .arg(node.admin_socket())
+            .args(["--ingress-netns", &node.ingress])
+            .args(lock(&node.vipd_extra).iter())
+            .env("DOCKER_HOST", &node.docker_host)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("vipd log"))
+            .stderr(log)
+            .spawn()
+            .expect("start vipd run");
+        *lock(&node.vipd) = Some(child);
+    }
+
+    /// SIGKILL node `i`'s vipd, as a crash: it cleans nothing up and its lease is left
+    /// to run out (or to be resumed by a restart).
+    pub fn kill_vipd(&self, i: u8) {
+        let node = self.node(i);
+        let mut child = lock(&node.vipd)
+            .take()
+            .unwrap_or_else(|| panic!("{}'s vipd was not started", node.name));
+        child.kill().expect("SIGKILL vipd");
+        let status = child.wait().expect("wait for vipd");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "{}'s vipd had exited before the kill: {status}\n{}",
+            node.name,
+            node.vipd_log_tail(30)
+        );
+    }
+
+    /// Stop node `i`'s etcd member (SIGKILL: a member that is gone, not one that
+    /// leaves the cluster).
+    pub fn stop_etcd(&self, i: u8) {
+        let node = self.node(i);
+        if let Some(mut child) = lock(&node.etcd).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Node `i`'s underlay link down: cut off from every other node and from etcd.
+    pub fn link_down(&self, i: u8) {
+        self.exec(i, &["ip", "link", "set", UPLINK, "down"]);
     }
 
     /// One etcd member per node, all at once (`--initial-cluster-state new` waits for
@@ -508,15 +630,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn log_tail(path: &Path) -> String {
+    log_tail_n(path, 30)
+}
+
+fn log_tail_n(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         let t = Instant::now();
-        // Dockerds first (their containers go with them), in parallel: each stop takes
+        // vipds first: they would follow the dockerds' teardown. Their logs on a panic.
+        for node in &self.nodes {
+            if let Some(mut child) = lock(&node.vipd).take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if std::thread::panicking() && node.vipd_dir.exists() {
+                eprintln!(
+                    "--- {}'s vipd log (last lines) ---\n{}",
+                    node.name,
+                    node.vipd_log_tail(60)
+                );
+            }
+        }
+        // Dockerds next (their containers go with them), in parallel: each stop takes
         // seconds in the emulated VM. Then etcd, then the namespaces (fields' drops).
         std::thread::scope(|scope| {
             for node in &self.nodes {
@@ -539,6 +679,9 @@ impl Drop for Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        for node in &self.nodes {
+            let _ = output(&["ip", "netns", "del", &node.ingress]);
         }
         let _ = std::fs::remove_dir_all(&self.etcd_base);
         let _ = std::fs::remove_dir_all(&self.base);

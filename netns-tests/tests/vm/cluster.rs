@@ -4,13 +4,21 @@
 //! a client container on node1 reaches them directly across the overlay, then through a
 //! VIP that `vipd apply` programs in the client's sandbox, round-robin, with its own
 //! source address arriving at the tasks (no masquerade inside the cluster range).
+//!
+//! Then the walkthrough with vipd doing all of it (`vipd run --etcd` on every node, one
+//! cluster start for every step): client on node1, tasks on node2 and on node3, which
+//! joins late as the new node; 30 requests through the VIP, `dig` at the cluster's DNS
+//! address, a stopped task, a vipd killed and restarted, an etcd member stopped, a node
+//! cut off. Each step is timed; a failed step does not hide the ones after it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use vipd::core::overlay::OverlayConfig;
 
-use crate::common::cluster::{exec_in, exec_in_output, Cluster, IMAGE, NETWORK};
+use crate::agent::{ipvs_table, require_ipvs_vm, stdout_in, vip_of};
+use crate::common::cluster::{exec_in, exec_in_output, Cluster, IMAGE, NETWORK, OVERLAY_CHAIN};
 use crate::common::*;
 
 /// The VIP: in the cluster range, in the slice no node leases in this test.
@@ -189,4 +197,827 @@ fn three_nodes_carry_a_vip_across_the_overlay_and_keep_the_clients_address() {
         eprintln!("timing: {what}: {:.1} s", took.as_secs_f64());
     }
     eprintln!("timing: test body in all: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// The lease TTL the walkthrough's vipds run with: short, so that the node cut off leaves
+/// the others soon, and under the default (10 s) the issue asks for at most.
+const LEASE_TTL_S: u64 = 6;
+/// The one DNS address of the cluster, on every node's cluster bridge (docs/DATAPATH.md).
+const DNS_ADDRESS: &str = "169.254.53.53";
+/// How long after the last keep-alive a node's tasks may still be backends elsewhere:
+/// the lease TTL plus etcd's lease check (every 500 ms), the watch and the programming,
+/// on the loaded emulated VM.
+const CUT_OFF_SLACK: Duration = Duration::from_secs(3);
+
+/// The walkthrough's steps: each timed; a failed step is recorded with its message and
+/// the walk goes on (a later step states its own expectations), so one run of the
+/// slow cluster shows every step that fails. The test fails at the end if any did.
+struct Walk<'a> {
+    cluster: &'a Cluster,
+    failures: Vec<String>,
+}
+
+impl<'a> Walk<'a> {
+    fn new(cluster: &'a Cluster) -> Self {
+        Walk {
+            cluster,
+            failures: Vec::new(),
+        }
+    }
+
+    /// Run one step; its value, or `None` (and the failure recorded) if it panicked.
+    fn step<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> Option<T> {
+        eprintln!("walkthrough: {name}");
+        let t = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        self.cluster.step(name, t);
+        match result {
+            Ok(value) => Some(value),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "(no message)".to_owned());
+                self.failures.push(format!("{name}: {message}"));
+                None
+            }
+        }
+    }
+
+    /// Every step's time, then fail if a step did (with every step's failure and the
+    /// nodes' vipd logs).
+    fn finish(self, t0: Instant) {
+        for (what, took) in self.cluster.timings() {
+            eprintln!("timing: {what}: {:.1} s", took.as_secs_f64());
+        }
+        eprintln!("timing: walkthrough in all: {:.1} s", t0.elapsed().as_secs_f64());
+        assert!(
+            self.failures.is_empty(),
+            "{} walkthrough step(s) failed:\n\n{}",
+            self.failures.len(),
+            self.failures.join("\n\n")
+        );
+    }
+}
+
+/// A container of the walkthrough: its node, name, id, address and sandbox.
+struct Container {
+    node: u8,
+    name: String,
+    id: String,
+    ip: String,
+    sandbox: String,
+}
+
+/// `docker run` on node `node` on the cluster network, labelled `labels`: an httpd that
+/// answers its own name when `web`, else a sleeper.
+fn start_container(cluster: &Cluster, node: u8, name: &str, labels: &[&str], web: bool) -> Container {
+    let n = cluster.node(node);
+    let mut args = vec!["--name", name, "--network", NETWORK];
+    for label in labels {
+        args.extend(["--label", label]);
+    }
+    let command = if web {
+        format!("echo {name} >/www/index.html && exec httpd -f -p 80 -h /www")
+    } else {
+        "exec sleep 100000".to_owned()
+    };
+    args.extend([IMAGE, "sh", "-c", &command]);
+    let id = n.run_container(&args);
+    let ip = n.container_ip(&id);
+    // The node's slice is the /24 its vipd leased (any free one, not one by index).
+    let subnet = n.docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Subnet}}",
+        NETWORK,
+    ]);
+    let prefix = subnet.strip_suffix(".0/24").unwrap_or(&subnet);
+    assert!(
+        ip.starts_with(&format!("{prefix}.")),
+        "{name} on node{node} got {ip:?}, not an address of node{node}'s slice {subnet}"
+    );
+    let sandbox = n.sandbox(&id);
+    Container {
+        node,
+        name: name.to_owned(),
+        id,
+        ip,
+        sandbox,
+    }
+}
+
+/// Start these containers, per node one after the other and the nodes in parallel
+/// (`docker run` is seconds each in the emulated VM); in the order given.
+fn start_containers(cluster: &Cluster, specs: &[(u8, &str, &[&str], bool)]) -> Vec<Container> {
+    std::thread::scope(|scope| {
+        let mut nodes: Vec<u8> = specs.iter().map(|s| s.0).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let handles: Vec<_> = nodes
+            .into_iter()
+            .map(|node| {
+                scope.spawn(move || {
+                    specs
+                        .iter()
+                        .filter(|s| s.0 == node)
+                        .map(|&(node, name, labels, web)| start_container(cluster, node, name, labels, web))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<Container> = handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("docker run"))
+            .collect();
+        all.sort_by_key(|c| specs.iter().position(|s| s.1 == c.name));
+        all
+    })
+}
+
+/// The IPVS services and destinations in a sandbox without their counters (`ipvsadm -Ln`,
+/// each line's first fields: `FWM 256 rr`, `-> 10.230.2.3:0 Masq 1`): what "nothing
+/// changed" compares.
+fn ipvs_shape(sandbox: &str) -> Vec<String> {
+    exec_in(sandbox, &["ipvsadm", "-Ln"])
+        .lines()
+        .filter(|l| l.starts_with("FWM") || l.trim_start().starts_with("->"))
+        .filter(|l| !l.contains("RemoteAddress"))
+        .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// The destination addresses of web's IPVS service in a sandbox: the fwmark service
+/// of the mark its `vipd:web:` rule sets (other services' destinations are not counted).
+fn backends(sandbox: &str) -> BTreeSet<String> {
+    let rules = stdout_in(sandbox, &["iptables", "-t", "mangle", "-S", "VIPD-OUTPUT"]);
+    let mark = rules.lines().find(|l| l.contains("vipd:web:")).and_then(|l| {
+        let mut words = l.split_whitespace();
+        words.find(|w| *w == "--set-xmark" || *w == "--set-mark")?;
+        let hex = words.next()?.split('/').next()?.trim_start_matches("0x");
+        u32::from_str_radix(hex, 16).ok()
+    });
+    let Some(mark) = mark else {
+        return BTreeSet::new();
+    };
+    let header = format!("FWM  {mark} ");
+    exec_in(sandbox, &["ipvsadm", "-Ln"])
+        .lines()
+        .skip_while(|l| !l.starts_with(&header))
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with("->"))
+        .filter_map(|l| l.trim_start().strip_prefix("-> "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|addr| addr.rsplit_once(':').map(|(ip, _)| ip.to_owned()))
+        .filter(|ip| ip.parse::<Ipv4Addr>().is_ok())
+        .collect()
+}
+
+fn ips<'a>(containers: impl IntoIterator<Item = &'a Container>) -> BTreeSet<String> {
+    containers.into_iter().map(|c| c.ip.clone()).collect()
+}
+
+/// Poll `ok` every 100 ms up to `limit`; how long it took, or a panic naming `what`
+/// with what `describe` says of the last state.
+fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut ok: impl FnMut() -> bool,
+    describe: impl Fn() -> String,
+) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}; now:\n{}",
+            describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+/// The node names `vipd status --json` of node `i` lists, or why not.
+fn status_nodes(cluster: &Cluster, i: u8) -> Result<BTreeSet<String>, String> {
+    let out = cluster.node(i).status_output();
+    if !out.status.success() {
+        return Err(describe_output(&out));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("not JSON ({e}): {}", describe_output(&out)))?;
+    let nodes = json["cluster"]["nodes"]
+        .as_array()
+        .ok_or_else(|| format!("no cluster.nodes in: {json}"))?;
+    Ok(nodes
+        .iter()
+        .filter_map(|n| n["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+fn describe_output(out: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Until node `i`'s vipd has made the cluster network (it does so after joining).
+fn wait_for_cluster_network(cluster: &Cluster, i: u8) {
+    let node = cluster.node(i);
+    wait_until(
+        &format!("node{i}'s vipd to create the `{NETWORK}` network"),
+        Duration::from_secs(90),
+        || {
+            node.docker_output(&["network", "inspect", NETWORK])
+                .status
+                .success()
+        },
+        || {
+            format!(
+                "vipd running: {}\nits log:\n{}",
+                node.vipd_running(),
+                node.vipd_log_tail(30)
+            )
+        },
+    );
+}
+
+/// `dig @ADDRESS NAME +short` from a sandbox: the IPv4 addresses answered.
+fn dig(sandbox: &str, server: &str, name: &str) -> BTreeSet<String> {
+    let server = format!("@{server}");
+    let out = exec_in_output(sandbox, &["dig", &server, name, "+short", "+time=2", "+tries=1"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim().parse::<Ipv4Addr>().is_ok())
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+/// GET / of each task directly from a sandbox, a few tries each: whether the overlay
+/// and the nodes' forwarding rules carry new flows between nodes at all. On failure
+/// the message names what a node must accept and shows its DOCKER-USER chain.
+fn reach_directly(cluster: &Cluster, sandbox: &str, tasks: &[&Container]) {
+    for task in tasks {
+        let url = format!("http://{}/", task.ip);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = exec_in_output(sandbox, &["curl", "-s", "--max-time", "2", &url]);
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == task.name {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let node = cluster.node(task.node);
+                let chain = exec_in_output(&node.netns_path(), &["iptables", "-S", "DOCKER-USER"]);
+                let overlay = exec_in_output(&node.netns_path(), &["iptables", "-S", OVERLAY_CHAIN]);
+                panic!(
+                    "{} ({} on node{}) is not reachable from node1's client across the overlay \
+                     (curl: {}). Docker's FORWARD drop must let the overlay in: vipd's \
+                     {OVERLAY_CHAIN} chain, jumped to from DOCKER-USER, accepting from the VXLAN \
+                     device to the cluster bridge. node{}'s DOCKER-USER:\n{}\n{OVERLAY_CHAIN}: {}",
+                    task.name,
+                    task.ip,
+                    task.node,
+                    out.status,
+                    task.node,
+                    String::from_utf8_lossy(&chain.stdout),
+                    describe_output(&overlay)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Per answer (a task's name), how many of `count` requests to the VIP it served.
+fn balance(sandbox: &str, vip: &str, count: usize) -> BTreeMap<String, usize> {
+    let url = format!("http://{vip}/");
+    let mut args = vec!["curl", "-s", "--max-time", "5", "-H", "Connection: close"];
+    args.extend(std::iter::repeat_n(url.as_str(), count));
+    let body = String::from_utf8_lossy(&exec_in_output(sandbox, &args).stdout).into_owned();
+    let mut seen = BTreeMap::new();
+    for line in body.lines() {
+        *seen.entry(line.to_owned()).or_insert(0) += 1;
+    }
+    seen
+}
+
+fn even(names: &[&str], each: usize) -> BTreeMap<String, usize> {
+    names.iter().map(|n| ((*n).to_owned(), each)).collect()
+}
+
+#[test]
+fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_faults() {
+    require_ipvs_vm();
+    let t0 = Instant::now();
+    let cluster = Cluster::start(3);
+    let ttl = LEASE_TTL_S.to_string();
+    let vipd_args = ["--lease-ttl", ttl.as_str()];
+    let mut walk = Walk::new(&cluster);
+
+    // node1 and node2 join first; node3 joins later, as the new node.
+    let t = Instant::now();
+    cluster.start_vipd(1, &vipd_args);
+    cluster.start_vipd(2, &vipd_args);
+    wait_for_cluster_network(&cluster, 1);
+    wait_for_cluster_network(&cluster, 2);
+    cluster.step("node1 and node2 joined: vipd made the cluster network on both", t);
+
+    let t = Instant::now();
+    let web: &[&str] = &["vipd.service=web"];
+    let dnsrr: &[&str] = &["vipd.service=db", "vipd.endpoint-mode=dnsrr"];
+    let first = start_containers(
+        &cluster,
+        &[
+            (1, "client", &[], false),
+            (2, "t2a", web, true),
+            (2, "t2b", web, true),
+            (2, "db2", dnsrr, false),
+        ],
+    );
+    cluster.step("client on node1, 2 web tasks and a db task on node2", t);
+    let [client, t2a, t2b, db2] = <[Container; 4]>::try_from(first).ok().expect("4 containers");
+    let client_sandbox = client.sandbox.clone();
+
+    let vip = walk.step("node2's tasks become backends in node1's client sandbox", || {
+        let took = wait_until(
+            "t2a and t2b as backends in the client's sandbox",
+            Duration::from_secs(60),
+            || backends(&client_sandbox) == ips([&t2a, &t2b]),
+            || exec_in(&client_sandbox, &["ipvsadm", "-Ln"]),
+        );
+        eprintln!(
+            "node2's tasks in node1's client sandbox {:.1} s after their start",
+            took.as_secs_f64()
+        );
+        let vip = vip_of(&client_sandbox, "web").expect("web's VIP marked in the client's sandbox");
+        wait_until(
+            "the same VIP for web in t2a's sandbox on node2",
+            Duration::from_secs(30),
+            || vip_of(&t2a.sandbox, "web").as_deref() == Some(vip.as_str()),
+            || stdout_in(&t2a.sandbox, &["iptables", "-t", "mangle", "-S"]),
+        );
+        vip
+    });
+
+    // The new node: node3 (behind the router) joins; its tasks serve everywhere.
+    let t = Instant::now();
+    cluster.start_vipd(3, &vipd_args);
+    wait_for_cluster_network(&cluster, 3);
+    cluster.step("node3 joined late: vipd made the cluster network on it", t);
+    let t = Instant::now();
+    let third = start_containers(&cluster, &[(3, "t3a", web, true), (3, "db3", dnsrr, false)]);
+    cluster.step("a web task and a db task on node3", t);
+    let [t3a, db3] = <[Container; 2]>::try_from(third).ok().expect("2 containers");
+    let web_ips = ips([&t2a, &t2b, &t3a]);
+
+    walk.step(
+        "the new node's task serves everywhere: a backend on node1 and node2",
+        || {
+            let took = wait_until(
+                "t3a as a backend in node1's client sandbox",
+                Duration::from_secs(60),
+                || backends(&client_sandbox) == web_ips,
+                || exec_in(&client_sandbox, &["ipvsadm", "-Ln"]),
+            );
+            eprintln!(
+                "node3's task in node1's client sandbox {:.1} s after its start",
+                took.as_secs_f64()
+            );
+            wait_until(
+                "t3a as a backend in t2a's sandbox on node2",
+                Duration::from_secs(30),
+                || backends(&t2a.sandbox) == web_ips,
+                || exec_in(&t2a.sandbox, &["ipvsadm", "-Ln"]),
+            );
+            wait_until(
+                "node2's tasks as backends in t3a's sandbox on node3",
+                Duration::from_secs(30),
+                || backends(&t3a.sandbox) == web_ips,
+                || exec_in(&t3a.sandbox, &["ipvsadm", "-Ln"]),
+            );
+        },
+    );
+
+    walk.step("vipd status --json on node1 lists the 3 nodes", || {
+        let mut last = Err(String::new());
+        wait_until(
+            "node1's status to list node1, node2 and node3",
+            Duration::from_secs(20),
+            || {
+                last = status_nodes(&cluster, 1);
+                last.as_ref()
+                    .is_ok_and(|n| *n == names(&["node1", "node2", "node3"]))
+            },
+            || format!("{:?}", status_nodes(&cluster, 1)),
+        );
+    });
+
+    // The VIP steps run whatever the first step found: without a VIP they fail, saying so.
+    let vip = vip.unwrap_or_else(|| vip_of(&client_sandbox, "web").unwrap_or_default());
+    let vip = vip.as_str();
+    let need_vip = || assert!(!vip.is_empty(), "no VIP for web in node1's client sandbox");
+    {
+        walk.step(
+            "30 requests from node1's client through the VIP: 10 on each task",
+            || {
+                need_vip();
+                reach_directly(&cluster, &client_sandbox, &[&t2a, &t2b, &t3a]);
+                let seen = balance(&client_sandbox, vip, 30);
+                assert_eq!(
+                    seen,
+                    even(&["t2a", "t2b", "t3a"], 10),
+                    "30 requests to the VIP {vip}"
+                );
+                let table = exec_in(&client_sandbox, &["ipvsadm", "-Ln"]);
+                assert!(
+                    table.lines().any(|l| l.starts_with("FWM") && l.contains(" rr")),
+                    "no round-robin fwmark service:\n{table}"
+                );
+                for task in [&t2a, &t2b, &t3a] {
+                    let dest = format!("-> {}:0", task.ip);
+                    assert!(
+                        table.lines().any(|l| l.contains(&dest) && l.contains("Masq")),
+                        "{} missing from:\n{table}",
+                        task.ip
+                    );
+                }
+            },
+        );
+
+        walk.step(
+            "dig from node1's client: the VIP, tasks.web and the dnsrr service",
+            || {
+                let dns_on_bridge = || {
+                    let shown = exec_in_output(&cluster.node(1).netns_path(), &["ip", "-4", "addr", "show"]);
+                    let gateway = cluster.node(1).docker(&[
+                        "network",
+                        "inspect",
+                        "-f",
+                        "{{(index .IPAM.Config 0).Gateway}}",
+                        NETWORK,
+                    ]);
+                    let answer = dig(&client_sandbox, &gateway, "web.vipd");
+                    format!(
+                        "node1's addresses:\n{}\nthe gateway {gateway} answers web.vipd with {answer:?}",
+                        String::from_utf8_lossy(&shown.stdout)
+                    )
+                };
+                let want_vip = names(&[vip]);
+                wait_until(
+                    &format!(
+                        "web.vipd = {vip} from @{DNS_ADDRESS} (vipd's DNS address on the cluster bridge)"
+                    ),
+                    Duration::from_secs(20),
+                    || dig(&client_sandbox, DNS_ADDRESS, "web.vipd") == want_vip,
+                    dns_on_bridge,
+                );
+                let tasks = dig(&client_sandbox, DNS_ADDRESS, "tasks.web.vipd");
+                assert_eq!(tasks, web_ips, "tasks.web.vipd: the 3 tasks of node2 and node3");
+                let mangle = stdout_in(&client_sandbox, &["iptables", "-t", "mangle", "-S"]);
+                assert!(
+                    !mangle.contains("vipd:db:"),
+                    "the dnsrr service db has a VIP in node1's client sandbox (node1 has no db task: \
+                 the peers' tasks' endpoint mode is not followed):\n{mangle}"
+                );
+                let db = dig(&client_sandbox, DNS_ADDRESS, "db.vipd");
+                assert_eq!(
+                    db,
+                    ips([&db2, &db3]),
+                    "db.vipd (dnsrr): its tasks on node2 and node3"
+                );
+            },
+        );
+    }
+
+    walk.step("a task stopped on node2 leaves node1's and node3's sandboxes at once", || {
+        let left = ips([&t2a, &t3a]);
+        cluster.node(2).docker(&["stop", "-t", "1", &t2b.id]);
+        let t = Instant::now();
+        wait_until(
+            "t2b to leave node1's client sandbox",
+            Duration::from_secs(5),
+            || backends(&client_sandbox) == left,
+            || exec_in(&client_sandbox, &["ipvsadm", "-Ln"]),
+        );
+        let took = t.elapsed();
+        wait_until(
+            "t2b to leave t3a's sandbox on node3",
+            Duration::from_secs(5).saturating_sub(took),
+            || backends(&t3a.sandbox) == left,
+            || exec_in(&t3a.sandbox, &["ipvsadm", "-Ln"]),
+        );
+        eprintln!(
+            "stopped task out of node1's client sandbox {:.2} s, of node3's {:.2} s after `docker stop` returned",
+            took.as_secs_f64(),
+            t.elapsed().as_secs_f64()
+        );
+        need_vip();
+        assert_eq!(balance(&client_sandbox, vip, 20), even(&["t2a", "t3a"], 10));
+    });
+
+    // From here on node1's and node3's sandboxes must stay as they are while node2's
+    // vipd dies and comes back, and while an etcd member is gone.
+    let watched = [&client_sandbox, &t3a.sandbox, &t2a.sandbox];
+    let shapes = || watched.iter().map(|s| ipvs_shape(s)).collect::<Vec<_>>();
+    let hold = |what: &str, before: &[Vec<String>], during: Duration| {
+        let until = Instant::now() + during;
+        while Instant::now() < until {
+            let now = shapes();
+            assert_eq!(now, before, "{what}: a sandbox's IPVS table changed");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    walk.step(
+        "kill -9 of node2's vipd and its restart change nothing elsewhere",
+        || {
+            let before = shapes();
+            let all = names(&["node1", "node2", "node3"]);
+            cluster.kill_vipd(2);
+            hold("node2's vipd killed", &before, Duration::from_secs(2));
+            cluster.restart_vipd(2);
+            wait_until(
+                "node2's vipd to answer its status again with the 3 nodes",
+                Duration::from_secs(30),
+                || status_nodes(&cluster, 2).is_ok_and(|n| n == all),
+                || {
+                    format!(
+                        "{:?}\n{}",
+                        status_nodes(&cluster, 2),
+                        cluster.node(2).vipd_log_tail(20)
+                    )
+                },
+            );
+            // Past the lease TTL: a restart that took a new lease would have shown by now.
+            hold(
+                "node2's vipd restarted",
+                &before,
+                Duration::from_secs(LEASE_TTL_S + 1),
+            );
+            assert_eq!(status_nodes(&cluster, 1), Ok(all));
+            need_vip();
+            assert_eq!(balance(&client_sandbox, vip, 20), even(&["t2a", "t3a"], 10));
+        },
+    );
+
+    walk.step("one etcd member stopped changes nothing", || {
+        let before = shapes();
+        // node3's member: node3's vipd must keep its lease through another one, and the
+        // two left keep the quorum when node3 is cut off next.
+        cluster.stop_etcd(3);
+        hold(
+            "node3's etcd member stopped",
+            &before,
+            Duration::from_secs(2 * LEASE_TTL_S),
+        );
+        assert_eq!(status_nodes(&cluster, 1), Ok(names(&["node1", "node2", "node3"])));
+    });
+
+    walk.step("a node cut off leaves the other nodes' sandboxes within the lease TTL", || {
+        let left = names(&[t2a.ip.as_str()]);
+        cluster.link_down(3);
+        cluster.kill_vipd(3);
+        let t = Instant::now();
+        let limit = Duration::from_secs(LEASE_TTL_S) + CUT_OFF_SLACK;
+        wait_until(
+            "node3's task to leave node1's client sandbox",
+            limit + Duration::from_secs(20),
+            || backends(&client_sandbox) == left,
+            || exec_in(&client_sandbox, &["ipvsadm", "-Ln"]),
+        );
+        let on_node1 = t.elapsed();
+        wait_until(
+            "node3's task to leave t2a's sandbox on node2",
+            Duration::from_secs(20),
+            || backends(&t2a.sandbox) == left,
+            || exec_in(&t2a.sandbox, &["ipvsadm", "-Ln"]),
+        );
+        let on_node2 = t.elapsed();
+        eprintln!(
+            "node3 cut off: its task out of node1's sandbox after {:.1} s, of node2's after {:.1} s (lease TTL {LEASE_TTL_S} s)",
+            on_node1.as_secs_f64(),
+            on_node2.as_secs_f64()
+        );
+        assert!(
+            on_node1 <= limit && on_node2 <= limit,
+            "node3's task left node1 after {on_node1:?} and node2 after {on_node2:?}: more than the lease TTL {LEASE_TTL_S} s + {CUT_OFF_SLACK:?}"
+        );
+        wait_until(
+            "node1's status to list node1 and node2 only",
+            Duration::from_secs(10),
+            || status_nodes(&cluster, 1).is_ok_and(|n| n == names(&["node1", "node2"])),
+            || format!("{:?}", status_nodes(&cluster, 1)),
+        );
+    });
+
+    walk.finish(t0);
+}
+
+/// A counter of etcd's Prometheus metrics (`NAME VALUE` lines), read from node `i`'s
+/// member: every member applies every write, so one member's counters are the cluster's.
+fn etcd_counter(cluster: &Cluster, i: u8, name: &str) -> f64 {
+    let url = format!("http://{}:2379/metrics", cluster.node(i).underlay);
+    cluster
+        .exec(i, &["curl", "-s", "--max-time", "5", &url])
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// etcd's puts and deletes so far (node1's member).
+fn etcd_writes(cluster: &Cluster) -> f64 {
+    etcd_counter(cluster, 1, "etcd_mvcc_put_total") + etcd_counter(cluster, 1, "etcd_mvcc_delete_total")
+}
+
+/// `/proc/net/ip_vs` writes a destination as `-> 0AE60203:0000`: a task address in hex.
+fn hex_dest(ip: &str) -> String {
+    let ip: Ipv4Addr = ip.parse().expect("an IPv4 address");
+    let hex: String = ip.octets().iter().map(|o| format!("{o:02X}")).collect();
+    format!("-> {hex}:")
+}
+
+/// Until every sandbox holds `ip` as an IPVS destination (read without a process);
+/// how long that took from `since`.
+fn until_in_all(sandboxes: &[String], ip: &str, since: Instant) -> Duration {
+    let dest = hex_dest(ip);
+    let mut pending: Vec<&String> = sandboxes.iter().collect();
+    while !pending.is_empty() {
+        assert!(
+            since.elapsed() < Duration::from_secs(120),
+            "{ip} not in every sandbox after 120 s"
+        );
+        pending.retain(|s| !ipvs_table(s).contains(&dest));
+    }
+    since.elapsed()
+}
+
+/// Nearest rank.
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let rank = ((p / 100.0) * samples.len() as f64).ceil().max(1.0) as usize;
+    samples[rank.min(samples.len()) - 1]
+}
+
+/// Requests per second of `count` GETs over `urls` in turn, from one curl process in a
+/// sandbox, each on a new connection (`close`) or on kept-alive ones.
+fn curl_rate(sandbox: &str, urls: &[String], count: usize, close: bool) -> f64 {
+    let mut args = vec!["curl", "-s", "-o", "/dev/null", "--max-time", "60"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    for i in 0..count {
+        args.push(&urls[i % urls.len()]);
+    }
+    let t = Instant::now();
+    let out = exec_in_output(sandbox, &args);
+    assert!(out.status.success(), "curl: {}", describe_output(&out));
+    count as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The cluster benchmarks (scripts/bench/cluster.sh runs this in the VM): the cross-node
+/// data path through the VIP against the same tasks directly, convergence of a remote
+/// task against a local one, and etcd writes per task start and stop with 2 and then 3
+/// nodes and more sandboxes. K (default 5) samples per convergence figure, N (default
+/// 500) requests per rate.
+#[test]
+#[ignore = "a benchmark: scripts/bench/cluster.sh"]
+fn cluster_benchmark() {
+    require_ipvs_vm();
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (k, n) = (env("K", 5), env("N", 500));
+    let cluster = Cluster::start(3);
+    cluster.start_vipd(1, &[]);
+    cluster.start_vipd(2, &[]);
+    wait_for_cluster_network(&cluster, 1);
+    wait_for_cluster_network(&cluster, 2);
+    let web: &[&str] = &["vipd.service=web"];
+    let base = start_containers(
+        &cluster,
+        &[
+            (1, "client", &[], false),
+            (2, "t2a", web, true),
+            (2, "t2b", web, true),
+        ],
+    );
+    let (client, tasks) = (&base[0], [&base[1], &base[2]]);
+    wait_until(
+        "node2's tasks in node1's client sandbox",
+        Duration::from_secs(60),
+        || backends(&client.sandbox) == ips(tasks),
+        || exec_in(&client.sandbox, &["ipvsadm", "-Ln"]),
+    );
+    let vip = vip_of(&client.sandbox, "web").expect("web's VIP");
+
+    // (c) etcd writes for one task start and one stop, settled.
+    let writes = |label: &str, node: u8, watch: &[String]| {
+        let before = etcd_writes(&cluster);
+        let task = start_container(&cluster, node, &unique("store"), web, false);
+        until_in_all(watch, &task.ip, Instant::now());
+        std::thread::sleep(Duration::from_secs(2));
+        let started = etcd_writes(&cluster);
+        cluster.node(node).docker(&["rm", "-f", &task.id]);
+        let dest = hex_dest(&task.ip);
+        wait_until(
+            "the task to leave",
+            Duration::from_secs(60),
+            || watch.iter().all(|s| !ipvs_table(s).contains(&dest)),
+            String::new,
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let stopped = etcd_writes(&cluster);
+        println!(
+            "bench: store: {label}: etcd writes per task start {} and stop {}",
+            started - before,
+            stopped - started
+        );
+    };
+    writes(
+        "2 nodes, 1 client sandbox on node1",
+        2,
+        std::slice::from_ref(&client.sandbox),
+    );
+
+    cluster.start_vipd(3, &[]);
+    wait_for_cluster_network(&cluster, 3);
+    let more = start_containers(
+        &cluster,
+        &[
+            (1, "c2", &[], false),
+            (1, "c3", &[], false),
+            (1, "c4", &[], false),
+            (3, "c5", &[], false),
+        ],
+    );
+    let mut node1: Vec<String> = vec![client.sandbox.clone()];
+    node1.extend(more.iter().filter(|c| c.node == 1).map(|c| c.sandbox.clone()));
+    wait_until(
+        "node2's tasks in every client sandbox",
+        Duration::from_secs(60),
+        || node1.iter().all(|s| backends(s) == ips(tasks)),
+        String::new,
+    );
+    writes("3 nodes, 5 client sandboxes (4 on node1)", 2, &node1);
+
+    // (a) The data path, node1 to node2: through the VIP against the tasks directly.
+    let direct: Vec<String> = tasks.iter().map(|t| format!("http://{}/", t.ip)).collect();
+    let through = [format!("http://{vip}/")];
+    for (mode, close) in [("new connections/s", true), ("keep-alive requests/s", false)] {
+        curl_rate(&client.sandbox, &through, n / 10, close);
+        let d = curl_rate(&client.sandbox, &direct, n, close);
+        let v = curl_rate(&client.sandbox, &through, n, close);
+        println!(
+            "bench: data path: {mode}: VIP {v:.0}, direct {d:.0}, ratio {:.2} (target >= 0.9)",
+            v / d
+        );
+    }
+
+    // (b) Convergence: a task on node2 against one on node1, into every sandbox of node1
+    // that existed before it.
+    let converge = |node: u8| {
+        let mut samples = Vec::new();
+        for _ in 0..k {
+            let name = unique("conv");
+            let t = Instant::now();
+            let task = start_container(&cluster, node, &name, web, false);
+            samples.push(until_in_all(&node1, &task.ip, t));
+            cluster.node(node).docker(&["rm", "-f", &task.id]);
+        }
+        samples
+    };
+    let mut remote = converge(2);
+    let mut local = converge(1);
+    let (r50, r99, l50, l99) = (
+        percentile(&mut remote, 50.0),
+        percentile(&mut remote, 99.0),
+        percentile(&mut local, 50.0),
+        percentile(&mut local, 99.0),
+    );
+    println!(
+        "bench: convergence (from `docker run` until in all {} sandboxes of node1, K={k}): task on node2 p50 {:.2} s p99 {:.2} s; on node1 p50 {:.2} s p99 {:.2} s; p99 ratio {:.2} (target <= 1.5)",
+        node1.len(),
+        r50.as_secs_f64(),
+        r99.as_secs_f64(),
+        l50.as_secs_f64(),
+        l99.as_secs_f64(),
+        r99.as_secs_f64() / l99.as_secs_f64()
+    );
 }
