@@ -17,7 +17,7 @@
 //! - [`ingress`]: the routing mesh's ingress namespace and its veth link to the host.
 //! - [`config`]: the `vipd run` config file, turned into the flags it stands for.
 //! - [`metrics`]: Prometheus metrics of `vipd run`: the registry, the scrape of the kernel's
-//!   counters through a port ([`ipvs::stats`] is the kernel side), the HTTP endpoint (hyper).
+//!   counters through a port ([`kernel::stats`] is the kernel side), the HTTP endpoint (hyper).
 //! - [`privileges`]: the capabilities `vipd run` keeps; it drops the others.
 //! - [`services`]: services defined with `vipd service`: kept in the state directory or
 //!   the cluster store, read by the agent through [`services::DefinitionSource`].

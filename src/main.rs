@@ -12,7 +12,6 @@ use tracing_subscriber::EnvFilter;
 use vipd::core::plan::SysctlSettings;
 use vipd::core::spec;
 use vipd::netns::{self, NetnsPath};
-use vipd::reconcile;
 
 /// How `vipd` ended, as its exit status tells it (README, "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -745,7 +744,7 @@ async fn run_agent(opts: RunOptions) -> Result<()> {
     let metrics = match metrics_listen {
         // The kernel's side of the per-backend counters: metrics itself opens no netlink.
         Some(_) => vipd::metrics::Metrics::with_counters(
-            Arc::new(vipd::ipvs::stats::KernelIpvsCounters),
+            Arc::new(vipd::kernel::stats::KernelIpvsCounters),
             vipd::metrics::BACKEND_READ_TIMEOUT,
         ),
         None => vipd::metrics::Metrics::disabled(),
@@ -1015,7 +1014,7 @@ fn run(cli: Cli) -> Result<()> {
             let ns = NetnsPath::from_arg(&ns);
             netns::check(&ns).context("--netns").map_err(bad_input)?;
             vipd::tools::init()?;
-            let outcome = reconcile::reconcile_netns(&ns, &spec, &sysctls, dry_run)?;
+            let outcome = vipd::kernel::reconcile_netns(&ns, &spec, &sysctls, dry_run)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
             } else {
@@ -1034,7 +1033,7 @@ fn run(cli: Cli) -> Result<()> {
             let ns = NetnsPath::from_arg(&ns);
             netns::check(&ns).context("--netns").map_err(bad_input)?;
             vipd::tools::init()?;
-            let view = reconcile::inspect_netns(&ns)?;
+            let view = vipd::kernel::inspect_netns(&ns)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {

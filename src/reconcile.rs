@@ -16,8 +16,7 @@ use crate::core::plan::{self, ObservedSandbox, Plan, PlanError, SysctlSettings};
 use crate::core::spec::SandboxSpec;
 use crate::firewall::{Firewall, FirewallError};
 use crate::ipvs::{IpvsError, IpvsTable};
-use crate::kernel::NetnsOpener;
-use crate::netns::{NetnsError, NetnsPath};
+use crate::netns::NetnsError;
 use crate::sysctl::{SysctlError, Sysctls};
 
 /// Why a reconcile failed.
@@ -189,44 +188,6 @@ pub fn update(
     Ok(Outcome { plan, applied })
 }
 
-/// [`update`] the namespace `ns` from a kept view, with the real kernel interfaces: a
-/// netlink socket and, only if rules or sysctls change, `iptables-restore` or
-/// `/proc/sys` writes. Nothing is read back.
-pub fn update_netns(
-    ns: &NetnsPath,
-    seen: &mut ObservedSandbox,
-    prev: Option<&SandboxSpec>,
-    spec: &SandboxSpec,
-    sysctls: &SysctlSettings,
-) -> Result<Outcome, ReconcileError> {
-    let addrs = seen.addrs.clone();
-    NetnsOpener::enter(ns, Some(addrs), |sb| update(sb, seen, prev, spec, sysctls))
-}
-
-/// Read the namespace `ns` and reconcile it with the real kernel interfaces; returns the
-/// outcome and what the namespace holds afterwards (for later [`update_netns`] calls).
-pub fn reconcile_netns_kept(
-    ns: &NetnsPath,
-    spec: &SandboxSpec,
-    sysctls: &SysctlSettings,
-) -> Result<(Outcome, ObservedSandbox), ReconcileError> {
-    NetnsOpener::enter(ns, None, |sb| {
-        let mut seen = observe(sb, spec, sysctls)?;
-        let outcome = update(sb, &mut seen, None, spec, sysctls)?;
-        Ok((outcome, seen))
-    })
-}
-
-/// Reconcile the namespace `ns` with the real kernel interfaces.
-pub fn reconcile_netns(
-    ns: &NetnsPath,
-    spec: &SandboxSpec,
-    sysctls: &SysctlSettings,
-    dry_run: bool,
-) -> Result<Outcome, ReconcileError> {
-    NetnsOpener::enter(ns, None, |sb| reconcile(sb, spec, sysctls, dry_run))
-}
-
 /// Bring vipd's chains in the host's namespace ([`firewall::HOST_CHAINS`]: the routing
 /// mesh) to `want`, with `fw` (the calling thread's namespace): one `iptables-save`, and
 /// one `iptables-restore --noflush` only if something differs. Rules and chains of
@@ -294,11 +255,6 @@ pub fn inspect(ipvs: &mut dyn IpvsTable, fw: &mut dyn Firewall) -> Result<Sandbo
         foreign_services: services.len() - ours,
         services: views,
     })
-}
-
-/// [`inspect`] the namespace `ns` with the real kernel interfaces.
-pub fn inspect_netns(ns: &NetnsPath) -> Result<SandboxView, ReconcileError> {
-    NetnsOpener::enter(ns, None, |sb| inspect(sb.ipvs, sb.firewall))
 }
 
 #[cfg(test)]

@@ -942,7 +942,7 @@ impl Agent {
         let span = info_span!("bound_ports");
         let result = tokio::task::spawn_blocking(move || span.in_scope(|| ports.bound()))
             .await
-            .unwrap_or_else(|e| Err(HostError::Task(e.to_string())));
+            .unwrap_or_else(|e| Err(HostError::Task(e)));
         result.unwrap_or_else(|e| {
             self.cfg.metrics.error(ErrorKind::Host);
             if self.problems.note(format!("bound ports: {e}")) {
@@ -1009,7 +1009,7 @@ impl Agent {
             firewall.program(&wanted)
         })
         .await
-        .unwrap_or_else(|e| Err(HostError::Task(e.to_string())));
+        .unwrap_or_else(|e| Err(HostError::Task(e)));
         match result {
             Ok(ops) => {
                 report.operations += ops;
@@ -1043,7 +1043,7 @@ impl Agent {
         let span = info_span!("host_reassert");
         let needed = tokio::task::spawn_blocking(move || span.in_scope(|| firewall.reassert()))
             .await
-            .unwrap_or_else(|e| Err(HostError::Task(e.to_string())));
+            .unwrap_or_else(|e| Err(HostError::Task(e)));
         match needed {
             Ok(reasons) if reasons.is_empty() => {}
             Ok(reasons) => {

@@ -9,7 +9,6 @@
 pub mod codec;
 pub mod fake;
 pub mod netlink;
-pub mod stats;
 
 use crate::core::ipvs::{Destination, IpvsOp, ServiceKey, Timeouts, VirtualService};
 

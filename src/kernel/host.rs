@@ -21,7 +21,7 @@ pub enum HostError {
     Ports(#[from] IngressError),
     /// The blocking task that did the work failed (it panicked).
     #[error("host task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// vipd's chains in the host's namespace.

@@ -11,6 +11,7 @@
 
 pub mod fake;
 pub mod host;
+pub mod stats;
 
 use std::sync::Arc;
 
@@ -86,6 +87,21 @@ impl SandboxOpener for NetnsOpener {
     ) -> Result<R, ReconcileError> {
         Self::enter(&NetnsPath::from_arg(&key.to_string()), addrs, work)
     }
+}
+
+/// Reconcile the namespace `ns` with the real kernel interfaces (`vipd apply`).
+pub fn reconcile_netns(
+    ns: &NetnsPath,
+    spec: &SandboxSpec,
+    sysctls: &SysctlSettings,
+    dry_run: bool,
+) -> Result<reconcile::Outcome, ReconcileError> {
+    NetnsOpener::enter(ns, None, |sb| reconcile::reconcile(sb, spec, sysctls, dry_run))
+}
+
+/// Read what vipd holds in the namespace `ns` with the real kernel interfaces (`vipd show`).
+pub fn inspect_netns(ns: &NetnsPath) -> Result<reconcile::SandboxView, ReconcileError> {
+    NetnsOpener::enter(ns, None, |sb| reconcile::inspect(sb.ipvs, sb.firewall))
 }
 
 /// Why a sandbox was not programmed: the kernel's own error, typed, and whether it means the

@@ -12,7 +12,7 @@
 //!
 //! By concern: [`registry`] what is counted, [`scrape`] the kernel's counters (through a
 //! port: this module opens no netlink socket; `vipd run` passes
-//! [`crate::ipvs::stats::KernelIpvsCounters`]), [`server`] the HTTP endpoint.
+//! [`crate::kernel::stats::KernelIpvsCounters`]), [`server`] the HTTP endpoint.
 
 pub mod registry;
 pub mod scrape;

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use super::netlink::NetlinkIpvs;
-use super::{IpvsError, IpvsTable as _};
 use crate::core::ipvs::{Destination, ServiceKey};
 use crate::core::model::FwMark;
+use crate::ipvs::netlink::NetlinkIpvs;
+use crate::ipvs::{IpvsError, IpvsTable as _};
 use crate::metrics::{IpvsCounters, ReadError};
 use crate::netns::{NetnsError, NetnsPath};
 
