@@ -23,6 +23,13 @@ ARG BUILDER_IMAGE=rust:1-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${BUILDER_IMAGE} AS build
+# The etcd client's build compiles .proto files: protoc and the well-known types. A base
+# that already has them (as the test suite's) needs no package index.
+RUN if ! command -v protoc >/dev/null || [ ! -e /usr/include/google/protobuf/descriptor.proto ]; then \
+      apt-get update && \
+      apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev && \
+      rm -rf /var/lib/apt/lists/*; \
+    fi
 WORKDIR /src
 COPY . .
 # Vendored crates (vendor/, when the context has them) build offline.

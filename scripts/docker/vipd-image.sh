@@ -8,7 +8,8 @@
 # $VIPD_CACHE_DIR/image (default .cache/image):
 #   - runtime: Debian bookworm (debootstrap, minbase) with iptables, ipvsadm, conntrack
 #     and iproute2;
-#   - builder: the same with gcc and libc6-dev, plus this machine's Rust toolchain (the
+#   - builder: the same with gcc, libc6-dev and protoc with the well-known .proto files
+#     (the etcd client's build needs them), plus this machine's Rust toolchain (the
 #     sysroot of `rustc`) under /usr/local/rust.
 # The build context is the working tree (tracked and untracked files, not ignored ones)
 # with every crate vendored (`cargo vendor`), so the build needs no network. It runs on a
@@ -54,15 +55,18 @@ debian_tree() {
 }
 
 debian_tree runtime iptables,ipvsadm,conntrack,iproute2
-debian_tree builder-debian gcc,libc6-dev,ca-certificates
+# The cached tree's name says what it holds: a new package list makes a new tree.
+builder_packages=gcc,libc6-dev,ca-certificates,protobuf-compiler,libprotobuf-dev
+builder_debian=builder-debian-$(printf '%s' "$builder_packages" | sha256sum | head -c 8)
+debian_tree "$builder_debian" "$builder_packages"
 
 # The builder: the Debian tree plus this machine's toolchain, per toolchain version.
 sysroot=$(rustc --print sysroot)
 rust_version=$(rustc -V | tr -c 'A-Za-z0-9.\n' '-' | head -c 60)
-builder_tar=$cache/builder-$rust_version.tar
+builder_tar=$cache/$builder_debian-$rust_version.tar
 if [[ ! -s "$builder_tar" ]]; then
   log "adding $(rustc -V) to the builder"
-  cp "$cache/builder-debian.tar" "$builder_tar.part"
+  cp "$cache/$builder_debian.tar" "$builder_tar.part"
   tar -C "$sysroot" --transform 's,^,usr/local/rust/,' -rf "$builder_tar.part" bin lib
   mv "$builder_tar.part" "$builder_tar"
 fi
