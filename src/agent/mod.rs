@@ -749,6 +749,18 @@ impl Agent {
 
         // Services and allocations.
         let cluster_view = self.take_cluster_view();
+        if cluster_view.as_ref().is_some_and(|v| v.lists == 0) {
+            // Without the store's first snapshot, peers' tasks and the cluster's VIPs are
+            // unknown: programming now would take them out of sandboxes that still serve
+            // them (a restarted vipd). The snapshot's arrival wakes the next pass.
+            let e =
+                "waiting for the cluster store's first snapshot: sandboxes are left as they are".to_owned();
+            if self.problems.note(e.clone()) {
+                warn!("{e}");
+            }
+            report.errors.push(e);
+            return report;
+        }
         let containers: Vec<Container> = self.containers_now();
         match self.definitions.definitions() {
             Ok(defs) => self.stored_definitions = defs,
