@@ -767,7 +767,7 @@ async fn a_keep_alive_that_fails_times_out_stalls_or_falsely_says_not_found_keep
             .unwrap()
             .kvs;
         kvs.extend(
-            futures::executor::block_on(kv.get_prefix(&keys.dir("tasks")))
+            futures::executor::block_on(kv.get_prefix(&(keys.dir("tasks") + "web/a/")))
                 .unwrap()
                 .kvs,
         );
@@ -798,13 +798,23 @@ async fn a_keep_alive_that_fails_times_out_stalls_or_falsely_says_not_found_keep
     // A leader change: one keep-alive says the live lease is not found (a TTL of 0),
     // another times out, another cannot reach the store; then the watch stalls, and the
     // link is down for less than the TTL.
-    for fault in [
-        KvError::LeaseNotFound(lease),
-        KvError::Timeout(Duration::from_secs(5)),
-        KvError::Unavailable("no leader".into()),
+    for faults in [
+        vec![KvError::LeaseNotFound(lease), KvError::LeaseNotFound(lease)],
+        vec![KvError::Timeout(Duration::from_secs(5))],
+        vec![KvError::Unavailable("no leader".into())],
     ] {
-        client.fail_keep_alives([fault]);
+        client.fail_keep_alives(faults);
         tokio::time::sleep(TTL).await;
+    }
+    // The store changes every second for twice the TTL (B's task moves): each change
+    // wakes A's link, and none may put its keep-alives off.
+    for i in 0..(2 * TTL.as_secs()) {
+        let moved = task("w1bbbbbbbbbb", "b", &format!("10.230.0.{}", 10 + i % 2));
+        b.want(Wanted {
+            tasks: BTreeMap::from([(moved.id.clone(), moved)]),
+            services: BTreeSet::new(),
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     client.set_link(Link::Stalled);
     tokio::time::sleep(TTL / 2).await;
