@@ -845,3 +845,47 @@ async fn a_keep_alive_that_fails_times_out_stalls_or_falsely_says_not_found_keep
     .await;
     until(&mut view, |v| v.state.tasks.len() == 2).await;
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cluster_agent_programs_no_sandbox_before_the_stores_first_snapshot() {
+    let kv = MemoryKv::new();
+    let client = kv.connect();
+    client.set_link(crate::store::memory::Link::Down);
+    let engine = FakeEngine::new();
+    engine.set_networks(vec![bridge_network("vipd-a", "vipd")]);
+    engine.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
+    engine.upsert_container(on_cluster(
+        "a",
+        "w1aaaaaaaaaa",
+        "10.230.0.3",
+        &[(labels::SERVICE, "web")],
+    ));
+    let rec = Arc::new(Recorder::default());
+    let dir = tempdir("cluster-first-snapshot");
+    let mut a = Agent::new(Arc::new(engine), ports(rec.clone()), config(&dir), None).unwrap();
+    a.join(
+        ClusterLink::spawn(
+            Cluster::new(Arc::new(client.clone()), Keys::default()),
+            link_config("a", "192.0.2.1", &dir),
+        ),
+        "vipd",
+    );
+    // A restarted vipd whose store is out of reach: its sandboxes still serve the peers'
+    // tasks and the cluster's VIPs, which it does not know yet; it leaves them be.
+    for _ in 0..5 {
+        a.relist().await.unwrap();
+        let report = a.sync(true).await;
+        assert_eq!(report.sandboxes_programmed, 0, "{report:?}");
+        assert!(
+            report.errors.iter().any(|e| e.contains("first snapshot")),
+            "{report:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(!rec.programmed(CLIENT_SANDBOX));
+    client.set_link(crate::store::memory::Link::Up);
+    sync_until(&mut [&mut a], "the client programmed with web", || {
+        rec.programmed(CLIENT_SANDBOX) && rec.backends(CLIENT_SANDBOX, "web") == ["10.230.0.3"]
+    })
+    .await;
+}
