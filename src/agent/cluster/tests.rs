@@ -53,12 +53,23 @@ async fn node_agent(
     kv: &MemoryKv,
     tag: &str,
 ) -> (FakeEngine, Arc<Recorder>, Agent) {
+    node_agent_on(name, address, kv.connect(), tag).await
+}
+
+/// One node as [`node_agent`], through the store client `client` (whose link the test
+/// sets).
+async fn node_agent_on(
+    name: &str,
+    address: &str,
+    client: MemoryKv,
+    tag: &str,
+) -> (FakeEngine, Arc<Recorder>, Agent) {
     let engine = FakeEngine::new();
     engine.set_networks(vec![bridge_network(&format!("vipd-{name}"), "vipd")]);
     let rec = Arc::new(Recorder::default());
     let dir = tempdir(tag);
     let mut agent = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
-    let cluster = Cluster::new(Arc::new(kv.connect()), Keys::default());
+    let cluster = Cluster::new(Arc::new(client), Keys::default());
     agent.join(
         ClusterLink::spawn(cluster, link_config(name, address, &dir)),
         "vipd",
@@ -83,18 +94,25 @@ async fn sync_until(agents: &mut [&mut Agent], what: &str, mut done: impl FnMut(
 
 const CLIENT_SANDBOX: &str = "/run/docker/netns/claaaaaaaaaa";
 
+/// Two nodes of the store `kv`: a with a client container (its sandbox
+/// [`CLIENT_SANDBOX`]), b with `task`. Returns a's recorder, a and b.
+async fn client_and_peer(kv: &MemoryKv, tag: &str, task: ContainerInfo) -> (Arc<Recorder>, Agent, Agent) {
+    let (ea, rec_a, a) = node_agent("a", "192.0.2.1", kv, &format!("{tag}-a")).await;
+    let (eb, _rec_b, b) = node_agent("b", "192.0.2.2", kv, &format!("{tag}-b")).await;
+    ea.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
+    eb.upsert_container(task);
+    (rec_a, a, b)
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_task_on_another_node_is_a_backend_here_with_the_same_vip_and_leaves_when_its_lease_ends() {
     let kv = MemoryKv::new();
-    let (ea, rec_a, mut a) = node_agent("a", "192.0.2.1", &kv, "cluster-two-a").await;
-    let (eb, _rec_b, mut b) = node_agent("b", "192.0.2.2", &kv, "cluster-two-b").await;
-    ea.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
-    eb.upsert_container(on_cluster(
-        "b",
-        "w1bbbbbbbbbb",
-        "10.230.1.3",
-        &[(labels::SERVICE, "web")],
-    ));
+    let (rec_a, mut a, mut b) = client_and_peer(
+        &kv,
+        "cluster-two",
+        on_cluster("b", "w1bbbbbbbbbb", "10.230.1.3", &[(labels::SERVICE, "web")]),
+    )
+    .await;
     sync_until(&mut [&mut a, &mut b], "B's task a backend in A's client", || {
         rec_a.programmed(CLIENT_SANDBOX) && rec_a.backends(CLIENT_SANDBOX, "web") == ["10.230.1.3"]
     })
@@ -547,24 +565,24 @@ async fn in_cluster_mode_the_definitions_come_from_the_stores_snapshot() {
     assert!(defs.definitions().unwrap().contains_key(&web));
 }
 
+/// A dnsrr service's task, with every setting a record carries.
+const DB: &[(&str, &str)] = &[
+    (labels::SERVICE, "db"),
+    (labels::ENDPOINT_MODE, "dnsrr"),
+    (labels::SCHEDULER, "wrr"),
+    ("vipd.port.pg", "5432/tcp"),
+    (labels::WEIGHT, "3"),
+];
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_dnsrr_service_whose_tasks_are_all_on_another_node_gets_no_vip_here() {
     let kv = MemoryKv::new();
-    let (ea, _rec_a, mut a) = node_agent("a", "192.0.2.1", &kv, "cluster-dnsrr-a").await;
-    let (eb, _rec_b, mut b) = node_agent("b", "192.0.2.2", &kv, "cluster-dnsrr-b").await;
-    ea.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
-    eb.upsert_container(on_cluster(
-        "b",
-        "d1bbbbbbbbbb",
-        "10.230.1.4",
-        &[
-            (labels::SERVICE, "db"),
-            (labels::ENDPOINT_MODE, "dnsrr"),
-            (labels::SCHEDULER, "wrr"),
-            ("vipd.port.pg", "5432/tcp"),
-            (labels::WEIGHT, "3"),
-        ],
-    ));
+    let (_rec_a, mut a, mut b) = client_and_peer(
+        &kv,
+        "cluster-dnsrr",
+        on_cluster("b", "d1bbbbbbbbbb", "10.230.1.4", DB),
+    )
+    .await;
     let view_a = a.cluster_link().unwrap().subscribe();
     sync_until(&mut [&mut a, &mut b], "B's db task known on A", || {
         view_a.borrow().state.tasks.len() == 1
@@ -590,18 +608,9 @@ async fn a_dnsrr_service_whose_tasks_are_all_on_another_node_gets_no_vip_here() 
 
 #[test]
 fn a_peers_task_with_no_local_task_of_its_service_is_planned_as_its_record_says() {
-    let cs = vec![container(
-        "d1bbbbbbbbbb",
-        &[
-            (labels::SERVICE, "db"),
-            (labels::ENDPOINT_MODE, "dnsrr"),
-            (labels::SCHEDULER, "wrr"),
-            ("vipd.port.pg", "5432/tcp"),
-            (labels::PUBLISH, "8080:80/tcp"),
-            (labels::WEIGHT, "3"),
-        ],
-        &[("vipd-b", "10.230.1.4")],
-    )];
+    let mut db = DB.to_vec();
+    db.push((labels::PUBLISH, "8080:80/tcp"));
+    let cs = vec![container("d1bbbbbbbbbb", &db, &[("vipd-b", "10.230.1.4")])];
     let (defs, errors) = labels::services(&cs);
     assert!(errors.is_empty(), "{errors:?}");
     let mut with_sandbox = cs.clone();
@@ -851,8 +860,8 @@ async fn a_cluster_agent_programs_no_sandbox_before_the_stores_first_snapshot() 
     let kv = MemoryKv::new();
     let client = kv.connect();
     client.set_link(crate::store::memory::Link::Down);
-    let engine = FakeEngine::new();
-    engine.set_networks(vec![bridge_network("vipd-a", "vipd")]);
+    let (engine, rec, mut a) =
+        node_agent_on("a", "192.0.2.1", client.clone(), "cluster-first-snapshot").await;
     engine.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
     engine.upsert_container(on_cluster(
         "a",
@@ -860,16 +869,6 @@ async fn a_cluster_agent_programs_no_sandbox_before_the_stores_first_snapshot() 
         "10.230.0.3",
         &[(labels::SERVICE, "web")],
     ));
-    let rec = Arc::new(Recorder::default());
-    let dir = tempdir("cluster-first-snapshot");
-    let mut a = Agent::new(Arc::new(engine), ports(rec.clone()), config(&dir), None).unwrap();
-    a.join(
-        ClusterLink::spawn(
-            Cluster::new(Arc::new(client.clone()), Keys::default()),
-            link_config("a", "192.0.2.1", &dir),
-        ),
-        "vipd",
-    );
     // A restarted vipd whose store is out of reach: its sandboxes still serve the peers'
     // tasks and the cluster's VIPs, which it does not know yet; it leaves them be.
     for _ in 0..5 {
