@@ -888,3 +888,26 @@ async fn a_cluster_agent_programs_no_sandbox_before_the_stores_first_snapshot() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cluster_agent_whose_store_stays_out_of_reach_serves_what_is_local_after_a_while() {
+    let kv = MemoryKv::new();
+    let client = kv.connect();
+    client.set_link(crate::store::memory::Link::Down);
+    let (engine, rec, mut a) = node_agent_on("a", "192.0.2.1", client, "cluster-never-listed").await;
+    engine.upsert_container(on_cluster(
+        "a",
+        "d1aaaaaaaaaa",
+        "10.230.0.4",
+        &[(labels::SERVICE, "db"), (labels::ENDPOINT_MODE, "dnsrr")],
+    ));
+    a.relist().await.unwrap();
+    assert_eq!(a.sync(true).await.sandboxes_programmed, 0);
+    tokio::time::sleep(crate::agent::FIRST_SNAPSHOT_WAIT).await;
+    let report = a.sync(true).await;
+    assert!(rec.programmed("/run/docker/netns/d1aaaaaaaaaa"), "{report:?}");
+    assert!(
+        !report.errors.iter().any(|e| e.contains("first snapshot")),
+        "{report:?}"
+    );
+}
