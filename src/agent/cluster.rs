@@ -21,10 +21,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::core::containers::{Attachment, Container, ContainerId, Drain, NetworkId};
-use crate::core::labels::{self, ServiceDef};
+use crate::core::labels::{self, ServiceDef, ServiceDefinition};
 use crate::core::model::{EndpointMode, Ipv4Net, NodeName, ServiceName, TaskId};
 use crate::core::status::{ClusterStatus, NodeStatus};
 use crate::store::{
@@ -99,6 +100,14 @@ impl ClusterView {
     }
 }
 
+/// Sleep until `at`; never wake without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -124,7 +133,8 @@ pub fn save_lease(dir: &Path, lease: LeaseId) -> std::io::Result<()> {
 pub struct ClusterLink {
     view: watch::Receiver<ClusterView>,
     snapshots: watch::Receiver<crate::store::View>,
-    wanted: watch::Sender<Wanted>,
+    /// `None` until the agent first says what it has (after its first Docker listing).
+    wanted: watch::Sender<Option<Wanted>>,
     node: NodeName,
     task: JoinHandle<()>,
 }
@@ -139,7 +149,7 @@ impl ClusterLink {
     /// Join the cluster through `cluster` and follow it.
     pub fn spawn(cluster: Cluster, cfg: LinkConfig) -> Self {
         let (view_tx, view) = watch::channel(ClusterView::default());
-        let (wanted, wanted_rx) = watch::channel(Wanted::default());
+        let (wanted, wanted_rx) = watch::channel(None);
         let node = cfg.node.clone();
         let span = info_span!("cluster_link", node = %cfg.node);
         let reflector = Reflector::spawn(Arc::clone(cluster.kv()), cluster.keys().clone(), cfg.backoff);
@@ -191,10 +201,13 @@ impl ClusterLink {
     }
 
     /// Say what this node has now (nothing is written when it is what was said before).
+    /// Until it is first said, the link writes no task and withdraws none: a restarted
+    /// vipd that has not listed Docker yet does not know its tasks, and the ones its
+    /// lease still holds stay as they are.
     pub fn want(&self, wanted: Wanted) {
         self.wanted.send_if_modified(|w| {
-            let changed = *w != wanted;
-            *w = wanted;
+            let changed = w.as_ref() != Some(&wanted);
+            *w = Some(wanted);
             changed
         });
     }
@@ -208,7 +221,8 @@ struct Link {
     lease: Option<LeaseId>,
     /// This node's record, once registered on `lease` with its subnet.
     me: Option<NodeRecord>,
-    /// The tasks written on the current lease.
+    /// The tasks written on the current lease (by this process, or by the one before it
+    /// when the lease was resumed).
     put: BTreeMap<TaskId, TaskRecord>,
     /// The claims this link made.
     claims: BTreeMap<ServiceName, VipClaim>,
@@ -220,43 +234,59 @@ struct Link {
 }
 
 impl Link {
-    async fn run(mut self, mut wanted: watch::Receiver<Wanted>) {
+    async fn run(mut self, mut wanted: watch::Receiver<Option<Wanted>>) {
         let mut snapshots = self.reflector.subscribe();
         let keep_alive = (self.cfg.ttl / 3).max(Duration::from_millis(10));
+        // The lease is renewed on its own clock: neither the store's changes nor the
+        // agent's (each wakes a step) nor a failing step may put a keep-alive off. One
+        // that did not renew is tried again soon (at most a quarter of the interval
+        // later), so an outage shorter than the TTL never costs the lease.
+        let renew_max = (keep_alive / 4).max(Duration::from_millis(10));
+        let mut renew_at = Instant::now() + keep_alive;
+        let mut renew_retry = self.cfg.backoff.initial.min(renew_max);
         let mut retry = self.cfg.backoff.initial;
         loop {
             let now = wanted.borrow_and_update().clone();
-            let ok = self.step(&now).await;
+            let ok = self.step(now.as_ref()).await;
             self.publish();
-            let wait = if ok {
+            let step_again = if ok {
                 retry = self.cfg.backoff.initial;
-                keep_alive
+                None
             } else {
                 let wait = retry.min(keep_alive);
                 retry = (retry * 2).min(self.cfg.backoff.max);
-                wait
+                Some(Instant::now() + wait)
             };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {
-                    if ok {
-                        self.keep_alive().await;
+                _ = tokio::time::sleep_until(renew_at), if self.lease.is_some() => {
+                    if self.keep_alive().await {
+                        renew_retry = self.cfg.backoff.initial.min(renew_max);
+                        renew_at = Instant::now() + keep_alive;
+                    } else {
+                        renew_at = Instant::now() + renew_retry;
+                        renew_retry = (renew_retry * 2).min(renew_max);
                     }
                 }
+                _ = sleep_until_some(step_again) => {}
                 changed = wanted.changed() => if changed.is_err() { return },
                 changed = snapshots.changed() => if changed.is_err() { return },
             }
         }
     }
 
-    /// Join if not joined, then bring the node's tasks and claims to `wanted`; false
-    /// when something failed (tried again soon).
-    async fn step(&mut self, wanted: &Wanted) -> bool {
+    /// Join if not joined, then bring the node's tasks and claims to `wanted` (once the
+    /// agent has said it); false when something failed (tried again soon).
+    async fn step(&mut self, wanted: Option<&Wanted>) -> bool {
         if self.me.is_none() {
             if let Err(e) = self.join().await {
                 self.failed(&e);
                 return false;
             }
         }
+        let Some(wanted) = wanted else {
+            self.answered();
+            return true;
+        };
         let mut ok = true;
         if let Err(e) = self.put_tasks(wanted).await {
             self.failed(&e);
@@ -273,57 +303,112 @@ impl Link {
     }
 
     /// Lease (resumed if the saved one lives), register, take a subnet, register with it.
+    /// A resumed lease whose record is already right is written nothing: a restart
+    /// within the TTL changes nothing on other nodes.
     async fn join(&mut self) -> Result<(), StoreError> {
         let resume = self.lease.or_else(|| load_lease(&self.cfg.state_dir));
         let lease = self.cluster.lease(self.cfg.ttl, resume).await?;
-        if Some(lease) != resume {
+        let held = if Some(lease) == resume {
+            self.cluster.on_lease(lease).await?
+        } else {
             // Whatever was written on the old lease is gone with it.
             self.put.clear();
-        }
+            ClusterState::default()
+        };
         self.lease = Some(lease);
         if let Err(e) = save_lease(&self.cfg.state_dir, lease) {
             warn!(error = %e, "cannot save the lease id: a restart will register anew");
         }
-        let mut record = NodeRecord {
-            name: self.cfg.node.clone(),
-            address: self.cfg.address,
-            subnet: None,
+        // The tasks the lease still holds are this node's: they stay until the agent says
+        // what it has, then those it no longer has are withdrawn.
+        for t in held.tasks.values().filter(|t| t.node == self.cfg.node) {
+            self.put.entry(t.id.clone()).or_insert_with(|| t.clone());
+        }
+        let kept = match held.nodes.get(&self.cfg.node) {
+            Some(r) if r.address == self.cfg.address && r.subnet.is_some() => {
+                let subnet = self
+                    .cluster
+                    .claim_subnet(&self.cfg.node, self.cfg.range, NODE_PREFIX, None)
+                    .await?;
+                (r.subnet == Some(subnet)).then(|| r.clone())
+            }
+            _ => None,
         };
-        self.cluster.register_node(&record, lease).await?;
-        let subnet = self
-            .cluster
-            .claim_subnet(&record.name, self.cfg.range, NODE_PREFIX, None)
-            .await?;
-        record.subnet = Some(subnet);
-        self.cluster.register_node(&record, lease).await?;
-        info!(lease = %lease, subnet = %subnet, "joined the cluster");
+        let resumed = kept.is_some();
+        let record = match kept {
+            Some(record) => record,
+            None => {
+                let mut record = NodeRecord {
+                    name: self.cfg.node.clone(),
+                    address: self.cfg.address,
+                    subnet: None,
+                };
+                self.cluster.register_node(&record, lease).await?;
+                let subnet = self
+                    .cluster
+                    .claim_subnet(&record.name, self.cfg.range, NODE_PREFIX, None)
+                    .await?;
+                record.subnet = Some(subnet);
+                self.cluster.register_node(&record, lease).await?;
+                record
+            }
+        };
+        let subnet = record.subnet.map(|s| s.to_string()).unwrap_or_default();
+        info!(lease = %lease, subnet = %subnet, resumed, "joined the cluster");
         self.me = Some(record);
         self.problem = None;
         Ok(())
     }
 
     /// Renew the lease; a lease that ended means joining again (and writing the tasks
-    /// again, on the new lease).
-    async fn keep_alive(&mut self) {
-        let Some(lease) = self.lease else { return };
-        match self.cluster.kv().lease_keep_alive(lease).await {
-            Ok(_) => self.answered(),
-            Err(KvError::LeaseNotFound(_)) => {
-                warn!(lease = %lease, "the lease ended (the store was out of reach too long?): joining again");
-                self.lease = None;
-                self.me = None;
-                self.put.clear();
+    /// again, on the new lease). A keep-alive that fails or times out ends nothing (etcd
+    /// refreshes every lease when its leader changes), and one that says "not found" is
+    /// believed only once the lease's time to live says so too: etcd can answer a TTL of
+    /// 0 for a live lease around a leader change.
+    ///
+    /// True when the lease was renewed (or there is none to renew).
+    async fn keep_alive(&mut self) -> bool {
+        let Some(lease) = self.lease else { return true };
+        let kv = Arc::clone(self.cluster.kv());
+        match kv.lease_keep_alive(lease).await {
+            Ok(_) => {
+                self.answered();
+                true
             }
-            Err(e) => self.failed(&e.into()),
+            Err(KvError::LeaseNotFound(_)) => match kv.lease_time_to_live(lease).await {
+                Ok(None) => {
+                    warn!(lease = %lease, "the lease ended (the store was out of reach too long?): joining again");
+                    self.lease = None;
+                    self.me = None;
+                    self.put.clear();
+                    true
+                }
+                Ok(Some(left)) => {
+                    warn!(lease = %lease, ?left, "a keep-alive said the lease was not found, but it lives: keeping it");
+                    self.answered();
+                    false
+                }
+                Err(e) => {
+                    self.failed(&e.into());
+                    false
+                }
+            },
+            Err(e) => {
+                self.failed(&e.into());
+                false
+            }
         }
     }
 
     async fn put_tasks(&mut self, wanted: &Wanted) -> Result<(), StoreError> {
         let Some(lease) = self.lease else { return Ok(()) };
+        // Only a task no longer here, or whose key changes (its service), is deleted: a
+        // changed record is written over, so other nodes never see it leave.
+        let keys = self.cluster.keys();
         let gone: Vec<TaskRecord> = self
             .put
             .iter()
-            .filter(|(id, t)| wanted.tasks.get(*id) != Some(*t))
+            .filter(|(id, t)| wanted.tasks.get(*id).is_none_or(|w| keys.task(w) != keys.task(t)))
             .map(|(_, t)| t.clone())
             .collect();
         for t in gone {
@@ -457,10 +542,34 @@ fn defining(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The labels that define a service as `def` says (what [`defining`] keeps of a local
+/// task's), for a peer's task whose service has no task here.
+fn definition_labels(def: &ServiceDefinition) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::from([
+        (
+            labels::ENDPOINT_MODE.to_owned(),
+            labels::endpoint_mode_name(def.mode).to_owned(),
+        ),
+        (labels::SCHEDULER.to_owned(), def.scheduler.to_string()),
+    ]);
+    if !def.publish.is_empty() {
+        let publish: Vec<String> = def.publish.iter().map(ToString::to_string).collect();
+        out.insert(labels::PUBLISH.to_owned(), publish.join(","));
+    }
+    for p in &def.ports {
+        out.insert(
+            format!("{}{}", labels::PORT_PREFIX, p.name),
+            format!("{}/{}", p.port, p.protocol),
+        );
+    }
+    out
+}
+
 /// Other nodes' tasks as the containers planning knows: running, no sandbox here (none
 /// is programmed for them), attached to the local cluster network `network` at their
 /// address (reached over the overlay). A service also defined here takes its local
-/// tasks' definition.
+/// tasks' definition; one that is not takes the definition the task's record carries
+/// (its node's), and each task its own weight.
 pub fn peer_containers(
     state: &ClusterState,
     me: &NodeName,
@@ -479,8 +588,15 @@ pub fn peer_containers(
         .filter(|t| t.node != *me)
         .filter_map(|t| {
             let IpAddr::V4(ip) = t.address else { return None };
-            let mut labels = defined.get(t.service.as_str()).cloned().unwrap_or_default();
+            let mut labels = match (defined.get(t.service.as_str()), &t.definition) {
+                (Some(here), _) => here.clone(),
+                (None, Some(there)) => definition_labels(there),
+                (None, None) => BTreeMap::new(),
+            };
             labels.insert(labels::SERVICE.to_owned(), t.service.as_str().to_owned());
+            if let Some(weight) = t.weight {
+                labels.insert(labels::WEIGHT.to_owned(), weight.to_string());
+            }
             Some(Container {
                 id: ContainerId(t.id.as_str().to_owned()),
                 name: format!(
@@ -524,6 +640,10 @@ pub fn wanted(
             let Ok(task) = TaskId::new(id.0.as_str()) else {
                 continue;
             };
+            let mut ports = def.ports.clone();
+            ports.sort();
+            let mut publish = def.publish.clone();
+            publish.sort();
             tasks.insert(
                 task.clone(),
                 TaskRecord {
@@ -531,6 +651,14 @@ pub fn wanted(
                     service: def.name.clone(),
                     node: me.clone(),
                     address: IpAddr::V4(a.ip),
+                    definition: Some(ServiceDefinition {
+                        name: def.name.clone(),
+                        mode: def.mode,
+                        scheduler: def.scheduler.clone(),
+                        publish,
+                        ports,
+                    }),
+                    weight: def.tasks.get(id).copied(),
                 },
             );
         }

@@ -60,6 +60,11 @@ const INSPECTS_IN_FLIGHT: usize = 16;
 /// vipd's jumps (it rewrites its own chains when it starts and on network changes).
 pub const HOST_CHECK: Duration = Duration::from_secs(5);
 
+/// How long a cluster agent leaves its sandboxes as they are while the store has given
+/// no snapshot yet (a restarted vipd's sandboxes serve peers' tasks and VIPs it does not
+/// know yet); past it, with the store still out of reach, it serves what is local.
+pub const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+
 /// The overlay's part of the host's rules in cluster mode (see
 /// [`crate::cluster::rules::host_rules`]): programmed with the routing mesh's, in one
 /// rule set.
@@ -157,6 +162,9 @@ struct Joined {
     link: cluster::ClusterLink,
     view: tokio::sync::watch::Receiver<cluster::ClusterView>,
     network: String,
+    /// When the agent joined: it waits [`FIRST_SNAPSHOT_WAIT`] from then at most for the
+    /// store's first snapshot.
+    joined_at: tokio::time::Instant,
 }
 
 /// The next new cluster view; never, on a single host.
@@ -377,6 +385,7 @@ impl Agent {
             link,
             view,
             network: network.to_owned(),
+            joined_at: tokio::time::Instant::now(),
         });
     }
 
@@ -749,6 +758,22 @@ impl Agent {
 
         // Services and allocations.
         let cluster_view = self.take_cluster_view();
+        let waiting = self
+            .cluster
+            .as_ref()
+            .is_some_and(|j| j.joined_at.elapsed() < FIRST_SNAPSHOT_WAIT);
+        if waiting && cluster_view.as_ref().is_some_and(|v| v.lists == 0) {
+            // Without the store's first snapshot, peers' tasks and the cluster's VIPs are
+            // unknown: programming now would take them out of sandboxes that still serve
+            // them (a restarted vipd). The snapshot's arrival wakes the next pass.
+            let e =
+                "waiting for the cluster store's first snapshot: sandboxes are left as they are".to_owned();
+            if self.problems.note(e.clone()) {
+                warn!("{e}");
+            }
+            report.errors.push(e);
+            return report;
+        }
         let containers: Vec<Container> = self.containers_now();
         match self.definitions.definitions() {
             Ok(defs) => self.stored_definitions = defs,

@@ -90,6 +90,12 @@ pub(super) fn ports<P: SandboxProgrammer + HostFirewall + HostPorts + 'static>(p
 }
 
 impl Recorder {
+    /// Whether `sandbox` was programmed at all (a cluster agent waits for the store's
+    /// first snapshot before it programs anything).
+    pub(super) fn programmed(&self, sandbox: &str) -> bool {
+        self.0.lock().unwrap().contains_key(&SandboxKey::from(sandbox))
+    }
+
     pub(super) fn backends(&self, sandbox: &str, service: &str) -> Vec<String> {
         let map = self.0.lock().unwrap();
         let spec = map

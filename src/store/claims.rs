@@ -528,6 +528,14 @@ impl Cluster {
         Ok(self.state().await?.tasks.into_values().collect())
     }
 
+    /// What is written on `lease` (a node's record, its address, its tasks), read at one
+    /// revision: what a node that resumed its lease left there before.
+    pub async fn on_lease(&self, lease: LeaseId) -> Result<ClusterState, StoreError> {
+        let listing = self.kv.get_prefix(self.keys.root()).await?;
+        let mine = listing.kvs.iter().filter(|kv| kv.lease == Some(lease));
+        Ok(ClusterState::from_kvs(&self.keys, mine, listing.revision))
+    }
+
     /// Everything under the prefix, read at one revision.
     pub async fn state(&self) -> Result<ClusterState, StoreError> {
         let listing = self.kv.get_prefix(self.keys.root()).await?;

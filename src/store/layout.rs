@@ -67,6 +67,14 @@ pub struct TaskRecord {
     pub service: ServiceName,
     pub node: NodeName,
     pub address: IpAddr,
+    /// The service as the task's node plans it (endpoint mode, scheduler, named and
+    /// published ports), so a node with no task of its own plans it the same: a dnsrr
+    /// service gets no VIP there. `None` in records written before it was carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<ServiceDefinition>,
+    /// The task's weight; `None` in records written before it was carried (weight 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 /// Every key of vipd's, under one prefix.

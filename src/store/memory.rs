@@ -8,7 +8,7 @@
 //! [`Link`], so a test can cut one client off (calls fail, watches break) or stall its
 //! watches (they fall behind, as a slow etcd watcher does) while others carry on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -60,6 +60,9 @@ struct Shared {
 pub struct MemoryKv {
     shared: Arc<Shared>,
     link: Arc<watch::Sender<Link>>,
+    /// What this client's next keep-alives answer instead of renewing (see
+    /// [`MemoryKv::fail_keep_alives`]).
+    keep_alive_faults: Arc<Mutex<VecDeque<KvError>>>,
 }
 
 impl Default for MemoryKv {
@@ -82,6 +85,7 @@ impl MemoryKv {
                 head: watch::channel(1).0,
             }),
             link: Arc::new(watch::channel(Link::Up).0),
+            keep_alive_faults: Arc::default(),
         }
     }
 
@@ -90,12 +94,23 @@ impl MemoryKv {
         MemoryKv {
             shared: self.shared.clone(),
             link: Arc::new(watch::channel(Link::Up).0),
+            keep_alive_faults: Arc::default(),
         }
     }
 
     /// Cut, stall or restore this client's link.
     pub fn set_link(&self, link: Link) {
         self.link.send_replace(link);
+    }
+
+    /// The next keep-alives of this client answer `faults`, one each, and renew nothing:
+    /// what etcd answers during a leader change (a timeout, `Unavailable`, or a TTL of 0,
+    /// which the port calls [`KvError::LeaseNotFound`], while the lease lives on).
+    pub fn fail_keep_alives(&self, faults: impl IntoIterator<Item = KvError>) {
+        self.keep_alive_faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(faults);
     }
 
     /// The store's current revision.
@@ -300,6 +315,15 @@ impl Kv for MemoryKv {
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, KvError> {
+        self.check_link()?;
+        let fault = self
+            .keep_alive_faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        if let Some(fault) = fault {
+            return Err(fault);
+        }
         let (ttl, deadline) = {
             let mut st = self.state()?;
             let l = st.leases.get_mut(&lease.0).ok_or(KvError::LeaseNotFound(lease))?;

@@ -43,6 +43,8 @@ fn task(id: &str, service: &str, node: &str, addr: &str) -> TaskRecord {
         service: svc(service),
         node: NodeName::new(node).unwrap(),
         address: addr.parse::<IpAddr>().unwrap(),
+        definition: None,
+        weight: None,
     }
 }
 

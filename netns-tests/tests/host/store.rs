@@ -173,6 +173,8 @@ fn task_t2() -> TaskRecord {
         service: svc("web"),
         node: NodeName::new("n1").unwrap(),
         address: "10.0.0.2".parse().unwrap(),
+        definition: None,
+        weight: None,
     }
 }
 

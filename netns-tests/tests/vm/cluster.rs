@@ -514,7 +514,6 @@ fn even(names: &[&str], each: usize) -> BTreeMap<String, usize> {
 }
 
 #[test]
-#[ignore = "not passing yet (a dnsrr service without a local task, a restart and an etcd member stop still disturb other nodes): run it with --ignored"]
 fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_faults() {
     require_ipvs_vm();
     let t0 = Instant::now();

@@ -53,12 +53,23 @@ async fn node_agent(
     kv: &MemoryKv,
     tag: &str,
 ) -> (FakeEngine, Arc<Recorder>, Agent) {
+    node_agent_on(name, address, kv.connect(), tag).await
+}
+
+/// One node as [`node_agent`], through the store client `client` (whose link the test
+/// sets).
+async fn node_agent_on(
+    name: &str,
+    address: &str,
+    client: MemoryKv,
+    tag: &str,
+) -> (FakeEngine, Arc<Recorder>, Agent) {
     let engine = FakeEngine::new();
     engine.set_networks(vec![bridge_network(&format!("vipd-{name}"), "vipd")]);
     let rec = Arc::new(Recorder::default());
     let dir = tempdir(tag);
     let mut agent = Agent::new(Arc::new(engine.clone()), ports(rec.clone()), config(&dir), None).unwrap();
-    let cluster = Cluster::new(Arc::new(kv.connect()), Keys::default());
+    let cluster = Cluster::new(Arc::new(client), Keys::default());
     agent.join(
         ClusterLink::spawn(cluster, link_config(name, address, &dir)),
         "vipd",
@@ -83,20 +94,27 @@ async fn sync_until(agents: &mut [&mut Agent], what: &str, mut done: impl FnMut(
 
 const CLIENT_SANDBOX: &str = "/run/docker/netns/claaaaaaaaaa";
 
+/// Two nodes of the store `kv`: a with a client container (its sandbox
+/// [`CLIENT_SANDBOX`]), b with `task`. Returns a's recorder, a and b.
+async fn client_and_peer(kv: &MemoryKv, tag: &str, task: ContainerInfo) -> (Arc<Recorder>, Agent, Agent) {
+    let (ea, rec_a, a) = node_agent("a", "192.0.2.1", kv, &format!("{tag}-a")).await;
+    let (eb, _rec_b, b) = node_agent("b", "192.0.2.2", kv, &format!("{tag}-b")).await;
+    ea.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
+    eb.upsert_container(task);
+    (rec_a, a, b)
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_task_on_another_node_is_a_backend_here_with_the_same_vip_and_leaves_when_its_lease_ends() {
     let kv = MemoryKv::new();
-    let (ea, rec_a, mut a) = node_agent("a", "192.0.2.1", &kv, "cluster-two-a").await;
-    let (eb, _rec_b, mut b) = node_agent("b", "192.0.2.2", &kv, "cluster-two-b").await;
-    ea.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
-    eb.upsert_container(on_cluster(
-        "b",
-        "w1bbbbbbbbbb",
-        "10.230.1.3",
-        &[(labels::SERVICE, "web")],
-    ));
+    let (rec_a, mut a, mut b) = client_and_peer(
+        &kv,
+        "cluster-two",
+        on_cluster("b", "w1bbbbbbbbbb", "10.230.1.3", &[(labels::SERVICE, "web")]),
+    )
+    .await;
     sync_until(&mut [&mut a, &mut b], "B's task a backend in A's client", || {
-        rec_a.backends(CLIENT_SANDBOX, "web") == ["10.230.1.3"]
+        rec_a.programmed(CLIENT_SANDBOX) && rec_a.backends(CLIENT_SANDBOX, "web") == ["10.230.1.3"]
     })
     .await;
     let web = ServiceName::new("web").unwrap();
@@ -260,6 +278,8 @@ fn peers_tasks_join_the_local_cluster_network_with_their_service_defined_as_here
             service: ServiceName::new("web").unwrap(),
             node: node(node_name),
             address: addr.parse().unwrap(),
+            definition: None,
+            weight: None,
         };
         state
             .tasks
@@ -543,4 +563,351 @@ async fn in_cluster_mode_the_definitions_come_from_the_stores_snapshot() {
         snapshots.changed().await.unwrap();
     }
     assert!(defs.definitions().unwrap().contains_key(&web));
+}
+
+/// A dnsrr service's task, with every setting a record carries.
+const DB: &[(&str, &str)] = &[
+    (labels::SERVICE, "db"),
+    (labels::ENDPOINT_MODE, "dnsrr"),
+    (labels::SCHEDULER, "wrr"),
+    ("vipd.port.pg", "5432/tcp"),
+    (labels::WEIGHT, "3"),
+];
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_dnsrr_service_whose_tasks_are_all_on_another_node_gets_no_vip_here() {
+    let kv = MemoryKv::new();
+    let (_rec_a, mut a, mut b) = client_and_peer(
+        &kv,
+        "cluster-dnsrr",
+        on_cluster("b", "d1bbbbbbbbbb", "10.230.1.4", DB),
+    )
+    .await;
+    let view_a = a.cluster_link().unwrap().subscribe();
+    sync_until(&mut [&mut a, &mut b], "B's db task known on A", || {
+        view_a.borrow().state.tasks.len() == 1
+    })
+    .await;
+    // Time for a VIP claim to be made and come back, were one wanted.
+    for _ in 0..10 {
+        a.sync(false).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let db = ServiceName::new("db").unwrap();
+    assert!(a.allocations().get(&db).is_none(), "no VIP for a dnsrr service");
+    assert!(
+        !a.cluster_link().unwrap().view().claims.contains_key(&db),
+        "no VIP claimed in the cluster"
+    );
+    let report = a.status().borrow().clone();
+    let service = report.services.iter().find(|s| s.name == db).unwrap();
+    assert_eq!(service.mode, EndpointMode::Dnsrr);
+    assert_eq!(service.scheduler.to_string(), "wrr");
+    assert_eq!(service.vip, None);
+}
+
+#[test]
+fn a_peers_task_with_no_local_task_of_its_service_is_planned_as_its_record_says() {
+    let mut db = DB.to_vec();
+    db.push((labels::PUBLISH, "8080:80/tcp"));
+    let cs = vec![container("d1bbbbbbbbbb", &db, &[("vipd-b", "10.230.1.4")])];
+    let (defs, errors) = labels::services(&cs);
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut with_sandbox = cs.clone();
+    with_sandbox[0].sandbox = Some("/run/docker/netns/d1".into());
+    let said = wanted(
+        &with_sandbox,
+        &defs,
+        Some(&NetworkId("vipd-b".into())),
+        &node("b"),
+    );
+    let record = said.tasks.values().next().unwrap().clone();
+    assert_eq!(record.weight, Some(3));
+
+    // The record as the store holds it, and as an older vipd wrote it: both read.
+    let json = serde_json::to_string(&record).unwrap();
+    let read: TaskRecord = serde_json::from_str(&json).unwrap();
+    assert_eq!(read, record);
+    let old: TaskRecord =
+        serde_json::from_str(r#"{"id":"d1bbbbbbbbbb","service":"db","node":"b","address":"10.230.1.4"}"#)
+            .unwrap();
+    assert_eq!((old.definition, old.weight), (None, None));
+
+    let mut state = ClusterState::default();
+    state
+        .tasks
+        .insert((read.service.clone(), read.node.clone(), read.id.clone()), read);
+    let peers = peer_containers(&state, &node("a"), &NetworkId("vipd-a".into()), &[]);
+    let (here, errors) = labels::services(&peers);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        here, defs,
+        "node a plans db as node b does: mode, scheduler, ports, publish, weight"
+    );
+}
+
+/// Every task key in the store, with its create and mod revisions.
+fn task_revisions(
+    kv: &MemoryKv,
+    keys: &Keys,
+) -> BTreeMap<String, (crate::store::Revision, crate::store::Revision)> {
+    futures::executor::block_on(kv.get_prefix(&keys.dir("tasks")))
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key, (kv.create_revision, kv.mod_revision)))
+        .collect()
+}
+
+/// The events a watch has delivered so far.
+fn seen(changes: &mut crate::store::kv::WatchStream) -> Vec<crate::store::kv::Event> {
+    use futures::{FutureExt, StreamExt};
+    let mut out = Vec::new();
+    while let Some(Some(Ok(crate::store::kv::WatchMessage::Events(events)))) = changes.next().now_or_never() {
+        out.extend(events);
+    }
+    out
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_restart_deletes_no_task_before_its_first_listing_then_withdraws_only_those_gone_meanwhile() {
+    let kv = MemoryKv::new();
+    let keys = Keys::default();
+    let tag = "cluster-restart-gone-b";
+    let (eb, _rec, mut b) = node_agent("b", "192.0.2.2", &kv, tag).await;
+    for (id, ip) in [("w1bbbbbbbbbb", "10.230.1.3"), ("w2bbbbbbbbbb", "10.230.1.4")] {
+        eb.upsert_container(on_cluster("b", id, ip, &[(labels::SERVICE, "web")]));
+    }
+    sync_until(&mut [&mut b], "both of B's tasks in the store", || {
+        task_revisions(&kv, &keys).len() == 2
+    })
+    .await;
+    let before = task_revisions(&kv, &keys);
+    let node_key = || {
+        futures::executor::block_on(kv.get_prefix(&keys.node(&node("b"))))
+            .unwrap()
+            .kvs
+    };
+    let node_before = node_key();
+    // Another node's view of the tasks from here on.
+    let other = kv.connect();
+    let mut changes = other
+        .watch(&keys.dir("tasks"), crate::store::Revision(kv.revision().0 + 1))
+        .await
+        .unwrap();
+
+    // kill -9; w2 stops while vipd is down.
+    drop(b);
+    eb.remove_container(&ContainerId("w2bbbbbbbbbb".into()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The same state dir: the link resumes the lease and joins before Docker is listed.
+    let dir = tempdir_path(tag);
+    let rec = Arc::new(Recorder::default());
+    let mut again = Agent::new(Arc::new(eb.clone()), ports(rec), config(&dir), None).unwrap();
+    again.join(
+        ClusterLink::spawn(
+            Cluster::new(Arc::new(kv.connect()), keys.clone()),
+            link_config("b", "192.0.2.2", &dir),
+        ),
+        "vipd",
+    );
+    let mut view = again.cluster_link().unwrap().subscribe();
+    until(&mut view, |v| v.me.is_some() && v.lists > 0).await;
+    tokio::time::sleep(TTL).await;
+    assert_eq!(
+        task_revisions(&kv, &keys),
+        before,
+        "nothing written or deleted before the first listing"
+    );
+    assert_eq!(node_key(), node_before, "the node's record is not written again");
+    assert_eq!(seen(&mut changes), [], "another node sees no change");
+
+    // The first listing: w2 is withdrawn, w1 stays as it was.
+    sync_until(&mut [&mut again], "w2 withdrawn", || {
+        task_revisions(&kv, &keys).len() == 1
+    })
+    .await;
+    let w1 = keys.dir("tasks") + "web/b/w1bbbbbbbbbb";
+    assert_eq!(task_revisions(&kv, &keys)[&w1], before[&w1], "w1 never rewritten");
+    let events = seen(&mut changes);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        matches!(&events[0], crate::store::kv::Event::Delete { key, .. } if key.ends_with("/w2bbbbbbbbbb")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_keep_alive_that_fails_times_out_stalls_or_falsely_says_not_found_keeps_the_lease_and_the_peers() {
+    use crate::store::memory::Link;
+    let kv = MemoryKv::new();
+    let keys = Keys::default();
+    let task = |id: &str, n: &str, ip: &str| TaskRecord {
+        id: TaskId::new(id).unwrap(),
+        service: ServiceName::new("web").unwrap(),
+        node: node(n),
+        address: ip.parse().unwrap(),
+        definition: None,
+        weight: None,
+    };
+    let b = link(&kv, "b", "192.0.2.2", "cluster-keep-b");
+    let tb = task("w1bbbbbbbbbb", "b", "10.230.1.3");
+    b.want(Wanted {
+        tasks: BTreeMap::from([(tb.id.clone(), tb)]),
+        services: BTreeSet::new(),
+    });
+    let client = kv.connect();
+    let dir = tempdir("cluster-keep-a");
+    let a = ClusterLink::spawn(
+        Cluster::new(Arc::new(client.clone()), keys.clone()),
+        link_config("a", "192.0.2.1", &dir),
+    );
+    let ta = task("w1aaaaaaaaaa", "a", "10.230.0.3");
+    a.want(Wanted {
+        tasks: BTreeMap::from([(ta.id.clone(), ta)]),
+        services: BTreeSet::new(),
+    });
+    let mut view = a.subscribe();
+    until(&mut view, |v| v.me.is_some() && v.state.tasks.len() == 2).await;
+    let lease = load_lease(&dir).unwrap();
+    let mine = || {
+        let mut kvs = futures::executor::block_on(kv.get_prefix(&keys.node(&node("a"))))
+            .unwrap()
+            .kvs;
+        kvs.extend(
+            futures::executor::block_on(kv.get_prefix(&(keys.dir("tasks") + "web/a/")))
+                .unwrap()
+                .kvs,
+        );
+        kvs
+    };
+    let before = mine();
+
+    // Every view A publishes from here on: joined, with B's task.
+    let lost = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let watcher = {
+        let lost = lost.clone();
+        let mut view = a.subscribe();
+        tokio::spawn(async move {
+            while view.changed().await.is_ok() {
+                let v = view.borrow_and_update().clone();
+                if v.me.is_none() || v.state.tasks.len() != 2 {
+                    lost.lock().unwrap().push(format!(
+                        "{:?} {:?} at {}",
+                        v.me,
+                        v.state.tasks.keys(),
+                        v.state.revision
+                    ));
+                }
+            }
+        })
+    };
+
+    // A leader change: one keep-alive says the live lease is not found (a TTL of 0),
+    // another times out, another cannot reach the store; then the watch stalls, and the
+    // link is down for less than the TTL.
+    for faults in [
+        vec![KvError::LeaseNotFound(lease), KvError::LeaseNotFound(lease)],
+        vec![KvError::Timeout(Duration::from_secs(5))],
+        vec![KvError::Unavailable("no leader".into())],
+    ] {
+        client.fail_keep_alives(faults);
+        tokio::time::sleep(TTL).await;
+    }
+    // The store changes every second for twice the TTL (B's task moves): each change
+    // wakes A's link, and none may put its keep-alives off.
+    for i in 0..(2 * TTL.as_secs()) {
+        let moved = task("w1bbbbbbbbbb", "b", &format!("10.230.0.{}", 10 + i % 2));
+        b.want(Wanted {
+            tasks: BTreeMap::from([(moved.id.clone(), moved)]),
+            services: BTreeSet::new(),
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    client.set_link(Link::Stalled);
+    tokio::time::sleep(TTL / 2).await;
+    client.set_link(Link::Down);
+    tokio::time::sleep(TTL / 2).await;
+    client.set_link(Link::Up);
+    tokio::time::sleep(TTL).await;
+
+    assert_eq!(
+        lost.lock().unwrap().clone(),
+        Vec::<String>::new(),
+        "A never left the cluster nor lost B's task"
+    );
+    assert_eq!(load_lease(&dir), Some(lease), "nothing re-granted");
+    assert_eq!(
+        mine(),
+        before,
+        "the node's record and the tasks never written again"
+    );
+    assert_eq!(a.view().me.unwrap().name, node("a"));
+
+    // A lease that really ended (revoked here) is joined again on a new one.
+    watcher.abort();
+    kv.lease_revoke(lease).await.unwrap();
+    until(&mut view, |v| {
+        v.me.is_some() && load_lease(&dir).is_some_and(|l| l != lease)
+    })
+    .await;
+    until(&mut view, |v| v.state.tasks.len() == 2).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cluster_agent_programs_no_sandbox_before_the_stores_first_snapshot() {
+    let kv = MemoryKv::new();
+    let client = kv.connect();
+    client.set_link(crate::store::memory::Link::Down);
+    let (engine, rec, mut a) =
+        node_agent_on("a", "192.0.2.1", client.clone(), "cluster-first-snapshot").await;
+    engine.upsert_container(on_cluster("a", "claaaaaaaaaa", "10.230.0.9", &[]));
+    engine.upsert_container(on_cluster(
+        "a",
+        "w1aaaaaaaaaa",
+        "10.230.0.3",
+        &[(labels::SERVICE, "web")],
+    ));
+    // A restarted vipd whose store is out of reach: its sandboxes still serve the peers'
+    // tasks and the cluster's VIPs, which it does not know yet; it leaves them be.
+    for _ in 0..5 {
+        a.relist().await.unwrap();
+        let report = a.sync(true).await;
+        assert_eq!(report.sandboxes_programmed, 0, "{report:?}");
+        assert!(
+            report.errors.iter().any(|e| e.contains("first snapshot")),
+            "{report:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(!rec.programmed(CLIENT_SANDBOX));
+    client.set_link(crate::store::memory::Link::Up);
+    sync_until(&mut [&mut a], "the client programmed with web", || {
+        rec.programmed(CLIENT_SANDBOX) && rec.backends(CLIENT_SANDBOX, "web") == ["10.230.0.3"]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cluster_agent_whose_store_stays_out_of_reach_serves_what_is_local_after_a_while() {
+    let kv = MemoryKv::new();
+    let client = kv.connect();
+    client.set_link(crate::store::memory::Link::Down);
+    let (engine, rec, mut a) = node_agent_on("a", "192.0.2.1", client, "cluster-never-listed").await;
+    engine.upsert_container(on_cluster(
+        "a",
+        "d1aaaaaaaaaa",
+        "10.230.0.4",
+        &[(labels::SERVICE, "db"), (labels::ENDPOINT_MODE, "dnsrr")],
+    ));
+    a.relist().await.unwrap();
+    assert_eq!(a.sync(true).await.sandboxes_programmed, 0);
+    tokio::time::sleep(crate::agent::FIRST_SNAPSHOT_WAIT).await;
+    let report = a.sync(true).await;
+    assert!(rec.programmed("/run/docker/netns/d1aaaaaaaaaa"), "{report:?}");
+    assert!(
+        !report.errors.iter().any(|e| e.contains("first snapshot")),
+        "{report:?}"
+    );
 }
