@@ -57,8 +57,9 @@ cargo build --locked --bin vipd
 vm_bin=$(cargo test --locked --test vm --no-run --message-format=json 2>/dev/null |
   jq -r 'select(.reason=="compiler-artifact" and .target.name=="vm" and .executable!=null) | .executable' | tail -n1)
 [[ -x "$vm_bin" ]] || { echo "cannot find the vm test binary" >&2; exit 1; }
-# VM tests set up topologies with many short processes; two at a time suits 2 vCPUs.
-scripts/vm/run.sh --timeout "${VIPD_VM_TIMEOUT:-2400}" --env VIPD_IMAGE_TAR="$image_tar" -- \
+# VM tests set up topologies with many short processes; two at a time suits 2 vCPUs. The
+# cluster tests start three dockerds and etcd members each: the suite takes about 30 min.
+scripts/vm/run.sh --timeout "${VIPD_VM_TIMEOUT:-3000}" --env VIPD_IMAGE_TAR="$image_tar" -- \
   "$vm_bin" --test-threads=2 2>&1 | tr -d '\r' | tee -a "$log"
 
 # One closing line for the whole suite.
