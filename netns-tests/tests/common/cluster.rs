@@ -26,7 +26,7 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vipd::core::model::NodeName;
@@ -174,7 +174,13 @@ pub struct Cluster {
     /// The etcd data dirs (on tmpfs) and dockerd dirs live under here.
     base: PathBuf,
     etcd_base: PathBuf,
+    /// One cluster at a time: three dockerds and etcd members take most of the VM's
+    /// memory and both its CPUs. Held until everything above is torn down.
+    _one_at_a_time: MutexGuard<'static, ()>,
 }
+
+/// Held by the one cluster that runs (see [`Cluster::_one_at_a_time`]).
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
 
 /// `nsenter --net=NETNS ARGS`, which must succeed; its stdout. `nsenter --net` and not
 /// `ip netns exec`: the latter makes a mount namespace that hides dockerd's mounts.
@@ -209,6 +215,10 @@ impl Cluster {
     pub fn start(n: u8) -> Self {
         require_root();
         assert!((1..=9).contains(&n), "1 to 9 nodes, not {n}");
+        // A test that failed while holding it poisons it; the next cluster starts anyway.
+        let one_at_a_time = ONE_CLUSTER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let t0 = Instant::now();
         let base = std::env::temp_dir().join(unique("vcl"));
         // etcd's data on tmpfs: the emulated VM's disk (and fsync) is what makes it slow.
@@ -233,6 +243,7 @@ impl Cluster {
             fabric,
             base,
             etcd_base,
+            _one_at_a_time: one_at_a_time,
         };
         for i in 1..=n {
             let node = cluster.make_node(i);
