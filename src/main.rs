@@ -998,7 +998,11 @@ fn run(cli: Cli) -> Result<()> {
             } else if sandboxes {
                 print!("{}", vipd::core::status::render_sandboxes(&status));
             } else {
-                print!("{}", vipd::core::status::render_services(&status));
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                print!("{}", vipd::core::status::render_services(&status, now));
             }
         }
         Command::Apply {

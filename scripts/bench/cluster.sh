@@ -2,12 +2,20 @@
 # Benchmark: the cluster (vipd run --etcd) on 3 nodes of the VM harness
 # (netns-tests/tests/common/cluster.rs: one network namespace per node with its own
 # dockerd, etcd member and vipd, node 3 behind a router). The measurements are the
-# ignored test `cluster::cluster_benchmark` (netns-tests/tests/vm/cluster.rs), which this
+# ignored test `cluster_bench::cluster_benchmark` (netns-tests/tests/vm/cluster_bench.rs), which this
 # script runs; each figure is printed on a `bench:` line:
-#   (a) data path, client on node1 to 2 busybox httpd tasks on node2: new connections/s
-#       (Connection: close) and keep-alive requests/s through the VIP, against the same
-#       client to the tasks directly, in the same run; one curl process each, N requests
-#       (sequential: the rate is the inverse of a request's latency); ratio, target >= 0.9.
+#   (a) data path, client on node1 to 2 nginx tasks on node2 (Debian's nginx, the host's
+#       binary bind-mounted into the busybox image: it keeps connections alive, which
+#       busybox httpd does not): wrk from the client's sandbox, new connections
+#       (`Connection: close`) and keep-alive requests, through the VIP against the same
+#       wrk to the two tasks directly; ROUNDS rounds in alternating order, each WARMUP s
+#       (discarded) then DURATION s with CONNECTIONS connections (two wrk processes, half
+#       each); every round's rate and latency, the ratio of the medians, target >= 0.9.
+#       The VIP's connections and the direct ones use disjoint client port ranges: a task
+#       keeps a TIME_WAIT for each connection it closed, and a SYN that reuses its 4-tuple
+#       from the other target carries another sequence and timestamp base, so the task
+#       drops it and the client waits 1 s (over one range, new connections through the VIP
+#       fell to 30/s after the first direct round: the benchmark's artifact, not the path).
 #   (b) convergence: from `docker run` of a task until it is an IPVS destination in every
 #       cluster sandbox of node1 (read from /proc/net/ip_vs, no process per read), a task
 #       on node2 against a task on node1, K times each: p50, p99 (nearest rank: with K <
@@ -16,18 +24,31 @@
 #       member) for one task start and one stop, with 2 nodes and 1 client sandbox, then
 #       with 3 nodes and 5: the same figures mean it does not grow with nodes or sandboxes.
 #
-# Needs a kernel with IPVS, so in the VM (emulated: compare ratios, not absolutes):
-#   cargo build --locked --bin vipd && cargo test --locked --test vm --no-run
-#   scripts/vm/run.sh --timeout 1800 -- scripts/bench/cluster.sh
-# Environment: K (default 5), N (default 500), VM_TEST (the vm test binary; default the
-# newest target/debug/deps/vm-*).
+# Needs a kernel with IPVS, so it runs in the VM (emulated: compare ratios, not
+# absolutes). Run on the host, it installs nginx and wrk there
+# (scripts/bench/ensure-mesh-deps.sh), builds, and boots the VM to run itself:
+#   scripts/bench/cluster.sh
+# Environment: K (5), ROUNDS (3), CONNECTIONS (8), DURATION (5), WARMUP (1), VM_TEST (the
+# vm test binary; default the newest target/debug/deps/vm-*), VIPD_TEST_BIN (the vipd
+# the nodes run; default the one cargo built with the tests). About 8 minutes with the
+# defaults.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
-[[ -e /proc/net/ip_vs ]] || { echo "this kernel has no IPVS: run it in scripts/vm/run.sh" >&2; exit 1; }
+if [[ "${VIPD_IN_VM:-}" != 1 ]]; then
+  scripts/bench/ensure-mesh-deps.sh
+  cargo build --locked --bin vipd
+  cargo test --locked --test vm --no-run
+  envs=()
+  for v in K ROUNDS CONNECTIONS DURATION WARMUP VM_TEST VIPD_TEST_BIN; do
+    [[ -z "${!v:-}" ]] || envs+=(--env "$v=${!v}")
+  done
+  exec scripts/vm/run.sh --timeout 1800 "${envs[@]}" -- "$0"
+fi
+[[ -e /proc/net/ip_vs ]] || { echo "this kernel has no IPVS" >&2; exit 1; }
 VM_TEST=${VM_TEST:-$(ls -t target/debug/deps/vm-* 2>/dev/null | grep -v '\.d$' | head -n1 || true)}
 [[ -x "$VM_TEST" ]] || { echo "build first: cargo test --locked --test vm --no-run (or set VM_TEST)" >&2; exit 1; }
-export K=${K:-5} N=${N:-500}
-echo "cluster bench: K=$K N=$N, $VM_TEST" >&2
-"$VM_TEST" --ignored --exact cluster::cluster_benchmark --nocapture --test-threads=1 2>&1 |
+export K=${K:-5}
+echo "cluster bench: K=$K ROUNDS=${ROUNDS:-3} CONNECTIONS=${CONNECTIONS:-8} DURATION=${DURATION:-5}, $VM_TEST" >&2
+"$VM_TEST" --ignored --exact cluster_bench::cluster_benchmark --nocapture --test-threads=1 2>&1 |
   tee /dev/stderr | grep '^bench:' || { echo "cluster bench failed" >&2; exit 1; }

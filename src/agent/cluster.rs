@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::core::containers::{Attachment, Container, ContainerId, Drain, NetworkId};
 use crate::core::labels::{self, ServiceDef, ServiceDefinition};
@@ -91,6 +91,8 @@ pub struct ClusterView {
     pub problem: Option<String>,
     /// How many times the store was listed (a new list after a compaction or an outage).
     pub lists: u64,
+    /// When (unix seconds) each node last renewed its lease, as far as this node knows.
+    pub seen: BTreeMap<NodeName, u64>,
 }
 
 impl ClusterView {
@@ -164,9 +166,11 @@ impl ClusterLink {
                 me: None,
                 put: BTreeMap::new(),
                 claims: BTreeMap::new(),
+                held: BTreeSet::new(),
                 problem: None,
                 failing_since: None,
                 last_error: None,
+                seen: BTreeMap::new(),
             }
             .run(wanted_rx)
             .instrument(span),
@@ -224,13 +228,18 @@ struct Link {
     /// The tasks written on the current lease (by this process, or by the one before it
     /// when the lease was resumed).
     put: BTreeMap<TaskId, TaskRecord>,
-    /// The claims this link made.
+    /// The claims this link made that its snapshot does not show yet.
     claims: BTreeMap<ServiceName, VipClaim>,
+    /// The services this node wanted VIPs for: one it no longer wants is given back.
+    held: BTreeSet<ServiceName>,
     /// A refusal that trying again as it is will not fix soon (a name taken, ...).
     problem: Option<String>,
     /// Since when the link's own calls fail because the store does not answer.
     failing_since: Option<u64>,
     last_error: Option<String>,
+    /// When (unix seconds) each live node last renewed its lease, as far as this link
+    /// knows: its own keep-alives, and the peers' leases read once per TTL.
+    seen: BTreeMap<NodeName, u64>,
 }
 
 impl Link {
@@ -245,6 +254,9 @@ impl Link {
         let mut renew_at = Instant::now() + keep_alive;
         let mut renew_retry = self.cfg.backoff.initial.min(renew_max);
         let mut retry = self.cfg.backoff.initial;
+        // The peers' leases are read once per TTL (N-1 reads per node, no writes): enough
+        // to say how long ago each was last seen.
+        let mut probe_at = Instant::now();
         loop {
             let now = wanted.borrow_and_update().clone();
             let ok = self.step(now.as_ref()).await;
@@ -262,6 +274,10 @@ impl Link {
                     if self.keep_alive().await {
                         renew_retry = self.cfg.backoff.initial.min(renew_max);
                         renew_at = Instant::now() + keep_alive;
+                        if Instant::now() >= probe_at {
+                            self.probe_peers().await;
+                            probe_at = Instant::now() + self.cfg.ttl;
+                        }
                     } else {
                         renew_at = Instant::now() + renew_retry;
                         renew_retry = (renew_retry * 2).min(renew_max);
@@ -356,6 +372,7 @@ impl Link {
         let subnet = record.subnet.map(|s| s.to_string()).unwrap_or_default();
         info!(lease = %lease, subnet = %subnet, resumed, "joined the cluster");
         self.me = Some(record);
+        self.seen.insert(self.cfg.node.clone(), unix_now());
         self.problem = None;
         Ok(())
     }
@@ -373,6 +390,7 @@ impl Link {
         match kv.lease_keep_alive(lease).await {
             Ok(_) => {
                 self.answered();
+                self.seen.insert(self.cfg.node.clone(), unix_now());
                 true
             }
             Err(KvError::LeaseNotFound(_)) => match kv.lease_time_to_live(lease).await {
@@ -383,8 +401,8 @@ impl Link {
                     self.put.clear();
                     true
                 }
-                Ok(Some(left)) => {
-                    warn!(lease = %lease, ?left, "a keep-alive said the lease was not found, but it lives: keeping it");
+                Ok(Some(ttl)) => {
+                    warn!(lease = %lease, left = ?ttl.left, "a keep-alive said the lease was not found, but it lives: keeping it");
                     self.answered();
                     false
                 }
@@ -426,16 +444,38 @@ impl Link {
         Ok(())
     }
 
+    /// Claim a VIP for each wanted service the store has none for, and give back those
+    /// this node no longer wants (their grace is over here) when no task of theirs is
+    /// left anywhere and they have no stored definition.
     async fn claim(&mut self, wanted: &Wanted) -> Result<(), StoreError> {
         let view = self.reflector.view();
         for service in &wanted.services {
-            if self.claims.contains_key(service) || view.state.services.contains_key(service) {
+            if view.state.services.contains_key(service) {
+                // The snapshot has it: the store is the truth from now on.
+                self.claims.remove(service);
                 continue;
             }
+            // Not (or no longer) in the snapshot: claimed a moment ago and not seen yet,
+            // or given back by another node. Claiming is idempotent: it reads first.
             let claim = self.cluster.claim_vip(service, self.cfg.pool).await?;
-            info!(service = %service, vip = %claim.vip, fwmark = claim.fwmark, "VIP claimed in the cluster");
-            self.claims.insert(service.clone(), claim);
+            if self.claims.insert(service.clone(), claim) != Some(claim) {
+                info!(service = %service, vip = %claim.vip, fwmark = claim.fwmark, "VIP claimed in the cluster");
+            }
         }
+        let dropped: Vec<ServiceName> = self.held.difference(&wanted.services).cloned().collect();
+        for service in dropped {
+            self.claims.remove(&service);
+            match self.cluster.release_vip(&service).await {
+                Ok(true) => info!(service = %service, "VIP given back to the cluster (no task left anywhere)"),
+                Ok(false) => {}
+                Err(StoreError::InUse { tasks, .. }) => {
+                    info!(service = %service, tasks, "VIP kept: the service still has tasks on other nodes");
+                }
+                Err(e) => return Err(e),
+            }
+            self.held.remove(&service);
+        }
+        self.held.extend(wanted.services.iter().cloned());
         Ok(())
     }
 
@@ -461,6 +501,34 @@ impl Link {
                 self.problem = Some(text);
             }
         }
+    }
+
+    /// Read each live peer's lease: how long ago it was last renewed. A peer whose lease
+    /// cannot be read keeps what was seen before; nodes no longer live are forgotten.
+    async fn probe_peers(&mut self) {
+        let state = self.reflector.view().state;
+        let kv = Arc::clone(self.cluster.kv());
+        for (name, lease) in &state.node_leases {
+            if *name == self.cfg.node {
+                continue;
+            }
+            match kv.lease_time_to_live(*lease).await {
+                Ok(Some(ttl)) => {
+                    let ago = ttl.since_renewed().as_secs();
+                    self.seen.insert(name.clone(), unix_now().saturating_sub(ago));
+                }
+                Ok(None) => {
+                    self.seen.remove(name);
+                }
+                Err(e) => {
+                    debug!(node = %name, error = %e, "a peer's lease could not be read");
+                    break;
+                }
+            }
+        }
+        let me = &self.cfg.node;
+        self.seen.retain(|n, _| n == me || state.nodes.contains_key(n));
+        self.publish();
     }
 
     fn publish(&self) {
@@ -491,6 +559,7 @@ impl Link {
             },
             problem: self.problem.clone(),
             lists: snapshot.lists,
+            seen: self.seen.clone(),
         };
         self.view.send_replace(view);
     }
@@ -522,6 +591,7 @@ pub fn status(view: &ClusterView, me: &NodeName) -> ClusterStatus {
                     .or_else(|| view.state.subnets.get(&n.name).copied())
                     .map(|s| s.to_string()),
                 tasks: tasks.get(&n.name).copied().unwrap_or(0),
+                last_seen: view.seen.get(&n.name).copied(),
             })
             .collect(),
     }
@@ -614,16 +684,19 @@ pub fn peer_containers(
                     prefix_len: NODE_PREFIX,
                 }],
                 drain: Drain::No,
+                node: Some(t.node.clone()),
             })
         })
         .collect()
 }
 
 /// What this node has for the cluster: its serving tasks on the cluster network
-/// `network` (peers' tasks, which have no sandbox here, left out), and its VIP services.
+/// `network` (peers' tasks, which have no sandbox here, left out), and its VIP services:
+/// those defined now, and those `held` (allocations idle here, within their grace).
 pub fn wanted(
     containers: &[Container],
     defs: &BTreeMap<ServiceName, ServiceDef>,
+    held: &BTreeSet<ServiceName>,
     network: Option<&NetworkId>,
     me: &NodeName,
 ) -> Wanted {
@@ -667,6 +740,7 @@ pub fn wanted(
         .values()
         .filter(|d| d.mode == EndpointMode::Vip)
         .map(|d| d.name.clone())
+        .chain(held.iter().cloned())
         .collect();
     Wanted { tasks, services }
 }

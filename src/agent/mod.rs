@@ -241,6 +241,7 @@ pub fn container_from(info: &ContainerInfo) -> Container {
             })
             .collect(),
         drain: Drain::No,
+        node: None,
     }
 }
 
@@ -809,9 +810,11 @@ impl Agent {
         };
         if let Some(joined) = &self.cluster {
             let network = self.inventory.network_named(&joined.network);
+            // A service idle here keeps its claim until its grace is over here too.
+            let held = allocated.allocs.services.keys().cloned().collect();
             joined
                 .link
-                .want(cluster::wanted(&containers, &defs, network, joined.link.node()));
+                .want(cluster::wanted(&containers, &defs, &held, network, joined.link.node()));
         }
         for (name, e) in allocated.errors {
             self.cfg.metrics.error(ErrorKind::Allocation);

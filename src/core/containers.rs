@@ -2,7 +2,7 @@
 //! the services their labels make them tasks of. The Docker adapter fills these in; the
 //! core turns them into a desired state per sandbox.
 
-use super::model::SandboxKey;
+use super::model::{NodeName, SandboxKey};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -69,6 +69,10 @@ pub struct Container {
     /// Whether it is leaving its services. Not Docker's: the agent sets it from the
     /// engine's kill events and from health changes.
     pub drain: Drain,
+    /// The node it runs on, when that is another node (a peer's task in cluster mode);
+    /// `None` for this host's own containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
 }
 
 /// A task on its way out of its services.
@@ -140,6 +144,7 @@ pub mod fixture {
                 })
                 .collect(),
             drain: Drain::No,
+            node: None,
         }
     }
 }

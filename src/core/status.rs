@@ -18,7 +18,7 @@ use crate::core::containers::{Container, ContainerId, Drain, Health};
 pub use crate::core::labels::Conflict;
 use crate::core::labels::Publish;
 use crate::core::labels::{LabelError, ServiceDef};
-use crate::core::model::{EndpointMode, FwMark, PortKey, Scheduler, ServiceName};
+use crate::core::model::{EndpointMode, FwMark, NodeName, PortKey, Scheduler, ServiceName};
 
 /// What the agent knows, typed: the source of `vipd status` and of the metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,6 +60,8 @@ pub struct TaskReport {
     /// Whether it takes new connections (running, not leaving, not unhealthy or starting).
     pub serving: bool,
     pub weight: u32,
+    /// The node it runs on, when another (a peer's task in cluster mode).
+    pub node: Option<NodeName>,
 }
 
 /// Where a task is in its life, as `vipd status` names it.
@@ -121,7 +123,11 @@ impl Report {
             docker: self.docker.clone(),
             last_sync: self.last_sync,
             last_resync: self.last_resync,
-            services: self.services.iter().map(ServiceReport::to_status).collect(),
+            services: self
+                .services
+                .iter()
+                .map(|s| s.to_status(self.cluster.as_ref().map(|c| c.node.as_str())))
+                .collect(),
             sandboxes: self.sandboxes.clone(),
             label_errors: self.label_errors.clone(),
             conflicts: self.conflicts.clone(),
@@ -131,7 +137,9 @@ impl Report {
 }
 
 impl ServiceReport {
-    fn to_status(&self) -> ServiceStatus {
+    /// The wire form; a task with no node of its own runs on `here` (this node's name, in
+    /// cluster mode).
+    fn to_status(&self, here: Option<&str>) -> ServiceStatus {
         ServiceStatus {
             name: self.name.to_string(),
             mode: crate::core::labels::endpoint_mode_name(self.mode).to_owned(),
@@ -149,6 +157,7 @@ impl ServiceReport {
                     state: t.state.as_str().to_owned(),
                     serving: t.serving,
                     weight: t.weight,
+                    node: t.node.as_ref().map(|n| n.as_str()).or(here).map(str::to_owned),
                 })
                 .collect(),
             errors: self.errors.clone(),
@@ -208,10 +217,14 @@ pub struct NodeStatus {
     pub subnet: Option<String>,
     /// Its tasks on the cluster network.
     pub tasks: usize,
+    /// When (unix seconds) it last renewed its lease, as far as this node knows: this
+    /// node's own last keep-alive, or a peer's read from its lease's time to live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
 }
 
 /// The cluster part of `vipd status`.
-pub fn render_cluster(c: &ClusterStatus) -> String {
+pub fn render_cluster(c: &ClusterStatus, now: u64) -> String {
     let mut out = String::new();
     let _ = write!(out, "cluster: node {}", c.node);
     if !c.joined {
@@ -232,11 +245,19 @@ pub fn render_cluster(c: &ClusterStatus) -> String {
         }
         (false, None) => out.push_str(", store not reached yet\n"),
     }
-    let _ = writeln!(out, "{:<24} {:<16} {:<18} TASKS", "NODE", "ADDRESS", "SUBNET");
+    let _ = writeln!(
+        out,
+        "{:<24} {:<16} {:<18} {:<6} SEEN",
+        "NODE", "ADDRESS", "SUBNET", "TASKS"
+    );
     for n in &c.nodes {
+        let seen = match n.last_seen {
+            Some(t) => format!("{}s ago", now.saturating_sub(t)),
+            None => "-".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "{:<24} {:<16} {:<18} {}",
+            "{:<24} {:<16} {:<18} {:<6} {seen}",
             n.name,
             n.address,
             n.subnet.as_deref().unwrap_or("-"),
@@ -285,6 +306,9 @@ pub struct TaskStatus {
     /// Whether it takes new connections (running, not leaving, not unhealthy or starting).
     pub serving: bool,
     pub weight: u32,
+    /// The node it runs on (cluster mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// One sandbox vipd programs.
@@ -343,6 +367,7 @@ pub fn services(
                     serving: c.serving(),
                     // A draining task's weight is 0, whatever its label says.
                     weight: c.backend_weight(weight).unwrap_or(weight),
+                    node: c.node.clone(),
                 })
                 .collect();
             ServiceReport {
@@ -382,8 +407,12 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 }
 
 /// The services as `vipd status` prints them.
-pub fn render_services(s: &Status) -> String {
-    let mut out = s.cluster.as_ref().map(render_cluster).unwrap_or_default();
+pub fn render_services(s: &Status, now: u64) -> String {
+    let mut out = s
+        .cluster
+        .as_ref()
+        .map(|c| render_cluster(c, now))
+        .unwrap_or_default();
     if !s.docker.connected {
         let _ = writeln!(
             out,
@@ -419,7 +448,7 @@ pub fn render_services(s: &Status) -> String {
         );
         for t in &svc.tasks {
             let addrs: Vec<String> = t.addresses.iter().map(|a| a.to_string()).collect();
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "  {} {:<22} {:<10} w={:<3} {}",
                 t.container,
@@ -432,6 +461,12 @@ pub fn render_services(s: &Status) -> String {
                     addrs.join(",")
                 }
             );
+            match &t.node {
+                Some(node) => {
+                    let _ = writeln!(out, " on {node}");
+                }
+                None => out.push('\n'),
+            }
         }
         for e in &svc.errors {
             let _ = writeln!(out, "  error: {e}");
@@ -510,6 +545,7 @@ mod tests {
                     state: TaskState::Draining,
                     serving: false,
                     weight: 0,
+                    node: None,
                 }],
                 errors: vec![],
             }],
@@ -573,6 +609,7 @@ mod tests {
                             state: "running".into(),
                             serving: true,
                             weight: 1,
+                            node: None,
                         },
                         TaskStatus {
                             container: "ba9876543210".into(),
@@ -581,6 +618,7 @@ mod tests {
                             state: "unhealthy".into(),
                             serving: false,
                             weight: 1,
+                            node: None,
                         },
                     ],
                     errors: vec![],
@@ -622,7 +660,7 @@ mod tests {
 
     #[test]
     fn services_show_vip_mark_tasks_and_every_error() {
-        let text = render_services(&sample());
+        let text = render_services(&sample(), 0);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("SERVICE"), "{text}");
         assert!(
@@ -672,13 +710,25 @@ mod tests {
             store_unreachable_since: Some(1000),
             store_error: Some("no answer".into()),
             store_lists: 3,
-            nodes: vec![NodeStatus {
-                name: "a".into(),
-                address: "192.0.2.1".into(),
-                subnet: Some("10.230.0.0/24".into()),
-                tasks: 2,
-            }],
+            nodes: vec![
+                NodeStatus {
+                    name: "a".into(),
+                    address: "192.0.2.1".into(),
+                    subnet: Some("10.230.0.0/24".into()),
+                    tasks: 2,
+                    last_seen: Some(1003),
+                },
+                NodeStatus {
+                    name: "b".into(),
+                    address: "192.0.2.2".into(),
+                    subnet: None,
+                    tasks: 0,
+                    last_seen: None,
+                },
+            ],
         });
+        s.services[0].tasks[0].node = Some("a".into());
+        s.services[0].tasks[1].node = Some("b".into());
         let v = serde_json::to_value(&s).unwrap();
         let mut keys: Vec<&String> = v["cluster"].as_object().unwrap().keys().collect();
         keys.sort();
@@ -696,13 +746,22 @@ mod tests {
         );
         let mut node: Vec<&String> = v["cluster"]["nodes"][0].as_object().unwrap().keys().collect();
         node.sort();
-        assert_eq!(node, ["address", "name", "subnet", "tasks"]);
-        let text = render_services(&s);
+        assert_eq!(node, ["address", "last_seen", "name", "subnet", "tasks"]);
+        assert_eq!(v["services"][0]["tasks"][1]["node"], "b");
+        let text = render_services(&s, 1005);
         assert!(
             text.starts_with("cluster: node a, store unreachable since 1000 (no answer)\n"),
             "{text}"
         );
-        assert!(text.contains("192.0.2.1        10.230.0.0/24      2"), "{text}");
+        assert!(
+            text.contains("192.0.2.1        10.230.0.0/24      2      2s ago"),
+            "{text}"
+        );
+        assert!(
+            text.contains("192.0.2.2        -                  0      -"),
+            "{text}"
+        );
+        assert!(text.contains("172.18.0.3 on b\n"), "{text}");
     }
 
     #[test]
@@ -789,7 +848,7 @@ mod tests {
     fn nothing_yet_is_said_plainly() {
         let s = Status::default();
         assert_eq!(
-            render_services(&s),
+            render_services(&s, 0),
             "docker: not connected (not listed yet)\nno services\n"
         );
         assert_eq!(render_sandboxes(&s), "no sandboxes\n");

@@ -32,6 +32,7 @@ fn task(name: &str, state: TaskState, serving: bool) -> TaskReport {
         state,
         serving,
         weight: 1,
+        node: None,
     }
 }
 
@@ -235,6 +236,7 @@ async fn the_cluster_metrics_show_the_store_the_peers_and_each_list_once() {
         address: "192.0.2.1".into(),
         subnet: None,
         tasks: 0,
+        last_seen: None,
     };
     let mut cluster = ClusterStatus {
         node: "a".into(),

@@ -355,7 +355,8 @@ impl Cluster {
     }
 
     /// Give the service's VIP and fwmark back, only if no task of it is left anywhere in
-    /// the cluster (checked in the same transaction). `Ok(false)`: it had none.
+    /// the cluster and it has no stored definition (`vipd service`), both checked in the
+    /// same transaction. `Ok(false)`: it had none, or it is defined.
     #[instrument(skip(self), fields(service = %service))]
     pub async fn release_vip(&self, service: &ServiceName) -> Result<bool, StoreError> {
         let service_key = self.keys.service(service);
@@ -369,6 +370,7 @@ impl Cluster {
                 when: vec![
                     Compare::ModRevisionIs(service_key.clone(), kv.mod_revision),
                     Compare::NoneUnder(tasks.clone()),
+                    Compare::Absent(self.keys.definition(service)),
                 ],
                 then: vec![
                     Op::Delete(service_key.clone()),
@@ -387,6 +389,9 @@ impl Cluster {
                     service: service.clone(),
                     tasks: left,
                 });
+            }
+            if self.get(&self.keys.definition(service)).await?.is_some() {
+                return Ok(false);
             }
         }
         Err(self.contended(format!("releasing the VIP of service {service}")))

@@ -13,8 +13,8 @@ use etcd_client::{
 use tracing::debug;
 
 use super::kv::{
-    Compare, Event, KeyValue, Kv, KvError, LeaseId, Listing, Op, Revision, Txn, TxnResult, WatchMessage,
-    WatchStream,
+    Compare, Event, KeyValue, Kv, KvError, LeaseId, LeaseTtl, Listing, Op, Revision, Txn, TxnResult,
+    WatchMessage, WatchStream,
 };
 
 /// Client certificate files for an etcd that requires TLS.
@@ -262,7 +262,7 @@ impl Kv for EtcdKv {
         Ok(())
     }
 
-    async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>, KvError> {
+    async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<LeaseTtl>, KvError> {
         let mut lease = self.client.lease_client();
         let resp = self
             .timed(async {
@@ -274,7 +274,10 @@ impl Kv for EtcdKv {
             .await;
         match resp {
             // etcd answers an ended lease with TTL -1.
-            Ok(r) => Ok(u64::try_from(r.ttl()).ok().map(Duration::from_secs)),
+            Ok(r) => Ok(u64::try_from(r.ttl()).ok().map(|left| LeaseTtl {
+                left: Duration::from_secs(left),
+                granted: Duration::from_secs(u64::try_from(r.granted_ttl()).unwrap_or(0)),
+            })),
             Err(KvError::LeaseNotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }

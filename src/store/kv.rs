@@ -31,6 +31,21 @@ impl fmt::Display for LeaseId {
     }
 }
 
+/// A live lease's time to live: what it has left, and the TTL it was granted (the time
+/// it gets at each keep-alive). `granted - left` is how long ago it was last renewed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTtl {
+    pub left: Duration,
+    pub granted: Duration,
+}
+
+impl LeaseTtl {
+    /// How long ago the lease was last renewed (or granted).
+    pub fn since_renewed(&self) -> Duration {
+        self.granted.saturating_sub(self.left)
+    }
+}
+
 /// One key as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
@@ -164,8 +179,8 @@ pub trait Kv: Send + Sync {
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, KvError>;
     /// End a lease now, deleting its keys ([`KvError::LeaseNotFound`] if it had ended).
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), KvError>;
-    /// The time a lease has left, or `None` if it has ended.
-    async fn lease_time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, KvError>;
+    /// The time a lease has left and the TTL it was granted, or `None` if it has ended.
+    async fn lease_time_to_live(&self, lease: LeaseId) -> Result<Option<LeaseTtl>, KvError>;
     /// Changes under `prefix` from revision `from` on.
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, KvError>;
 }

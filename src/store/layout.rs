@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use super::kv::{KeyValue, Revision};
+use super::kv::{KeyValue, LeaseId, Revision};
 use crate::core::labels::ServiceDefinition;
 use crate::core::model::Protocol;
 use crate::core::model::{FwMark, Ipv4Net, ServiceName, Vip};
@@ -171,6 +171,8 @@ impl Keys {
 pub struct ClusterState {
     pub revision: Revision,
     pub nodes: BTreeMap<NodeName, NodeRecord>,
+    /// The lease each node's record rides on (what a peer's last keep-alive is read from).
+    pub node_leases: BTreeMap<NodeName, LeaseId>,
     pub subnets: BTreeMap<NodeName, Ipv4Net>,
     pub services: BTreeMap<ServiceName, VipClaim>,
     pub ports: BTreeMap<(Protocol, u16), ServiceName>,
@@ -216,6 +218,9 @@ impl ClusterState {
             ["nodes", name] => {
                 let rec: NodeRecord = serde_json::from_slice(&kv.value).ok()?;
                 (rec.name.as_str() == *name).then_some(())?;
+                if let Some(lease) = kv.lease {
+                    self.node_leases.insert(rec.name.clone(), lease);
+                }
                 self.nodes.insert(rec.name.clone(), rec);
             }
             ["node-subnets", name] => {

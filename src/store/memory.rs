@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::kv::{
-    Compare, Event, KeyValue, Kv, KvError, LeaseId, Listing, Op, Revision, Txn, TxnResult, WatchMessage,
-    WatchStream,
+    Compare, Event, KeyValue, Kv, KvError, LeaseId, LeaseTtl, Listing, Op, Revision, Txn, TxnResult,
+    WatchMessage, WatchStream,
 };
 
 /// The state of one client's connection to the shared store.
@@ -343,12 +343,12 @@ impl Kv for MemoryKv {
         Ok(())
     }
 
-    async fn lease_time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, KvError> {
+    async fn lease_time_to_live(&self, lease: LeaseId) -> Result<Option<LeaseTtl>, KvError> {
         let st = self.state()?;
-        Ok(st
-            .leases
-            .get(&lease.0)
-            .map(|l| l.deadline.saturating_duration_since(Instant::now())))
+        Ok(st.leases.get(&lease.0).map(|l| LeaseTtl {
+            left: l.deadline.saturating_duration_since(Instant::now()),
+            granted: l.ttl,
+        }))
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, KvError> {

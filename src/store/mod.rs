@@ -25,6 +25,6 @@ pub mod scenarios;
 mod tests;
 
 pub use claims::{Cluster, StoreError};
-pub use kv::{Kv, KvError, LeaseId, Revision};
+pub use kv::{Kv, KvError, LeaseId, LeaseTtl, Revision};
 pub use layout::{Changes, ClusterState, Diff, Keys, NodeName, NodeRecord, TaskId, TaskRecord, VipClaim};
 pub use reflector::{Backoff, Reflector, View};

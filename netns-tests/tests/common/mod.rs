@@ -125,9 +125,13 @@ pub fn veth(a: &Netns, a_if: &str, a_addr: Option<&str>, b: &Netns, b_if: &str) 
     b.exec(&["ip", "link", "set", b_if, "up"]);
 }
 
-/// The vipd binary cargo built for this test run.
+/// The vipd binary cargo built for this test run, or `VIPD_TEST_BIN` when set (a copy,
+/// so a long VM run is not disturbed by a rebuild of the tree meanwhile).
 pub fn vipd() -> &'static str {
-    env!("CARGO_BIN_EXE_vipd")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("VIPD_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vipd").to_owned())
+    })
 }
 
 /// `vipd ARGS`, returning (success, stdout, stderr).

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vipd::core::overlay::OverlayConfig;
 
-use crate::agent::{ipvs_table, require_ipvs_vm, stdout_in, vip_of};
+use crate::agent::{require_ipvs_vm, stdout_in, vip_of};
 use crate::common::cluster::{exec_in, exec_in_output, Cluster, IMAGE, NETWORK, OVERLAY_CHAIN};
 use crate::common::*;
 
@@ -262,28 +262,48 @@ impl<'a> Walk<'a> {
 }
 
 /// A container of the walkthrough: its node, name, id, address and sandbox.
-struct Container {
-    node: u8,
-    name: String,
-    id: String,
-    ip: String,
-    sandbox: String,
+pub(super) struct Container {
+    pub(super) node: u8,
+    pub(super) name: String,
+    pub(super) id: String,
+    pub(super) ip: String,
+    pub(super) sandbox: String,
 }
 
 /// `docker run` on node `node` on the cluster network, labelled `labels`: an httpd that
 /// answers its own name when `web`, else a sleeper.
-fn start_container(cluster: &Cluster, node: u8, name: &str, labels: &[&str], web: bool) -> Container {
-    let n = cluster.node(node);
-    let mut args = vec!["--name", name, "--network", NETWORK];
-    for label in labels {
-        args.extend(["--label", label]);
-    }
+pub(super) fn start_container(
+    cluster: &Cluster,
+    node: u8,
+    name: &str,
+    labels: &[&str],
+    web: bool,
+) -> Container {
     let command = if web {
         format!("echo {name} >/www/index.html && exec httpd -f -p 80 -h /www")
     } else {
         "exec sleep 100000".to_owned()
     };
-    args.extend([IMAGE, "sh", "-c", &command]);
+    start_container_with(cluster, node, name, labels, &[], &command)
+}
+
+/// `docker run` on node `node` on the cluster network, labelled `labels`, with `extra`
+/// docker arguments, running `sh -c COMMAND`.
+pub(super) fn start_container_with(
+    cluster: &Cluster,
+    node: u8,
+    name: &str,
+    labels: &[&str],
+    extra: &[&str],
+    command: &str,
+) -> Container {
+    let n = cluster.node(node);
+    let mut args = vec!["--name", name, "--network", NETWORK];
+    for label in labels {
+        args.extend(["--label", label]);
+    }
+    args.extend_from_slice(extra);
+    args.extend([IMAGE, "sh", "-c", command]);
     let id = n.run_container(&args);
     let ip = n.container_ip(&id);
     // The node's slice is the /24 its vipd leased (any free one, not one by index).
@@ -311,7 +331,7 @@ fn start_container(cluster: &Cluster, node: u8, name: &str, labels: &[&str], web
 
 /// Start these containers, per node one after the other and the nodes in parallel
 /// (`docker run` is seconds each in the emulated VM); in the order given.
-fn start_containers(cluster: &Cluster, specs: &[(u8, &str, &[&str], bool)]) -> Vec<Container> {
+pub(super) fn start_containers(cluster: &Cluster, specs: &[(u8, &str, &[&str], bool)]) -> Vec<Container> {
     std::thread::scope(|scope| {
         let mut nodes: Vec<u8> = specs.iter().map(|s| s.0).collect();
         nodes.sort_unstable();
@@ -351,7 +371,7 @@ fn ipvs_shape(sandbox: &str) -> Vec<String> {
 
 /// The destination addresses of web's IPVS service in a sandbox: the fwmark service
 /// of the mark its `vipd:web:` rule sets (other services' destinations are not counted).
-fn backends(sandbox: &str) -> BTreeSet<String> {
+pub(super) fn backends(sandbox: &str) -> BTreeSet<String> {
     let rules = stdout_in(sandbox, &["iptables", "-t", "mangle", "-S", "VIPD-OUTPUT"]);
     let mark = rules.lines().find(|l| l.contains("vipd:web:")).and_then(|l| {
         let mut words = l.split_whitespace();
@@ -375,13 +395,13 @@ fn backends(sandbox: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn ips<'a>(containers: impl IntoIterator<Item = &'a Container>) -> BTreeSet<String> {
+pub(super) fn ips<'a>(containers: impl IntoIterator<Item = &'a Container>) -> BTreeSet<String> {
     containers.into_iter().map(|c| c.ip.clone()).collect()
 }
 
 /// Poll `ok` every 100 ms up to `limit`; how long it took, or a panic naming `what`
 /// with what `describe` says of the last state.
-fn wait_until(
+pub(super) fn wait_until(
     what: &str,
     limit: Duration,
     mut ok: impl FnMut() -> bool,
@@ -416,7 +436,7 @@ fn status_nodes(cluster: &Cluster, i: u8) -> Result<BTreeSet<String>, String> {
         .collect())
 }
 
-fn describe_output(out: &std::process::Output) -> String {
+pub(super) fn describe_output(out: &std::process::Output) -> String {
     format!(
         "{}\nstdout: {}\nstderr: {}",
         out.status,
@@ -430,7 +450,7 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 }
 
 /// Until node `i`'s vipd has made the cluster network (it does so after joining).
-fn wait_for_cluster_network(cluster: &Cluster, i: u8) {
+pub(super) fn wait_for_cluster_network(cluster: &Cluster, i: u8) {
     let node = cluster.node(i);
     wait_until(
         &format!("node{i}'s vipd to create the `{NETWORK}` network"),
@@ -619,6 +639,60 @@ fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_f
             || format!("{:?}", status_nodes(&cluster, 1)),
         );
     });
+
+    walk.step(
+        "vipd status --json on node1: each of web's tasks with its node, each node last seen within the TTL",
+        || {
+            let want: BTreeMap<String, String> = [(&t2a, "node2"), (&t2b, "node2"), (&t3a, "node3")]
+                .iter()
+                .map(|(t, n)| (t.id[..12].to_owned(), (*n).to_owned()))
+                .collect();
+            let read = || -> Result<(BTreeMap<String, String>, Vec<(String, u64)>), String> {
+                let out = cluster.node(1).status_output();
+                let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .map_err(|e| format!("not JSON ({e}): {}", describe_output(&out)))?;
+                let web = json["services"]
+                    .as_array()
+                    .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+                    .ok_or_else(|| format!("no web in {json}"))?;
+                let tasks = web["tasks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        let node = t["node"].as_str().unwrap_or("-").to_owned();
+                        (t["container"].as_str().unwrap_or("").to_owned(), node)
+                    })
+                    .collect();
+                let seen = json["cluster"]["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| {
+                        let name = n["name"].as_str().unwrap_or("").to_owned();
+                        (name, n["last_seen"].as_u64().unwrap_or(0))
+                    })
+                    .collect();
+                Ok((tasks, seen))
+            };
+            wait_until(
+                "node1's status to name each task's node and see every node",
+                Duration::from_secs(3 * LEASE_TTL_S),
+                || {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
+                    read().is_ok_and(|(tasks, seen)| {
+                        tasks == want
+                            && seen.len() == 3
+                            && seen.iter().all(|(_, t)| *t + LEASE_TTL_S + 1 >= now)
+                    })
+                },
+                || format!("{:?}", read()),
+            );
+        },
+    );
 
     // The VIP steps run whatever the first step found: without a VIP they fail, saying so.
     let vip = vip.unwrap_or_else(|| vip_of(&client_sandbox, "web").unwrap_or_default());
@@ -819,205 +893,4 @@ fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_f
     });
 
     walk.finish(t0);
-}
-
-/// A counter of etcd's Prometheus metrics (`NAME VALUE` lines), read from node `i`'s
-/// member: every member applies every write, so one member's counters are the cluster's.
-fn etcd_counter(cluster: &Cluster, i: u8, name: &str) -> f64 {
-    let url = format!("http://{}:2379/metrics", cluster.node(i).underlay);
-    cluster
-        .exec(i, &["curl", "-s", "--max-time", "5", &url])
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .sum()
-}
-
-/// etcd's puts and deletes so far (node1's member).
-fn etcd_writes(cluster: &Cluster) -> f64 {
-    etcd_counter(cluster, 1, "etcd_mvcc_put_total") + etcd_counter(cluster, 1, "etcd_mvcc_delete_total")
-}
-
-/// `/proc/net/ip_vs` writes a destination as `-> 0AE60203:0000`: a task address in hex.
-fn hex_dest(ip: &str) -> String {
-    let ip: Ipv4Addr = ip.parse().expect("an IPv4 address");
-    let hex: String = ip.octets().iter().map(|o| format!("{o:02X}")).collect();
-    format!("-> {hex}:")
-}
-
-/// Until every sandbox holds `ip` as an IPVS destination (read without a process);
-/// how long that took from `since`.
-fn until_in_all(sandboxes: &[String], ip: &str, since: Instant) -> Duration {
-    let dest = hex_dest(ip);
-    let mut pending: Vec<&String> = sandboxes.iter().collect();
-    while !pending.is_empty() {
-        assert!(
-            since.elapsed() < Duration::from_secs(120),
-            "{ip} not in every sandbox after 120 s"
-        );
-        pending.retain(|s| !ipvs_table(s).contains(&dest));
-    }
-    since.elapsed()
-}
-
-/// Nearest rank.
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    let rank = ((p / 100.0) * samples.len() as f64).ceil().max(1.0) as usize;
-    samples[rank.min(samples.len()) - 1]
-}
-
-/// Requests per second of `count` GETs over `urls` in turn, from one curl process in a
-/// sandbox, each on a new connection (`close`) or on kept-alive ones.
-fn curl_rate(sandbox: &str, urls: &[String], count: usize, close: bool) -> f64 {
-    let mut args = vec!["curl", "-s", "-o", "/dev/null", "--max-time", "60"];
-    if close {
-        args.extend(["-H", "Connection: close"]);
-    }
-    for i in 0..count {
-        args.push(&urls[i % urls.len()]);
-    }
-    let t = Instant::now();
-    let out = exec_in_output(sandbox, &args);
-    assert!(out.status.success(), "curl: {}", describe_output(&out));
-    count as f64 / t.elapsed().as_secs_f64()
-}
-
-/// The cluster benchmarks (scripts/bench/cluster.sh runs this in the VM): the cross-node
-/// data path through the VIP against the same tasks directly, convergence of a remote
-/// task against a local one, and etcd writes per task start and stop with 2 and then 3
-/// nodes and more sandboxes. K (default 5) samples per convergence figure, N (default
-/// 500) requests per rate.
-#[test]
-#[ignore = "a benchmark: scripts/bench/cluster.sh"]
-fn cluster_benchmark() {
-    require_ipvs_vm();
-    let env = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let (k, n) = (env("K", 5), env("N", 500));
-    let cluster = Cluster::start(3);
-    cluster.start_vipd(1, &[]);
-    cluster.start_vipd(2, &[]);
-    wait_for_cluster_network(&cluster, 1);
-    wait_for_cluster_network(&cluster, 2);
-    let web: &[&str] = &["vipd.service=web"];
-    let base = start_containers(
-        &cluster,
-        &[
-            (1, "client", &[], false),
-            (2, "t2a", web, true),
-            (2, "t2b", web, true),
-        ],
-    );
-    let (client, tasks) = (&base[0], [&base[1], &base[2]]);
-    wait_until(
-        "node2's tasks in node1's client sandbox",
-        Duration::from_secs(60),
-        || backends(&client.sandbox) == ips(tasks),
-        || exec_in(&client.sandbox, &["ipvsadm", "-Ln"]),
-    );
-    let vip = vip_of(&client.sandbox, "web").expect("web's VIP");
-
-    // (c) etcd writes for one task start and one stop, settled.
-    let writes = |label: &str, node: u8, watch: &[String]| {
-        let before = etcd_writes(&cluster);
-        let task = start_container(&cluster, node, &unique("store"), web, false);
-        until_in_all(watch, &task.ip, Instant::now());
-        std::thread::sleep(Duration::from_secs(2));
-        let started = etcd_writes(&cluster);
-        cluster.node(node).docker(&["rm", "-f", &task.id]);
-        let dest = hex_dest(&task.ip);
-        wait_until(
-            "the task to leave",
-            Duration::from_secs(60),
-            || watch.iter().all(|s| !ipvs_table(s).contains(&dest)),
-            String::new,
-        );
-        std::thread::sleep(Duration::from_secs(2));
-        let stopped = etcd_writes(&cluster);
-        println!(
-            "bench: store: {label}: etcd writes per task start {} and stop {}",
-            started - before,
-            stopped - started
-        );
-    };
-    writes(
-        "2 nodes, 1 client sandbox on node1",
-        2,
-        std::slice::from_ref(&client.sandbox),
-    );
-
-    cluster.start_vipd(3, &[]);
-    wait_for_cluster_network(&cluster, 3);
-    let more = start_containers(
-        &cluster,
-        &[
-            (1, "c2", &[], false),
-            (1, "c3", &[], false),
-            (1, "c4", &[], false),
-            (3, "c5", &[], false),
-        ],
-    );
-    let mut node1: Vec<String> = vec![client.sandbox.clone()];
-    node1.extend(more.iter().filter(|c| c.node == 1).map(|c| c.sandbox.clone()));
-    wait_until(
-        "node2's tasks in every client sandbox",
-        Duration::from_secs(60),
-        || node1.iter().all(|s| backends(s) == ips(tasks)),
-        String::new,
-    );
-    writes("3 nodes, 5 client sandboxes (4 on node1)", 2, &node1);
-
-    // (a) The data path, node1 to node2: through the VIP against the tasks directly.
-    let direct: Vec<String> = tasks.iter().map(|t| format!("http://{}/", t.ip)).collect();
-    let through = [format!("http://{vip}/")];
-    for (mode, close) in [("new connections/s", true), ("keep-alive requests/s", false)] {
-        curl_rate(&client.sandbox, &through, n / 10, close);
-        let d = curl_rate(&client.sandbox, &direct, n, close);
-        let v = curl_rate(&client.sandbox, &through, n, close);
-        println!(
-            "bench: data path: {mode}: VIP {v:.0}, direct {d:.0}, ratio {:.2} (target >= 0.9)",
-            v / d
-        );
-    }
-
-    // (b) Convergence: a task on node2 against one on node1, into every sandbox of node1
-    // that existed before it.
-    let converge = |node: u8| {
-        let mut samples = Vec::new();
-        for _ in 0..k {
-            let name = unique("conv");
-            let t = Instant::now();
-            let task = start_container(&cluster, node, &name, web, false);
-            samples.push(until_in_all(&node1, &task.ip, t));
-            cluster.node(node).docker(&["rm", "-f", &task.id]);
-        }
-        samples
-    };
-    let mut remote = converge(2);
-    let mut local = converge(1);
-    let (r50, r99, l50, l99) = (
-        percentile(&mut remote, 50.0),
-        percentile(&mut remote, 99.0),
-        percentile(&mut local, 50.0),
-        percentile(&mut local, 99.0),
-    );
-    println!(
-        "bench: convergence (from `docker run` until in all {} sandboxes of node1, K={k}): task on node2 p50 {:.2} s p99 {:.2} s; on node1 p50 {:.2} s p99 {:.2} s; p99 ratio {:.2} (target <= 1.5)",
-        node1.len(),
-        r50.as_secs_f64(),
-        r99.as_secs_f64(),
-        l50.as_secs_f64(),
-        l99.as_secs_f64(),
-        r99.as_secs_f64() / l99.as_secs_f64()
-    );
 }

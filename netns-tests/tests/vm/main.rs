@@ -6,6 +6,7 @@ mod common;
 
 mod agent;
 mod cluster;
+mod cluster_bench;
 mod conntrack;
 mod datapath;
 mod image;

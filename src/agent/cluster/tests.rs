@@ -330,14 +330,19 @@ fn a_node_announces_its_serving_tasks_on_the_cluster_network_only() {
         ),
     ];
     let (defs, _) = labels::services(&cs);
-    let w = wanted(&cs, &defs, Some(&NetworkId("vipd-a".into())), &node("a"));
+    let none = BTreeSet::new();
+    let w = wanted(&cs, &defs, &none, Some(&NetworkId("vipd-a".into())), &node("a"));
     let ids: Vec<&str> = w.tasks.keys().map(|t| t.as_str()).collect();
     assert_eq!(ids, ["d1aaaaaaaaaa", "w1aaaaaaaaaa"]);
     assert!(w.tasks.values().all(|t| t.node == node("a")));
     let services: Vec<&str> = w.services.iter().map(|s| s.as_str()).collect();
     assert_eq!(services, ["web"], "VIP services only");
+    let idle: BTreeSet<ServiceName> = [ServiceName::new("api").unwrap()].into();
+    let held = wanted(&cs, &defs, &idle, Some(&NetworkId("vipd-a".into())), &node("a"));
+    let services: Vec<&str> = held.services.iter().map(|s| s.as_str()).collect();
+    assert_eq!(services, ["api", "web"], "and those idle here within their grace");
     assert!(
-        wanted(&cs, &defs, None, &node("a")).tasks.is_empty(),
+        wanted(&cs, &defs, &none, None, &node("a")).tasks.is_empty(),
         "no cluster network yet"
     );
 }
@@ -618,6 +623,7 @@ fn a_peers_task_with_no_local_task_of_its_service_is_planned_as_its_record_says(
     let said = wanted(
         &with_sandbox,
         &defs,
+        &BTreeSet::new(),
         Some(&NetworkId("vipd-b".into())),
         &node("b"),
     );
@@ -910,4 +916,100 @@ async fn a_cluster_agent_whose_store_stays_out_of_reach_serves_what_is_local_aft
         !report.errors.iter().any(|e| e.contains("first snapshot")),
         "{report:?}"
     );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn every_live_node_is_seen_from_its_lease_and_forgotten_when_it_ends() {
+    let kv = MemoryKv::new();
+    let a = link(&kv, "a", "192.0.2.1", "cluster-seen-a");
+    let b = link(&kv, "b", "192.0.2.2", "cluster-seen-b");
+    let mut view = a.subscribe();
+    // a's own keep-alive, and b's lease read once per TTL.
+    until(&mut view, |v| {
+        v.seen.contains_key(&node("a")) && v.seen.contains_key(&node("b"))
+    })
+    .await;
+    let now = unix_now();
+    let ttl = TTL.as_secs();
+    for n in ["a", "b"] {
+        let seen = a.view().seen[&node(n)];
+        assert!(
+            seen <= now && seen + ttl + 1 >= now,
+            "{n} seen at {seen}, now {now}"
+        );
+    }
+    let status = status(&a.view(), &node("a"));
+    assert!(status.nodes.iter().all(|n| n.last_seen.is_some()), "{status:?}");
+    // b leaves (its lease ends): a forgets it.
+    drop(b);
+    until(&mut view, |v| {
+        !v.seen.contains_key(&node("b")) && !v.state.nodes.contains_key(&node("b"))
+    })
+    .await;
+    assert!(a.view().seen.contains_key(&node("a")));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_vip_is_given_back_by_the_last_node_to_stop_wanting_it_unless_tasks_or_a_definition_hold_it() {
+    let kv = MemoryKv::new();
+    let keys = Keys::default();
+    let store = Cluster::new(Arc::new(kv.connect()), keys.clone());
+    let web = ServiceName::new("web").unwrap();
+    let ta = TaskRecord {
+        id: TaskId::new("w1aaaaaaaaaa").unwrap(),
+        service: web.clone(),
+        node: node("a"),
+        address: "10.230.0.3".parse().unwrap(),
+        definition: None,
+        weight: None,
+    };
+    let want = |tasks: &[&TaskRecord], services: &[&ServiceName]| Wanted {
+        tasks: tasks.iter().map(|t| (t.id.clone(), (*t).clone())).collect(),
+        services: services.iter().map(|s| (*s).clone()).collect(),
+    };
+    let a = link(&kv, "a", "192.0.2.1", "cluster-release-a");
+    let b = link(&kv, "b", "192.0.2.2", "cluster-release-b");
+    a.want(want(&[&ta], &[&web]));
+    b.want(want(&[], &[&web]));
+    let (mut va, mut vb) = (a.subscribe(), b.subscribe());
+    until(&mut va, |v| v.state.services.contains_key(&web) && v.state.tasks.len() == 1).await;
+    let claim = a.view().state.services[&web];
+    until(&mut vb, |v| v.claims.get(&web) == Some(&claim)).await;
+
+    // b's grace is over: it gives nothing back while a's task holds the VIP.
+    b.want(want(&[], &[]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(store.state().await.unwrap().services.get(&web), Some(&claim));
+
+    // a's task leaves and its grace ends: the VIP and fwmark go back to the pool, on
+    // every node's view.
+    a.want(want(&[], &[]));
+    until(&mut vb, |v| !v.state.services.contains_key(&web) && !v.claims.contains_key(&web)).await;
+    let listing = kv.get_prefix(&keys.root().to_owned()).await.unwrap();
+    let left: Vec<&str> = listing
+        .kvs
+        .iter()
+        .map(|kv| kv.key.as_str())
+        .filter(|k| k.contains("/services/") || k.contains("/vips/") || k.contains("/fwmarks/"))
+        .collect();
+    assert!(left.is_empty(), "claim keys left: {left:?}");
+
+    // A service defined with `vipd service` keeps its VIP with no task anywhere.
+    let def = ServiceDefinition {
+        name: web.clone(),
+        mode: EndpointMode::Vip,
+        scheduler: Default::default(),
+        publish: vec![],
+        ports: vec![],
+    };
+    assert!(store.put_definition(&def, None).await.unwrap());
+    a.want(want(&[], &[&web]));
+    until(&mut va, |v| v.state.services.contains_key(&web)).await;
+    let defined = a.view().state.services[&web];
+    a.want(want(&[], &[]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(store.state().await.unwrap().services.get(&web), Some(&defined));
+    // And it comes back the same to a node that wants it again (claiming reads first).
+    b.want(want(&[], &[&web]));
+    until(&mut vb, |v| v.claims.get(&web) == Some(&defined)).await;
 }
