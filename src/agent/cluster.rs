@@ -26,7 +26,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::core::containers::{Attachment, Container, ContainerId, Drain, NetworkId};
 use crate::core::labels::{self, ServiceDef, ServiceDefinition};
-use crate::core::model::{EndpointMode, Ipv4Net, NodeName, ServiceName, TaskId};
+use crate::core::model::{EndpointMode, Ipv4Net, NodeName, PortKey, ServiceName, TaskId};
 use crate::core::status::{ClusterStatus, NodeStatus};
 use crate::store::{
     Backoff, Cluster, ClusterState, KvError, LeaseId, NodeRecord, Reflector, StoreError, TaskRecord, VipClaim,
@@ -63,6 +63,9 @@ pub struct Wanted {
     pub tasks: BTreeMap<TaskId, TaskRecord>,
     /// The VIP services this node needs a cluster-wide VIP and fwmark for.
     pub services: BTreeSet<ServiceName>,
+    /// The published ports of the services it knows, each with the service asking for
+    /// it (two services may ask for one: the store's claim decides, on every node).
+    pub ports: BTreeSet<(PortKey, ServiceName)>,
 }
 
 /// Whether the store answers.
@@ -167,6 +170,7 @@ impl ClusterLink {
                 put: BTreeMap::new(),
                 claims: BTreeMap::new(),
                 held: BTreeSet::new(),
+                held_ports: BTreeSet::new(),
                 problem: None,
                 failing_since: None,
                 last_error: None,
@@ -232,6 +236,8 @@ struct Link {
     claims: BTreeMap<ServiceName, VipClaim>,
     /// The services this node wanted VIPs for: one it no longer wants is given back.
     held: BTreeSet<ServiceName>,
+    /// The published ports this node asked for, likewise.
+    held_ports: BTreeSet<(PortKey, ServiceName)>,
     /// A refusal that trying again as it is will not fix soon (a name taken, ...).
     problem: Option<String>,
     /// Since when the link's own calls fail because the store does not answer.
@@ -466,7 +472,9 @@ impl Link {
         for service in dropped {
             self.claims.remove(&service);
             match self.cluster.release_vip(&service).await {
-                Ok(true) => info!(service = %service, "VIP given back to the cluster (no task left anywhere)"),
+                Ok(true) => {
+                    info!(service = %service, "VIP given back to the cluster (no task left anywhere)")
+                }
                 Ok(false) => {}
                 Err(StoreError::InUse { tasks, .. }) => {
                     info!(service = %service, tasks, "VIP kept: the service still has tasks on other nodes");
@@ -476,6 +484,40 @@ impl Link {
             self.held.remove(&service);
         }
         self.held.extend(wanted.services.iter().cloned());
+        self.claim_ports(wanted).await
+    }
+
+    /// Claim each wanted published port the store has no claim for (the first service to
+    /// claim it holds it cluster-wide; the others are refused it on every node, by the
+    /// mesh), and give back the ports this node asked for and no longer wants. A port
+    /// another node still wants is claimed again by it on its next step.
+    async fn claim_ports(&mut self, wanted: &Wanted) -> Result<(), StoreError> {
+        let view = self.reflector.view();
+        for (key, service) in &wanted.ports {
+            if view.state.ports.contains_key(&(key.protocol, key.port)) {
+                continue;
+            }
+            match self.cluster.claim_port(key.protocol, key.port, service).await {
+                Ok(()) => info!(service = %service, port = %key, "published port claimed in the cluster"),
+                Err(StoreError::PortTaken { by, .. }) => {
+                    debug!(service = %service, port = %key, by = %by, "published port held by another service");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let dropped: Vec<(PortKey, ServiceName)> =
+            self.held_ports.difference(&wanted.ports).cloned().collect();
+        for (key, service) in dropped {
+            if self
+                .cluster
+                .release_port(key.protocol, key.port, &service)
+                .await?
+            {
+                info!(service = %service, port = %key, "published port given back to the cluster");
+            }
+            self.held_ports.remove(&(key, service));
+        }
+        self.held_ports.extend(wanted.ports.iter().cloned());
         Ok(())
     }
 
@@ -742,7 +784,15 @@ pub fn wanted(
         .map(|d| d.name.clone())
         .chain(held.iter().cloned())
         .collect();
-    Wanted { tasks, services }
+    let ports = defs
+        .values()
+        .flat_map(|d| d.publish.iter().map(|p| (p.key(), d.name.clone())))
+        .collect();
+    Wanted {
+        tasks,
+        services,
+        ports,
+    }
 }
 
 #[cfg(test)]

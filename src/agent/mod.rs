@@ -812,9 +812,13 @@ impl Agent {
             let network = self.inventory.network_named(&joined.network);
             // A service idle here keeps its claim until its grace is over here too.
             let held = allocated.allocs.services.keys().cloned().collect();
-            joined
-                .link
-                .want(cluster::wanted(&containers, &defs, &held, network, joined.link.node()));
+            joined.link.want(cluster::wanted(
+                &containers,
+                &defs,
+                &held,
+                network,
+                joined.link.node(),
+            ));
         }
         for (name, e) in allocated.errors {
             self.cfg.metrics.error(ErrorKind::Allocation);
@@ -872,11 +876,23 @@ impl Agent {
             } else {
                 BTreeSet::new()
             };
+            // In cluster mode a port's claimer (the store's) wins it on every node.
+            let claimed: BTreeMap<PortKey, ServiceName> = cluster_view
+                .as_ref()
+                .map(|v| {
+                    v.state
+                        .ports
+                        .iter()
+                        .map(|((proto, port), s)| (PortKey::new(*proto, *port), s.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
             let m = pipeline::mesh(
                 &containers,
                 &defs,
                 &self.holders,
                 &bound,
+                &claimed,
                 &ingress.link,
                 self.cfg.timeouts,
             );

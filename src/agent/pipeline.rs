@@ -175,10 +175,11 @@ pub fn mesh(
     defs: &BTreeMap<ServiceName, ServiceDef>,
     before: &BTreeMap<PortKey, ServiceName>,
     bound: &BTreeSet<PortKey>,
+    claimed: &BTreeMap<PortKey, ServiceName>,
     link: &IngressLink,
     timeouts: Option<Timeouts>,
 ) -> Mesh {
-    let m = mesh::plan(containers, defs, before, bound, link);
+    let m = mesh::plan(containers, defs, before, bound, claimed, link);
     let published = m
         .holders
         .iter()
@@ -399,7 +400,7 @@ mod tests {
             tcp_fin: 2,
             udp: 3,
         });
-        let m = mesh(&cs, &defs, &none, &BTreeSet::new(), &link, t);
+        let m = mesh(&cs, &defs, &none, &BTreeSet::new(), &none, &link, t);
         assert_eq!(m.published.len(), 1);
         assert_eq!(m.ingress.timeouts, t);
         assert!(!m.host_rules.is_empty() && m.errors.is_empty());
@@ -409,7 +410,7 @@ mod tests {
         );
 
         let (nothing, _) = services(&web_and_client());
-        let gone = mesh(&cs, &nothing, &m.holders, &BTreeSet::new(), &link, None);
+        let gone = mesh(&cs, &nothing, &m.holders, &BTreeSet::new(), &none, &link, None);
         assert_eq!(gone.unpublished, m.published);
         assert!(gone.host_rules.is_empty() && gone.holders.is_empty());
     }

@@ -55,14 +55,18 @@ pub struct MeshPlan {
 ///   and against a socket bound on the host since (vipd's DNAT is there first).
 /// - `bound`: ports with a socket bound on the host; a port not held before that is bound
 ///   is refused ("already in use on the host").
+/// - `claimed`: in cluster mode, who holds each port cluster-wide (the store's claims):
+///   that service wins the port on every node.
 ///
-/// Two services that ask for one port: the previous holder keeps it, else the smallest
-/// name; the other is refused for that port only. A service's other ports are published.
+/// Two services that ask for one port: the cluster's claimer, else the previous holder,
+/// else the smallest name; the other is refused for that port only. A service's other
+/// ports are published.
 pub fn plan(
     containers: &[Container],
     defs: &BTreeMap<ServiceName, ServiceDef>,
     previous: &BTreeMap<PortKey, ServiceName>,
     bound: &BTreeSet<PortKey>,
+    claimed: &BTreeMap<PortKey, ServiceName>,
     link: &IngressLink,
 ) -> MeshPlan {
     let mut out = MeshPlan::default();
@@ -76,10 +80,10 @@ pub fn plan(
     let ingress_vip = Vip::new(link.addr.into());
     for (key, mut claimants) in claims {
         // defs iterate by name, so claimants are in name order already.
-        let winner = claimants
-            .iter()
-            .position(|(d, _)| previous.get(&key) == Some(&d.name))
-            .unwrap_or(0);
+        let holds = |by: &BTreeMap<PortKey, ServiceName>| {
+            claimants.iter().position(|(d, _)| by.get(&key) == Some(&d.name))
+        };
+        let winner = holds(claimed).or_else(|| holds(previous)).unwrap_or(0);
         let (def, publish) = claimants.remove(winner);
         let port = key.to_string();
         for (loser, _) in claimants {
@@ -169,7 +173,14 @@ mod tests {
             .iter()
             .map(|(k, n)| (*k, ServiceName::new(n).unwrap()))
             .collect();
-        plan(cs, &defs, &previous, &bound.iter().copied().collect(), &link())
+        plan(
+            cs,
+            &defs,
+            &previous,
+            &bound.iter().copied().collect(),
+            &BTreeMap::new(),
+            &link(),
+        )
     }
 
     fn dests(m: &MeshPlan, port: u16) -> Vec<String> {
@@ -322,6 +333,17 @@ mod tests {
         let m = mesh(&cs, &[(PortKey::new(TCP, 8080), "web")], &[]);
         assert_eq!(m.holders[&PortKey::new(TCP, 8080)].as_str(), "web");
         assert_eq!(dests(&m, 8080), ["10.1.0.4:8080"]);
+
+        // In a cluster the store's claimer wins it on every node, whoever held it here.
+        let (defs, _) = labels::services(&cs);
+        let claimed = BTreeMap::from([(PortKey::new(TCP, 8080), web.clone())]);
+        let none = BTreeMap::new();
+        let api_before = BTreeMap::from([(PortKey::new(TCP, 8080), ServiceName::new("api").unwrap())]);
+        for previous in [&none, &api_before] {
+            let m = plan(&cs, &defs, previous, &BTreeSet::new(), &claimed, &link());
+            assert_eq!(m.holders[&PortKey::new(TCP, 8080)], web);
+            assert_eq!(dests(&m, 8080), ["10.1.0.4:8080"]);
+        }
         assert_eq!(
             m.holders[&PortKey::new(TCP, 9090)].as_str(),
             "api",

@@ -199,9 +199,17 @@ fn a_node_lease_of_two_seconds_ends_in_etcd_and_takes_the_nodes_tasks() {
         // The node's record names its lease, and the lease says when it was renewed
         // (what `vipd status` shows as a node's last seen).
         assert_eq!(cluster.state().await.unwrap().node_leases[&node.name], lease);
-        let ttl = cluster.kv().lease_time_to_live(lease).await.unwrap().expect("a live lease");
+        let ttl = cluster
+            .kv()
+            .lease_time_to_live(lease)
+            .await
+            .unwrap()
+            .expect("a live lease");
         assert_eq!(ttl.granted, Duration::from_secs(2));
-        assert!(ttl.left <= ttl.granted && ttl.since_renewed() <= ttl.granted, "{ttl:?}");
+        assert!(
+            ttl.left <= ttl.granted && ttl.since_renewed() <= ttl.granted,
+            "{ttl:?}"
+        );
         // Another lease cannot take the live name; the same lease resumes.
         let other = cluster.lease(Duration::from_secs(2), None).await.unwrap();
         assert!(cluster.register_node(&node, other).await.is_err());

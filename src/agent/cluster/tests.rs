@@ -762,6 +762,7 @@ async fn a_keep_alive_that_fails_times_out_stalls_or_falsely_says_not_found_keep
     b.want(Wanted {
         tasks: BTreeMap::from([(tb.id.clone(), tb)]),
         services: BTreeSet::new(),
+        ports: BTreeSet::new(),
     });
     let client = kv.connect();
     let dir = tempdir("cluster-keep-a");
@@ -773,6 +774,7 @@ async fn a_keep_alive_that_fails_times_out_stalls_or_falsely_says_not_found_keep
     a.want(Wanted {
         tasks: BTreeMap::from([(ta.id.clone(), ta)]),
         services: BTreeSet::new(),
+        ports: BTreeSet::new(),
     });
     let mut view = a.subscribe();
     until(&mut view, |v| v.me.is_some() && v.state.tasks.len() == 2).await;
@@ -828,6 +830,7 @@ async fn a_keep_alive_that_fails_times_out_stalls_or_falsely_says_not_found_keep
         b.want(Wanted {
             tasks: BTreeMap::from([(moved.id.clone(), moved)]),
             services: BTreeSet::new(),
+            ports: BTreeSet::new(),
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -966,13 +969,17 @@ async fn a_vip_is_given_back_by_the_last_node_to_stop_wanting_it_unless_tasks_or
     let want = |tasks: &[&TaskRecord], services: &[&ServiceName]| Wanted {
         tasks: tasks.iter().map(|t| (t.id.clone(), (*t).clone())).collect(),
         services: services.iter().map(|s| (*s).clone()).collect(),
+        ports: BTreeSet::new(),
     };
     let a = link(&kv, "a", "192.0.2.1", "cluster-release-a");
     let b = link(&kv, "b", "192.0.2.2", "cluster-release-b");
     a.want(want(&[&ta], &[&web]));
     b.want(want(&[], &[&web]));
     let (mut va, mut vb) = (a.subscribe(), b.subscribe());
-    until(&mut va, |v| v.state.services.contains_key(&web) && v.state.tasks.len() == 1).await;
+    until(&mut va, |v| {
+        v.state.services.contains_key(&web) && v.state.tasks.len() == 1
+    })
+    .await;
     let claim = a.view().state.services[&web];
     until(&mut vb, |v| v.claims.get(&web) == Some(&claim)).await;
 
@@ -984,8 +991,11 @@ async fn a_vip_is_given_back_by_the_last_node_to_stop_wanting_it_unless_tasks_or
     // a's task leaves and its grace ends: the VIP and fwmark go back to the pool, on
     // every node's view.
     a.want(want(&[], &[]));
-    until(&mut vb, |v| !v.state.services.contains_key(&web) && !v.claims.contains_key(&web)).await;
-    let listing = kv.get_prefix(&keys.root().to_owned()).await.unwrap();
+    until(&mut vb, |v| {
+        !v.state.services.contains_key(&web) && !v.claims.contains_key(&web)
+    })
+    .await;
+    let listing = kv.get_prefix(keys.root()).await.unwrap();
     let left: Vec<&str> = listing
         .kvs
         .iter()
@@ -1012,4 +1022,46 @@ async fn a_vip_is_given_back_by_the_last_node_to_stop_wanting_it_unless_tasks_or
     // And it comes back the same to a node that wants it again (claiming reads first).
     b.want(want(&[], &[&web]));
     until(&mut vb, |v| v.claims.get(&web) == Some(&defined)).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_published_port_is_claimed_once_in_the_cluster_and_passes_on_when_its_holder_lets_go() {
+    use crate::core::model::Protocol;
+    let kv = MemoryKv::new();
+    let store = Cluster::new(Arc::new(kv.connect()), Keys::default());
+    let (web, api) = (ServiceName::new("web").unwrap(), ServiceName::new("api").unwrap());
+    let port = PortKey::new(Protocol::Tcp, 8080);
+    let asking = |who: &[&ServiceName]| Wanted {
+        ports: who.iter().map(|s| (port, (*s).clone())).collect(),
+        ..Wanted::default()
+    };
+    let a = link(&kv, "a", "192.0.2.1", "cluster-port-a");
+    let b = link(&kv, "b", "192.0.2.2", "cluster-port-b");
+    let (mut va, mut vb) = (a.subscribe(), b.subscribe());
+    a.want(asking(&[&web]));
+    until(&mut va, |v| {
+        v.state.ports.get(&(Protocol::Tcp, 8080)) == Some(&web)
+    })
+    .await;
+    // api asks on b too late: web holds the port, on b's view as on a's.
+    b.want(asking(&[&api, &web]));
+    until(&mut vb, |v| {
+        v.state.ports.get(&(Protocol::Tcp, 8080)) == Some(&web)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        store.state().await.unwrap().ports.get(&(Protocol::Tcp, 8080)),
+        Some(&web)
+    );
+    // web is gone everywhere: its port is given back, and api, still asking, takes it.
+    a.want(asking(&[]));
+    b.want(asking(&[&api]));
+    until(&mut vb, |v| {
+        v.state.ports.get(&(Protocol::Tcp, 8080)) == Some(&api)
+    })
+    .await;
+    // api too: nothing is left in the store.
+    b.want(asking(&[]));
+    until(&mut vb, |v| v.state.ports.is_empty()).await;
 }
