@@ -53,6 +53,30 @@ impl EtcdConfig {
 pub struct EtcdKv {
     client: Client,
     timeout: Duration,
+    /// Said with a transport failure: TLS with no client certificate.
+    hint: Option<&'static str>,
+}
+
+/// A member that checks clients drops a TLS handshake without a certificate, which the
+/// client reports as a bare "transport error" or "operation was canceled".
+const NO_CLIENT_CERT: &str =
+    "TLS without a client certificate: if etcd checks its clients, give --etcd-cert and --etcd-key";
+
+/// `e`, with `hint` added when it is a failure of the connection itself.
+fn hinted(e: KvError, hint: Option<&'static str>) -> KvError {
+    let Some(hint) = hint else { return e };
+    let add = |msg: String| {
+        if msg.contains("transport error") || msg.contains("canceled") {
+            format!("{msg} ({hint})")
+        } else {
+            msg
+        }
+    };
+    match e {
+        KvError::Unavailable(msg) => KvError::Unavailable(add(msg)),
+        KvError::Rejected(msg) => KvError::Rejected(add(msg)),
+        other => other,
+    }
 }
 
 /// etcd's errors in the port's terms.
@@ -134,13 +158,19 @@ impl EtcdKv {
             .with_keep_alive(Duration::from_secs(10), config.timeout)
             .with_keep_alive_while_idle(true);
         let options = with_tls(options, config.tls.as_ref())?;
+        let hint = config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.cert.is_none())
+            .then_some(NO_CLIENT_CERT);
         let client = tokio::time::timeout(config.timeout, Client::connect(&config.endpoints, Some(options)))
             .await
             .map_err(|_| KvError::Timeout(config.timeout))?
-            .map_err(convert)?;
+            .map_err(|e| hinted(convert(e), hint))?;
         Ok(EtcdKv {
             client,
             timeout: config.timeout,
+            hint,
         })
     }
 
@@ -151,6 +181,7 @@ impl EtcdKv {
         tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| KvError::Timeout(self.timeout))?
+            .map_err(|e| hinted(e, self.hint))
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio::sync::watch;
 use vipd::core::model::{Ipv4Net, ServiceName};
-use vipd::store::etcd::{EtcdConfig, EtcdKv};
+use vipd::store::etcd::{EtcdConfig, EtcdKv, TlsFiles};
 use vipd::store::kv::{Kv, KvError, Revision, WatchMessage};
 use vipd::store::{scenarios, Cluster, Keys, NodeName, NodeRecord, StoreError, TaskId, TaskRecord, View};
 
@@ -34,11 +34,22 @@ fn free_port() -> u16 {
 
 impl Etcd {
     pub(crate) fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    /// A member that speaks TLS only and checks its clients' certificates (`certs`).
+    fn start_tls(certs: &Certs) -> Etcd {
+        Etcd::start_with(Some(certs))
+    }
+
+    fn start_with(tls: Option<&Certs>) -> Etcd {
         let dir = std::env::temp_dir().join(unique("vipd-etcd-"));
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "n1", "--data-dir"])
             .arg(&dir)
             .args([
@@ -59,7 +70,18 @@ impl Etcd {
                 "--initial-cluster-state",
                 "new",
             ])
-            .args(["--unsafe-no-fsync", "--logger", "zap", "--log-level", "warn"])
+            .args(["--unsafe-no-fsync", "--logger", "zap", "--log-level", "warn"]);
+        if let Some(c) = tls {
+            command
+                .arg("--cert-file")
+                .arg(c.path("server.pem"))
+                .arg("--key-file")
+                .arg(c.path("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(c.path("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -70,8 +92,19 @@ impl Etcd {
         let etcd = Etcd { child, dir, endpoint };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = Command::new("etcdctl")
-                .args(["--endpoints", &etcd.endpoint, "endpoint", "health"])
+            let mut health = Command::new("etcdctl");
+            health.args(["--endpoints", &etcd.endpoint]);
+            if let Some(c) = tls {
+                health
+                    .arg("--cacert")
+                    .arg(c.path("ca.pem"))
+                    .arg("--cert")
+                    .arg(c.path("client.pem"))
+                    .arg("--key")
+                    .arg(c.path("client.key"));
+            }
+            let out = health
+                .args(["endpoint", "health"])
                 .env("ETCDCTL_API", "3")
                 .output()
                 .expect("cannot run `etcdctl` (Debian's etcd-client package)");
@@ -303,5 +336,103 @@ fn an_unreachable_etcd_leaves_the_snapshot_as_it_was_and_new_claims_fail_clearly
             other => panic!("a claim without etcd must fail as unreachable: {other:?}"),
         }
         assert_eq!(reflector.view().state.services.len(), 1);
+    });
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made
+/// with `openssl` (P-256 keys, one day); removed on drop.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = std::env::temp_dir().join(unique("vipd-certs-"));
+        std::fs::create_dir_all(&dir).expect("a certificate dir");
+        let script = r#"set -e
+cd "$1"
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+key ca.key
+openssl req -x509 -new -key ca.key -out ca.pem -days 1 -subj /CN=vipd-test-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+for who in server client; do
+  key "$who.key"
+  openssl req -new -key "$who.key" -out "$who.csr" -subj "/CN=vipd-test-$who"
+  usage=serverAuth; [ "$who" = client ] && usage=clientAuth
+  printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\n' "$usage" >"$who.ext"
+  openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+    -extfile "$who.ext" -out "$who.pem" 2>/dev/null
+done
+"#;
+        run(&["sh", "-c", script, "sh", dir.to_str().expect("a UTF-8 temp dir")]);
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `--etcd-ca`, `--etcd-cert` and `--etcd-key` as the store takes them: a member that
+/// checks client certificates serves claims and leases over TLS, and refuses a client
+/// without a certificate, or one that does not trust its CA, with an error that says so.
+#[test]
+fn the_store_speaks_tls_to_an_etcd_that_checks_its_clients() {
+    let certs = Certs::new();
+    let etcd = Etcd::start_tls(&certs);
+    let config = |cert: bool, ca: &str| EtcdConfig {
+        tls: Some(TlsFiles {
+            ca: certs.path(ca),
+            cert: cert.then(|| certs.path("client.pem")),
+            key: cert.then(|| certs.path("client.key")),
+        }),
+        ..EtcdConfig::new(vec![etcd.endpoint.clone()])
+    };
+    runtime().block_on(async {
+        let kv: Arc<dyn Kv> = Arc::new(
+            EtcdKv::connect(&config(true, "ca.pem"))
+                .await
+                .expect("connect over TLS with a client certificate"),
+        );
+        let cluster = Cluster::new(kv, Keys::default());
+        let claim = cluster
+            .claim_vip(&svc("web"), pool())
+            .await
+            .expect("a claim over TLS");
+        assert_eq!(cluster.state().await.unwrap().services[&svc("web")], claim);
+        let lease = cluster.lease(Duration::from_secs(5), None).await.unwrap();
+        let ttl = cluster
+            .kv()
+            .lease_time_to_live(lease)
+            .await
+            .unwrap()
+            .expect("live");
+        assert_eq!(ttl.granted, Duration::from_secs(5));
+
+        // No client certificate: the member refuses the call (the connection may be
+        // made lazily, so the first call is what fails).
+        let refused = match EtcdKv::connect(&config(false, "ca.pem")).await {
+            Err(e) => e.to_string(),
+            Ok(kv) => kv.get_prefix("/").await.map(|_| ()).unwrap_err().to_string(),
+        };
+        assert!(
+            refused.contains("--etcd-cert"),
+            "a client without a certificate is refused, and told why: {refused}"
+        );
+        // A CA that did not sign the member's certificate: refused too.
+        let untrusted = match EtcdKv::connect(&config(true, "client.pem")).await {
+            Err(e) => e.to_string(),
+            Ok(kv) => kv.get_prefix("/").await.map(|_| ()).unwrap_err().to_string(),
+        };
+        assert!(
+            untrusted.contains("certificate"),
+            "a member whose certificate the CA did not sign is not believed: {untrusted}"
+        );
     });
 }
