@@ -419,6 +419,9 @@ pub(super) fn wait_until(
     start.elapsed()
 }
 
+/// From `vipd status --json`: each task's node by container, and each node's last seen.
+type TasksAndSeen = (BTreeMap<String, String>, Vec<(String, u64)>);
+
 /// The node names `vipd status --json` of node `i` lists, or why not.
 fn status_nodes(cluster: &Cluster, i: u8) -> Result<BTreeSet<String>, String> {
     let out = cluster.node(i).status_output();
@@ -647,7 +650,7 @@ fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_f
                 .iter()
                 .map(|(t, n)| (t.id[..12].to_owned(), (*n).to_owned()))
                 .collect();
-            let read = || -> Result<(BTreeMap<String, String>, Vec<(String, u64)>), String> {
+            let read = || -> Result<TasksAndSeen, String> {
                 let out = cluster.node(1).status_output();
                 let json: serde_json::Value = serde_json::from_slice(&out.stdout)
                     .map_err(|e| format!("not JSON ({e}): {}", describe_output(&out)))?;
