@@ -29,7 +29,8 @@ use crate::core::labels::{self, ServiceDef, ServiceDefinition};
 use crate::core::model::{EndpointMode, Ipv4Net, NodeName, PortKey, ServiceName, TaskId};
 use crate::core::status::{ClusterStatus, NodeStatus};
 use crate::store::{
-    Backoff, Cluster, ClusterState, KvError, LeaseId, NodeRecord, Reflector, StoreError, TaskRecord, VipClaim,
+    Backoff, Cluster, ClusterState, KvError, LeaseId, NodeRecord, Reflector, Revision, StoreError,
+    TaskRecord, VipClaim,
 };
 
 /// The file in the state dir that keeps the node's lease id across restarts.
@@ -96,6 +97,9 @@ pub struct ClusterView {
     pub lists: u64,
     /// When (unix seconds) each node last renewed its lease, as far as this node knows.
     pub seen: BTreeMap<NodeName, u64>,
+    /// How far the snapshot trails the store: the time from a revision read in the store
+    /// to the snapshot having it (measured once per TTL).
+    pub watch_lag: Option<Duration>,
 }
 
 impl ClusterView {
@@ -175,6 +179,8 @@ impl ClusterLink {
                 failing_since: None,
                 last_error: None,
                 seen: BTreeMap::new(),
+                lag_probe: None,
+                watch_lag: None,
             }
             .run(wanted_rx)
             .instrument(span),
@@ -246,6 +252,11 @@ struct Link {
     /// When (unix seconds) each live node last renewed its lease, as far as this link
     /// knows: its own keep-alives, and the peers' leases read once per TTL.
     seen: BTreeMap<NodeName, u64>,
+    /// The store's revision as read once per TTL, and when: the watch's lag is how long
+    /// the snapshot takes to reach it.
+    lag_probe: Option<(Revision, Instant)>,
+    /// The last lag measured that way.
+    watch_lag: Option<Duration>,
 }
 
 impl Link {
@@ -266,6 +277,7 @@ impl Link {
         loop {
             let now = wanted.borrow_and_update().clone();
             let ok = self.step(now.as_ref()).await;
+            self.check_lag();
             self.publish();
             let step_again = if ok {
                 retry = self.cfg.backoff.initial;
@@ -548,8 +560,15 @@ impl Link {
     /// Read each live peer's lease: how long ago it was last renewed. A peer whose lease
     /// cannot be read keeps what was seen before; nodes no longer live are forgotten.
     async fn probe_peers(&mut self) {
-        let state = self.reflector.view().state;
         let kv = Arc::clone(self.cluster.kv());
+        // One read of this node's own key gives the store's revision now.
+        if self.lag_probe.is_none() {
+            if let Ok(listing) = kv.get_prefix(&self.cluster.keys().node(&self.cfg.node)).await {
+                self.lag_probe = Some((listing.revision, Instant::now()));
+                self.check_lag();
+            }
+        }
+        let state = self.reflector.view().state;
         for (name, lease) in &state.node_leases {
             if *name == self.cfg.node {
                 continue;
@@ -571,6 +590,17 @@ impl Link {
         let me = &self.cfg.node;
         self.seen.retain(|n, _| n == me || state.nodes.contains_key(n));
         self.publish();
+    }
+
+    /// Once the snapshot has the revision read by the last probe, the watch's lag is
+    /// how long that took.
+    fn check_lag(&mut self) {
+        if let Some((revision, at)) = self.lag_probe {
+            if self.reflector.view().state.revision >= revision {
+                self.watch_lag = Some(at.elapsed());
+                self.lag_probe = None;
+            }
+        }
     }
 
     fn publish(&self) {
@@ -602,6 +632,11 @@ impl Link {
             problem: self.problem.clone(),
             lists: snapshot.lists,
             seen: self.seen.clone(),
+            // A probe still waiting counts as lag already: a stuck watch shows it growing.
+            watch_lag: match (self.watch_lag, self.lag_probe) {
+                (last, Some((_, at))) => Some(at.elapsed().max(last.unwrap_or_default())),
+                (last, None) => last,
+            },
         };
         self.view.send_replace(view);
     }
@@ -621,6 +656,9 @@ pub fn status(view: &ClusterView, me: &NodeName) -> ClusterStatus {
         store_lists: view.lists,
         store_unreachable_since: view.store.unreachable_since,
         store_error: view.store.error.clone(),
+        store_watch_lag_ms: view
+            .watch_lag
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         nodes: view
             .state
             .nodes

@@ -201,6 +201,10 @@ pub struct ClusterStatus {
     /// Since when (unix seconds) it has not answered.
     pub store_unreachable_since: Option<u64>,
     pub store_error: Option<String>,
+    /// How long the snapshot took to reach a revision read in the store (the watch's lag,
+    /// measured once per lease TTL), in milliseconds; a probe still waiting counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_watch_lag_ms: Option<u64>,
     /// How many times the store was listed (the first list, and each re-list after a
     /// compaction or an outage): for the metrics, not shown.
     #[serde(skip)]
@@ -235,7 +239,12 @@ pub fn render_cluster(c: &ClusterStatus, now: u64) -> String {
         );
     }
     match (c.store_connected, c.store_unreachable_since) {
-        (true, _) => out.push_str(", store connected\n"),
+        (true, _) => match c.store_watch_lag_ms {
+            Some(ms) => {
+                let _ = writeln!(out, ", store connected (watch lag {ms} ms)");
+            }
+            None => out.push_str(", store connected\n"),
+        },
         (false, Some(since)) => {
             let _ = writeln!(
                 out,
@@ -709,6 +718,7 @@ mod tests {
             store_connected: false,
             store_unreachable_since: Some(1000),
             store_error: Some("no answer".into()),
+            store_watch_lag_ms: Some(3),
             store_lists: 3,
             nodes: vec![
                 NodeStatus {
@@ -741,7 +751,8 @@ mod tests {
                 "problem",
                 "store_connected",
                 "store_error",
-                "store_unreachable_since"
+                "store_unreachable_since",
+                "store_watch_lag_ms"
             ]
         );
         let mut node: Vec<&String> = v["cluster"]["nodes"][0].as_object().unwrap().keys().collect();

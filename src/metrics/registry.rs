@@ -215,6 +215,7 @@ struct Inner {
     errors: Family<KindLabels, Counter>,
     store_connected: Gauge,
     cluster_peers: Gauge,
+    store_watch_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     store_lists: Counter,
     /// The store's list count as of the last scrape: the counter grows by what was
     /// listed since.
@@ -336,6 +337,7 @@ impl Inner {
             errors: Family::default(),
             store_connected: Gauge::default(),
             cluster_peers: Gauge::default(),
+            store_watch_lag: Gauge::default(),
             store_lists: Counter::default(),
             store_lists_seen: std::sync::atomic::AtomicU64::new(0),
             dns_queries: Family::default(),
@@ -390,6 +392,11 @@ impl Inner {
             "cluster_peers",
             "The other live nodes of the cluster; 0 on one host",
             self.cluster_peers.clone(),
+        );
+        r.register(
+            "store_watch_lag_seconds",
+            "How long this node's snapshot of the cluster store took to reach a revision read in the store (measured once per lease TTL; a probe still waiting counts); 0 on one host",
+            self.store_watch_lag.clone(),
         );
         r.register(
             "store_lists",
@@ -470,6 +477,8 @@ impl Inner {
             .set(i64::from(cluster.is_some_and(|c| c.store_connected)));
         let peers = cluster.map_or(0, |c| c.nodes.iter().filter(|n| n.name != c.node).count());
         self.cluster_peers.set(peers as i64);
+        self.store_watch_lag
+            .set(cluster.and_then(|c| c.store_watch_lag_ms).unwrap_or(0) as f64 / 1000.0);
         if let Some(c) = cluster {
             let seen = self
                 .store_lists_seen

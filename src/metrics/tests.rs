@@ -229,6 +229,7 @@ async fn the_cluster_metrics_show_the_store_the_peers_and_each_list_once() {
             "vipd_store_connected 0",
             "vipd_cluster_peers 0",
             "vipd_store_lists_total 0",
+            "vipd_store_watch_lag_seconds 0.0",
         ],
     );
     let node = |name: &str| NodeStatus {
@@ -243,6 +244,7 @@ async fn the_cluster_metrics_show_the_store_the_peers_and_each_list_once() {
         joined: true,
         store_connected: true,
         store_lists: 1,
+        store_watch_lag_ms: Some(250),
         nodes: vec![node("a"), node("b"), node("c")],
         ..ClusterStatus::default()
     };
@@ -257,6 +259,8 @@ async fn the_cluster_metrics_show_the_store_the_peers_and_each_list_once() {
             "vipd_cluster_peers 2",
             "# TYPE vipd_store_lists counter",
             "vipd_store_lists_total 1",
+            "# TYPE vipd_store_watch_lag_seconds gauge",
+            "vipd_store_watch_lag_seconds 0.25",
         ],
     );
     // The same status scraped again counts nothing more; a re-list counts once.

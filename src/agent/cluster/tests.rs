@@ -943,6 +943,10 @@ async fn every_live_node_is_seen_from_its_lease_and_forgotten_when_it_ends() {
     }
     let status = status(&a.view(), &node("a"));
     assert!(status.nodes.iter().all(|n| n.last_seen.is_some()), "{status:?}");
+    // The same probe measured the watch's lag: a revision read in the store, then seen
+    // in the snapshot (at once here: nothing is slow in memory).
+    until(&mut view, |v| v.watch_lag.is_some()).await;
+    assert!(a.view().watch_lag.unwrap() < TTL, "{:?}", a.view().watch_lag);
     // b leaves (its lease ends): a forgets it.
     drop(b);
     until(&mut view, |v| {
