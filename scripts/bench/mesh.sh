@@ -195,33 +195,7 @@ if [[ -w /proc/sys/net/netfilter/nf_conntrack_max ]]; then
 fi
 full_before=$(dmesg 2>/dev/null | grep -c 'table full' || true)
 
-cat >"$work/nginx.conf" <<'EOF'
-# One worker (as root: the image's /www may be 0700, made under the VM's umask), no
-# access log, keep-alive without a request limit; every path that Debian's build would
-# put under /var is moved to /tmp (the image has no /var/lib/nginx).
-user root;
-worker_processes 1;
-daemon off;
-pid /tmp/nginx.pid;
-error_log stderr warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 75s;
-  client_body_temp_path /tmp/body;
-  proxy_temp_path /tmp/proxy;
-  fastcgi_temp_path /tmp/fastcgi;
-  uwsgi_temp_path /tmp/uwsgi;
-  scgi_temp_path /tmp/scgi;
-  open_file_cache max=16;
-  server {
-    listen 80 default_server backlog=4096;
-    root /www;
-    index index.html;
-  }
-}
-EOF
+cp "$repo/scripts/bench/nginx-task.conf" "$work/nginx.conf"
 d network create --subnet "$BACKEND_NET" vipd-mesh >/dev/null
 BRIDGE=br-$(d network inspect -f '{{.Id}}' vipd-mesh | cut -c1-12)
 in_d ip link show "$BRIDGE" >/dev/null 2>&1 || die "no bridge $BRIDGE in dockerd's namespace"

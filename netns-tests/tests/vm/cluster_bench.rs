@@ -30,28 +30,8 @@ struct Nginx {
     conf: PathBuf,
 }
 
-const NGINX_CONF: &str = "user root;
-worker_processes 1;
-daemon off;
-pid /tmp/nginx.pid;
-error_log stderr warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 75s;
-  client_body_temp_path /tmp/body;
-  proxy_temp_path /tmp/proxy;
-  fastcgi_temp_path /tmp/fastcgi;
-  uwsgi_temp_path /tmp/uwsgi;
-  scgi_temp_path /tmp/scgi;
-  server {
-    listen 80 default_server backlog=4096;
-    root /www;
-    index index.html;
-  }
-}
-";
+/// The same configuration as the routing mesh benchmark's tasks.
+const NGINX_CONF: &str = include_str!("../../../scripts/bench/nginx-task.conf");
 
 impl Nginx {
     fn find() -> Nginx {
