@@ -822,8 +822,21 @@ pub fn wanted(
         .map(|d| d.name.clone())
         .chain(held.iter().cloned())
         .collect();
+    // Only services of the cluster (a task on the cluster network here, or a peer's) claim
+    // their ports cluster-wide: a service local to this host publishes on it alone.
+    let in_cluster: BTreeSet<&ServiceName> = tasks
+        .values()
+        .map(|t: &TaskRecord| &t.service)
+        .chain(defs.values().filter_map(|d| {
+            d.tasks
+                .keys()
+                .any(|id| by_id.get(id).is_some_and(|c| c.node.is_some()))
+                .then_some(&d.name)
+        }))
+        .collect();
     let ports = defs
         .values()
+        .filter(|d| in_cluster.contains(&d.name))
         .flat_map(|d| d.publish.iter().map(|p| (p.key(), d.name.clone())))
         .collect();
     Wanted {

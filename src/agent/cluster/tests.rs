@@ -1069,3 +1069,39 @@ async fn a_published_port_is_claimed_once_in_the_cluster_and_passes_on_when_its_
     b.want(asking(&[]));
     until(&mut vb, |v| v.state.ports.is_empty()).await;
 }
+
+#[test]
+fn only_the_clusters_services_claim_their_published_ports() {
+    let mut peer = container(
+        "p1bbbbbbbbbb",
+        &[(labels::SERVICE, "api"), (labels::PUBLISH, "7070:80")],
+        &[("vipd-a", "10.230.1.5")],
+    );
+    peer.sandbox = None;
+    peer.node = Some(node("b"));
+    let cs = vec![
+        container(
+            "w1aaaaaaaaaa",
+            &[(labels::SERVICE, "web"), (labels::PUBLISH, "8080:80")],
+            &[("vipd-a", "10.230.0.3")],
+        ),
+        // A service of this host alone (not on the cluster network) publishes here only.
+        container(
+            "l1aaaaaaaaaa",
+            &[(labels::SERVICE, "local"), (labels::PUBLISH, "9090:80")],
+            &[("front", "10.1.0.3")],
+        ),
+        peer,
+    ];
+    let (defs, errors) = labels::services(&cs);
+    assert!(errors.is_empty(), "{errors:?}");
+    let w = wanted(
+        &cs,
+        &defs,
+        &BTreeSet::new(),
+        Some(&NetworkId("vipd-a".into())),
+        &node("a"),
+    );
+    let ports: Vec<String> = w.ports.iter().map(|(k, s)| format!("{k} {s}")).collect();
+    assert_eq!(ports, ["7070/tcp api", "8080/tcp web"]);
+}
