@@ -37,6 +37,10 @@ pub fn host_rules(
         subnet: me.subnet,
         bridge: bridge.to_owned(),
     });
+    out.push(Intent::MasqueradeIntoOverlay {
+        range,
+        vxlan: vxlan.to_owned(),
+    });
     let mut underlays: Vec<IpAddr> = peers
         .iter()
         .filter(|p| p.name != me.name)
@@ -96,6 +100,7 @@ mod tests {
             "*nat\n\
              :VIPD-OVERLAY-NAT - [0:0]\n\
              -A VIPD-OVERLAY-NAT -s 10.230.0.0/16 -d 10.230.0.0/16 -m comment --comment vipd:overlay -j RETURN\n\
+             -A VIPD-OVERLAY-NAT ! -s 10.230.0.0/16 -o vipd-vx -m comment --comment vipd:overlay -j MASQUERADE\n\
              -A VIPD-OVERLAY-NAT -s 10.230.1.0/24 ! -o vipd0 -m comment --comment vipd:overlay -j MASQUERADE\n\
              -I POSTROUTING 1 -j VIPD-OVERLAY-NAT\n\
              COMMIT\n\
@@ -142,7 +147,7 @@ mod tests {
     #[test]
     fn alone_a_node_drops_every_vxlan_packet() {
         let r = rules(&[]);
-        assert_eq!(r.len(), 5, "{r:#?}");
+        assert_eq!(r.len(), 6, "{r:#?}");
         assert!(r.contains(&Intent::DropVxlan {
             port: OverlayConfig::DEFAULT_PORT,
             family: IpFamily::V4

@@ -107,6 +107,12 @@ pub enum Intent {
     /// leaving anywhere but through `bridge` (and not to the cluster range, which
     /// [`Intent::KeepClusterSource`] keeps) is masqueraded, as Docker would do for it.
     MasqueradeNodeSubnet { subnet: Ipv4Net, bridge: String },
+    /// On the host, for the cluster overlay: traffic from outside the cluster range that
+    /// leaves through the VXLAN device `vxlan` (the routing mesh's, from the ingress
+    /// namespace, to a task on another node) takes the device's address, in this node's
+    /// slice, so the task's reply comes back to this node (every node's ingress namespace
+    /// has the same address).
+    MasqueradeIntoOverlay { range: Ipv4Net, vxlan: String },
     /// On the host: VXLAN packets (UDP to `port`) from a peer's underlay address `peer`
     /// are accepted.
     AcceptVxlanPeer { peer: IpAddr, port: u16 },
@@ -148,7 +154,9 @@ impl Intent {
             | Intent::ForwardIngress { family, .. }
             | Intent::ForwardOverlay { family, .. }
             | Intent::DropVxlan { family, .. } => *family,
-            Intent::KeepClusterSource { .. } | Intent::MasqueradeNodeSubnet { .. } => IpFamily::V4,
+            Intent::KeepClusterSource { .. }
+            | Intent::MasqueradeNodeSubnet { .. }
+            | Intent::MasqueradeIntoOverlay { .. } => IpFamily::V4,
             Intent::AcceptVxlanPeer { peer, .. } => IpFamily::of(*peer),
         }
     }

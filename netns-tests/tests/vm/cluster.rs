@@ -578,7 +578,7 @@ fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_f
     cluster.step("node1 and node2 joined: vipd made the cluster network on both", t);
 
     let t = Instant::now();
-    let web: &[&str] = &["vipd.service=web"];
+    let web: &[&str] = &["vipd.service=web", "vipd.publish=8080:80"];
     let dnsrr: &[&str] = &["vipd.service=db", "vipd.endpoint-mode=dnsrr"];
     let first = start_containers(
         &cluster,
@@ -751,6 +751,56 @@ fn the_cluster_walkthrough_serves_every_service_on_every_node_and_survives_its_f
                         task.ip
                     );
                 }
+            },
+        );
+
+        walk.step(
+            "web's published port 8080 answers on every node, over the tasks of every node",
+            || {
+                // From another node's namespace (outside the node it asks, node3's across
+                // the router) to each node's address: the node's routing mesh sends it into
+                // its ingress namespace, whose IPVS spreads it over web's tasks on node2
+                // and node3. node1 has no task of web.
+                for (from, to) in [(3u8, 1u8), (1, 2), (2, 3)] {
+                    let url = format!("http://{}:8080/", cluster.node(to).underlay);
+                    let mut args = vec!["curl", "-s", "--max-time", "5", "-H", "Connection: close"];
+                    args.extend(std::iter::repeat_n(url.as_str(), 9));
+                    let last = std::cell::RefCell::new(BTreeMap::new());
+                    let ok = wait_until(
+                        &format!("node{to}'s port 8080 to answer from every web task"),
+                        Duration::from_secs(30),
+                        || {
+                            let out = exec_in_output(&cluster.node(from).netns_path(), &args);
+                            let body = String::from_utf8_lossy(&out.stdout);
+                            let mut seen = BTreeMap::new();
+                            for line in body.lines() {
+                                *seen.entry(line.to_owned()).or_insert(0) += 1;
+                            }
+                            let all = seen.len() == 3;
+                            *last.borrow_mut() = seen;
+                            all
+                        },
+                        || format!("{:?}", last.borrow()),
+                    );
+                    eprintln!(
+                        "node{to}:8080 answered from every task {:.1} s in",
+                        ok.as_secs_f64()
+                    );
+                    assert_even(
+                        &last.borrow(),
+                        &["t2a", "t2b", "t3a"],
+                        3,
+                        &format!("9 requests to node{to}:8080"),
+                    );
+                }
+                // One service holds the port in the store, the same for every node.
+                let endpoint = format!("--endpoints=http://{}:2379", cluster.node(1).underlay);
+                let ports = cluster.exec(1, &["etcdctl", &endpoint, "get", "--prefix", "/vipd/v1/ports/"]);
+                assert_eq!(
+                    ports.lines().collect::<Vec<_>>(),
+                    ["/vipd/v1/ports/tcp/8080", "web"],
+                    "the port's claim in etcd"
+                );
             },
         );
 

@@ -128,6 +128,13 @@ pub fn render(intent: &Intent) -> ChainRule {
                 subnet.trunc()
             ),
         ),
+        Intent::MasqueradeIntoOverlay { range, vxlan } => rule(
+            HOST_OVERLAY_NAT,
+            format!(
+                "! -s {} -o {vxlan} -m comment --comment {COMMENT_PREFIX}overlay -j MASQUERADE",
+                range.trunc()
+            ),
+        ),
         Intent::AcceptVxlanPeer { peer, port } => rule(
             HOST_VXLAN_INPUT,
             format!(
@@ -147,7 +154,9 @@ pub fn render(intent: &Intent) -> ChainRule {
 /// make exceptions to (the DROP of every other VXLAN packet, the masquerade of the rest).
 pub fn rank(intent: &Intent) -> u8 {
     match intent {
-        Intent::DropVxlan { .. } | Intent::MasqueradeNodeSubnet { .. } => 1,
+        Intent::DropVxlan { .. }
+        | Intent::MasqueradeNodeSubnet { .. }
+        | Intent::MasqueradeIntoOverlay { .. } => 1,
         _ => 0,
     }
 }
