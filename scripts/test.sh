@@ -53,6 +53,8 @@ image_tar=$(realpath -m "${VIPD_CACHE_DIR:-.cache}/image/vipd-image.tar")
 scripts/docker/vipd-image.sh "$image_tar"
 
 stage "VM tests (IPVS kernel under qemu)"
+# nginx and wrk for the cluster benchmark's test (the VM runs the host's binaries).
+scripts/bench/ensure-mesh-deps.sh
 cargo build --locked --bin vipd
 vm_bin=$(cargo test --locked --test vm --no-run --message-format=json 2>/dev/null |
   jq -r 'select(.reason=="compiler-artifact" and .target.name=="vm" and .executable!=null) | .executable' | tail -n1)

@@ -239,6 +239,12 @@ fn data_path(sandbox: &str, vip: &str, tasks: &[&Container; 2], load: &Load) {
                     rate.p99_ms,
                     rate.errors
                 );
+                assert!(
+                    rate.errors == 0 && rate.per_s > 0.0,
+                    "{mode}, {name}: {} errors, {:.0}/s",
+                    rate.errors,
+                    rate.per_s
+                );
                 if i == 0 { &mut through } else { &mut straight }.push(rate.per_s);
             }
         }
@@ -312,10 +318,14 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 /// The cluster benchmarks (scripts/bench/cluster.sh runs this in the VM): the cross-node
 /// data path through the VIP against the same tasks directly, convergence of a remote
 /// task against a local one, and etcd writes per task start and stop with 2 and then 3
-/// nodes and more sandboxes. K (default 5) samples per convergence figure; the data path
-/// as `Load` says (ROUNDS, CONNECTIONS, DURATION, WARMUP).
+/// nodes and more sandboxes. K samples per convergence figure; the data path as `Load`
+/// says (ROUNDS, CONNECTIONS, DURATION, WARMUP). In the suite it runs short (K=2, one
+/// round of 2 s) and asserts what holds under any load: the store's writes per start and
+/// stop do not grow with nodes and sandboxes, and wrk's requests all succeed through the
+/// VIP and directly. The ratios are printed, not asserted: under emulation on a shared
+/// machine single rounds swing several times over (scripts/bench/cluster.sh measures them
+/// with K=5 and more, longer rounds).
 #[test]
-#[ignore = "a benchmark: scripts/bench/cluster.sh"]
 fn cluster_benchmark() {
     require_ipvs_vm();
     let env = |name: &str, default: usize| -> usize {
@@ -324,11 +334,11 @@ fn cluster_benchmark() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    let k = env("K", 5);
+    let k = env("K", 2);
     let load = Load {
-        rounds: env("ROUNDS", 3),
+        rounds: env("ROUNDS", 1),
         connections: env("CONNECTIONS", 8),
-        duration: env("DURATION", 5),
+        duration: env("DURATION", 2),
         warmup: env("WARMUP", 1),
     };
     let cluster = Cluster::start(3);
@@ -374,8 +384,9 @@ fn cluster_benchmark() {
             started - before,
             stopped - started
         );
+        (started - before, stopped - started)
     };
-    writes(
+    let small = writes(
         "2 nodes, 1 client sandbox on node1",
         2,
         std::slice::from_ref(&client.sandbox),
@@ -400,7 +411,15 @@ fn cluster_benchmark() {
         || node1.iter().all(|s| backends(s) == ips(tasks)),
         String::new,
     );
-    writes("3 nodes, 5 client sandboxes (4 on node1)", 2, &node1);
+    let large = writes("3 nodes, 5 client sandboxes (4 on node1)", 2, &node1);
+    assert!(
+        small.0 >= 1.0 && small.1 >= 1.0,
+        "a task's start and stop are written: {small:?}"
+    );
+    assert_eq!(
+        large, small,
+        "etcd writes per task start and stop grew with nodes and sandboxes"
+    );
 
     // (a) The data path, node1 to node2: through the VIP against the tasks directly.
     data_path(&client.sandbox, &vip, &tasks, &load);
