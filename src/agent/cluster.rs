@@ -493,9 +493,10 @@ impl Link {
                 }
                 Err(e) => return Err(e),
             }
-            self.held.remove(&service);
         }
-        self.held.extend(wanted.services.iter().cloned());
+        // Everything dropped was given back (or found still in use): what is held now is
+        // what is wanted. An error above returned first, so the rest is tried again.
+        self.held.clone_from(&wanted.services);
         self.claim_ports(wanted).await
     }
 
@@ -527,9 +528,8 @@ impl Link {
             {
                 info!(service = %service, port = %key, "published port given back to the cluster");
             }
-            self.held_ports.remove(&(key, service));
         }
-        self.held_ports.extend(wanted.ports.iter().cloned());
+        self.held_ports.clone_from(&wanted.ports);
         Ok(())
     }
 
@@ -589,7 +589,6 @@ impl Link {
         }
         let me = &self.cfg.node;
         self.seen.retain(|n, _| n == me || state.nodes.contains_key(n));
-        self.publish();
     }
 
     /// Once the snapshot has the revision read by the last probe, the watch's lag is
